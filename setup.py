@@ -1,0 +1,38 @@
+"""fastdpo: a fast, kernel-accelerated DPO trainer for small GPT-style models."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "dpo" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="fastdpo",
+    version=VERSION,
+    description="Fast, kernel-accelerated Direct Preference Optimization for small GPT models",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kernels", "kernels.*", "dpo", "dpo.*", "bench", "bench.*"]),
+    install_requires=[
+        # A range the CPU wheel 2.13.0 satisfies: install it first (see README) so pip
+        # does not fetch a multi-GB CUDA build on machines without a GPU.
+        "torch>=2.13",
+        "triton>=3.2; platform_system == 'Linux'",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "openai>=1.30",
+        "wandb>=0.17",
+        "tqdm>=4.66",
+        "numpy>=1.26",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5"],
+        "judge": ["vllm"],
+        "peers": ["transformers", "trl", "liger-kernel"],
+    },
+    entry_points={"console_scripts": ["fastdpo = dpo.cli:main"]},
+)
