@@ -1,0 +1,186 @@
+"""Checkpoints: a directory holding ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``).
+
+Writes are atomic: everything goes into a hidden temporary directory next to the target, is
+flushed to disk, and only then renamed into place, so a crash mid-save leaves the previous
+checkpoint intact. Nothing is ever unpickled: weights are safetensors, and the seed's legacy
+``.pt`` files are read with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dpo.model import GPT, GPTConfig
+from dpo.tokenizer import Tokenizer
+
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+FORMAT = "fastdpo-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or does not fit what it is loaded with."""
+
+
+def save_checkpoint(path: str | Path, model: GPT, *, step: int = 0, tokenizer: Tokenizer | None = None,
+                    meta: dict | None = None,
+                    extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:
+    """Write ``model`` (and optionally its tokenizer) to the directory ``path`` atomically.
+
+    ``meta`` is merged into config.json; ``extra_files`` maps a file name to a function that
+    writes it (the trainer stores optimizer and RNG state this way), inside the same atomic
+    swap so a checkpoint's parts always belong together.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+        config = {"format": FORMAT, "model": model.config.to_dict(), "step": int(step)}
+        if tokenizer is not None:
+            config["tokenizer_hash"] = tokenizer.hash
+            config["tokenizer_vocab_size"] = tokenizer.vocab_size
+            tokenizer.save(tmp / TOKENIZER)
+        config.update(meta or {})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        for name, write in (extra_files or {}).items():
+            write(tmp / name)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _fsync(file: Path) -> None:
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    if not path.exists():
+        tmp.rename(path)
+        return
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_config(path: str | Path) -> dict:
+    """The checkpoint's config.json, validated."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    cfg_file = path / CONFIG
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file}: missing (not a fastdpo checkpoint directory?)")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}:{e.lineno}: invalid JSON ({e.msg})") from e
+    if not isinstance(config, dict) or config.get("format") != FORMAT or "model" not in config:
+        raise CheckpointError(f"{cfg_file}: field 'format' must be {FORMAT!r} with a 'model' section")
+    try:
+        GPTConfig.from_dict(config["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_file}: field 'model': {e}") from e
+    return config
+
+
+def load_checkpoint(path: str | Path, tokenizer: Tokenizer | None = None, map_location="cpu",
+                    check_tokenizer: bool = True) -> tuple[GPT, dict]:
+    """Load a checkpoint directory into a new ``GPT``; returns ``(model, config)``.
+
+    With a ``tokenizer``, its vocabulary must fit the model and match the one the checkpoint
+    was trained with (hash stored in config.json); a mismatch is an error, not a warning,
+    because it silently turns every token into a different one.
+    """
+    path = Path(path)
+    config = read_config(path)
+    gpt_config = GPTConfig.from_dict(config["model"])
+    if tokenizer is not None and check_tokenizer:
+        check_tokenizer_matches(path, config, tokenizer)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
+    try:
+        state = load_file(weights, device=str(map_location))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{weights}: corrupt or truncated safetensors file ({e})") from e
+    model = GPT(gpt_config)
+    _load_state(model, state, weights)
+    return model.to(map_location), config
+
+
+def check_tokenizer_matches(path: Path, config: dict, tokenizer: Tokenizer) -> None:
+    vocab = config["model"]["vocab_size"]
+    stored_vocab = config.get("tokenizer_vocab_size")
+    if tokenizer.vocab_size > vocab or (stored_vocab is not None and tokenizer.vocab_size != stored_vocab):
+        raise CheckpointError(
+            f"{path / CONFIG}: tokenizer vocab size {tokenizer.vocab_size} does not match the "
+            f"checkpoint's (model vocab_size={vocab}, tokenizer_vocab_size={stored_vocab})")
+    stored_hash = config.get("tokenizer_hash")
+    if stored_hash is not None and stored_hash != tokenizer.hash:
+        raise CheckpointError(
+            f"{path / CONFIG}: tokenizer hash {tokenizer.hash} differs from the one this checkpoint "
+            f"was trained with ({stored_hash}); pass the checkpoint's own tokenizer.json")
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer saved inside a checkpoint directory."""
+    file = Path(path) / TOKENIZER
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing; pass --tokenizer explicitly")
+    return Tokenizer.load(file)
+
+
+def _load_state(model: GPT, state: dict[str, torch.Tensor], source) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: parameter names do not match the model "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise CheckpointError(f"{source}: '{k}' has shape {tuple(v.shape)}, "
+                                  f"model expects {tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def import_legacy_checkpoint(pt_file: str | Path) -> GPT:
+    """Read the seed's ``{"model": state_dict, "config": dict}`` ``.pt`` file safely."""
+    pt_file = Path(pt_file)
+    if not pt_file.is_file():
+        raise CheckpointError(f"legacy checkpoint not found: {pt_file}")
+    try:
+        blob = torch.load(pt_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything but tensors and plain containers
+        raise CheckpointError(f"{pt_file}: not a loadable weights-only checkpoint ({e})") from e
+    if not isinstance(blob, dict) or not {"model", "config"} <= set(blob):
+        raise CheckpointError(f"{pt_file}: expected a dict with 'model' and 'config' keys")
+    try:
+        config = GPTConfig.from_dict(dict(blob["config"]))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{pt_file}: field 'config': {e}") from e
+    state = {k.removeprefix("_orig_mod."): v for k, v in blob["model"].items()}
+    # nanoGPT keeps a tied lm_head copy and, without flash attention, a causal-mask buffer.
+    lm_head = state.pop("lm_head.weight", None)
+    if lm_head is not None and not torch.equal(lm_head, state.get("transformer.wte.weight", lm_head)):
+        raise CheckpointError(f"{pt_file}: lm_head.weight is not tied to transformer.wte.weight")
+    state = {k: v for k, v in state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    model = GPT(config)
+    _load_state(model, state, pt_file)
+    return model

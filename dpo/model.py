@@ -1,0 +1,178 @@
+"""A GPT-2-shaped decoder in plain PyTorch: the policy (and reference) model fastdpo trains.
+
+Reading order: config and presets, attention, MLP, block, model. Parameter names follow the
+GPT-2 / nanoGPT layout (``transformer.wte``, ``transformer.h.0.attn.c_attn`` ...) so the seed's
+legacy checkpoints import without renaming.
+
+The forward pass takes positions explicitly (one per row and token) instead of assuming
+``arange(T)``: right-padded ragged batches and per-row decode cursors need that.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields: {unknown}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Named shapes. vocab_size is usually overridden by the tokenizer's size.
+PRESETS: dict[str, dict] = {
+    # ~1.3M parameters with a 2k vocabulary: trains in minutes on two CPU cores.
+    "tiny": dict(n_layer=4, n_head=4, n_embd=160, block_size=256),
+    # GPT-2 small (124M with the 50257-token vocabulary; 50304 pads it to a multiple of 64).
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
+}
+
+
+def config_from_preset(name: str, **overrides) -> GPTConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, kv_cache=None, attn_mask: torch.Tensor | None = None):
+        """``kv_cache``, when given, stores this call's keys/values and returns the full
+        (cached) keys/values to attend over; ``attn_mask`` (B, 1, Tq, Tk) bool then says which
+        of them each query may see. Without a cache, attention is plain causal."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        dropout = self.dropout if self.training else 0.0
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, kv_cache=None, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), kv_cache=kv_cache, attn_mask=attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+        ))
+        self.apply(self._init_weights)
+        # GPT-2's residual scaling: each block adds two projections onto the residual stream.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The output projection (V, C). Tied to the token embedding, as in GPT-2."""
+        return self.transformer.wte.weight
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward+backward FLOPs per trained token (PaLM appendix B accounting)."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+    def hidden_states(self, ids: torch.Tensor, pos: torch.Tensor | None = None, kv_caches=None,
+                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm activations (B, T, C); ``logits = hidden_states @ lm_head_weight.T``.
+
+        ``pos`` (B, T) or (T,) gives each token's position (default ``arange(T)``).
+        ``kv_caches`` is one cache per layer (see ``dpo.sampler``) and ``attn_mask`` the bool
+        (B, 1, T, T_cache) visibility mask that goes with it."""
+        B, T = ids.shape
+        if pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+            pos = torch.arange(T, device=ids.device)
+        elif pos.numel() and int(pos.max()) >= self.config.block_size:
+            raise ValueError(f"position {int(pos.max())} exceeds block_size {self.config.block_size}")
+        x = self.transformer.drop(self.transformer.wte(ids) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache=None if kv_caches is None else kv_caches[i], attn_mask=attn_mask)
+        return self.transformer.ln_f(x)
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor | None = None, kv_caches=None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) at every position."""
+        h = self.hidden_states(ids, pos=pos, kv_caches=kv_caches, attn_mask=attn_mask)
+        return F.linear(h, self.lm_head_weight)
