@@ -1,0 +1,342 @@
+"""Training configuration: dataclasses, YAML loading and ``--set key=value`` overrides.
+
+The names follow the seed's ``run_dpo`` API (``TrainingConfig``, ``DPOConfig``,
+``PreferenceDatasetConfig``); a few seed fields that point at a model hub (``dataset_name``,
+``tokenizer_name``) are read as local paths because fastdpo never downloads anything.
+
+A YAML file holds one section per dataclass plus the top-level run inputs::
+
+    sft_checkpoint: runs/sft/final     # the policy's starting point and the reference
+    tokenizer: null                    # default: the tokenizer stored in the checkpoint
+    train: {...}                       # TrainingConfig
+    dpo: {...}                         # DPOConfig            (configs for ``fastdpo train``)
+    data: {...}                        # PreferenceDatasetConfig
+    sft: {...} / data: {...}           # SFTConfig / SFTDatasetConfig (``fastdpo sft``)
+
+Unknown keys are errors naming the file and the key: a typo must never silently fall back to a
+default and train something else than what the file says.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+REFERENCE_MODES = ("cached", "model", "none")
+DATA_FORMATS = ("auto", "prompt", "conversations", "hh")
+SFT_FORMATS = ("auto", "prompt", "conversations")
+
+
+@dataclass
+class TrainingConfig:
+    """Optimization and bookkeeping shared by SFT and DPO."""
+    run_name: str = "dpo"
+    output_dir: Path = Path("runs")           # the run writes to output_dir / run_name
+    batch_size: int | None = None             # pairs (DPO) or examples (SFT) per optimizer step
+    micro_batch_size: int | None = None       # per forward; batch = micro * accumulation
+    gradient_accumulation_steps: int | None = None
+    learning_rate: float = 5e-6
+    max_steps: int | None = None              # wins over epochs when set
+    epochs: float = 1.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0                 # cosine decays to learning_rate * min_lr_ratio
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = 1.0                # 0 disables clipping (the norm is still logged)
+    save_every: int = 0                       # 0: only at the end
+    keep_checkpoints: int = 2                 # step checkpoints kept besides the final one
+    log_every: int = 10
+    eval_every: int = 0                       # 0: only at the end (when there is a val split)
+    mixed_precision: str = "auto"             # "bf16" | "fp32" | "auto" (bf16 where supported)
+    seed: int = 1337
+    device: str = "auto"                      # "auto" | "cpu" | "cuda" | "cuda:1" ...
+    kernel: str = "fused"                     # "fused" (kernels.linear_sequence_logprobs) | "reference"
+    kernel_backend: str = "auto"              # passed to the kernels: auto | torch | triton
+    wandb: str = "auto"                       # "auto" (online with an API key, else offline) | ...
+    wandb_project: str = "fastdpo"
+    progress: bool = True                     # tqdm bar
+    # Seed-API names kept for compatibility: local paths, no hub.
+    dataset_name: str | None = None
+    tokenizer_name: str | None = None
+
+    def __post_init__(self):
+        self.output_dir = Path(self.output_dir)
+        self.adam_betas = tuple(self.adam_betas)
+        _choice("mixed_precision", self.mixed_precision, ("bf16", "fp32", "auto"))
+        _choice("kernel", self.kernel, ("fused", "reference"))
+        _choice("wandb", self.wandb, ("auto", "disabled", "offline", "online"))
+        for name in ("learning_rate", "epochs"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TrainingConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_every", "log_every", "eval_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainingConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"TrainingConfig.max_steps must be > 0, got {self.max_steps}")
+        self.batch_size, self.micro_batch_size, self.gradient_accumulation_steps = _resolve_batch(
+            self.batch_size, self.micro_batch_size, self.gradient_accumulation_steps)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.run_name
+
+
+def _resolve_batch(batch, micro, accum) -> tuple[int, int, int]:
+    """batch = micro * accum; any two determine the third (nothing given: 32 x 1)."""
+    for name, v in (("batch_size", batch), ("micro_batch_size", micro),
+                    ("gradient_accumulation_steps", accum)):
+        if v is not None and v <= 0:
+            raise ValueError(f"TrainingConfig.{name} must be > 0, got {v}")
+    if micro is not None and accum is not None:
+        if batch is not None and batch != micro * accum:
+            raise ValueError(f"TrainingConfig: batch_size {batch} != micro_batch_size {micro} x "
+                             f"gradient_accumulation_steps {accum}")
+        return micro * accum, micro, accum
+    batch = 32 if batch is None else batch
+    if micro is not None:
+        accum, rem = divmod(batch, micro)
+    elif accum is not None:
+        micro, rem = divmod(batch, accum)
+    else:
+        micro, accum, rem = batch, 1, 0
+    if rem or micro == 0 or accum == 0:
+        raise ValueError(f"TrainingConfig: batch_size {batch} is not a multiple of "
+                         f"{'micro_batch_size' if micro else 'gradient_accumulation_steps'}")
+    return batch, micro, accum
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"                # sigmoid | ipo | hinge
+    label_smoothing: float = 0.0              # sigmoid only: the conservative-DPO noise rate
+    max_length: int = 512                     # tokens per response (longer ones are truncated)
+    max_prompt_length: int = 512              # longer prompts are dropped (and counted)
+    reference: str = "cached"                 # cached | model | none (reference-free)
+    reference_free: bool = False              # alias of reference: none
+    reference_checkpoint: Path | None = None  # default: the SFT checkpoint
+    reference_cache_dir: Path | None = None   # default: output_dir / "ref_cache"
+    rpo_alpha: float = 0.0                    # weight of the mean per-token NLL on chosen answers
+
+    def __post_init__(self):
+        _choice("loss_type", self.loss_type, LOSS_TYPES)
+        _choice("reference", self.reference, REFERENCE_MODES)
+        if self.reference_free:
+            self.reference = "none"
+        self.reference_free = self.reference == "none"
+        if not self.beta > 0:
+            raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError("DPOConfig.label_smoothing applies to loss_type 'sigmoid' only")
+        if self.rpo_alpha < 0:
+            raise ValueError(f"DPOConfig.rpo_alpha must be >= 0, got {self.rpo_alpha}")
+        for name in ("max_length", "max_prompt_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DPOConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("reference_checkpoint", "reference_cache_dir"):
+            if getattr(self, name) is not None:
+                setattr(self, name, Path(getattr(self, name)))
+
+
+@dataclass
+class PreferenceDatasetConfig:
+    path: list[Path] = field(default_factory=list)   # JSONL / JSON-array files (or one path)
+    format: str = "auto"                      # auto | prompt | conversations | hh (per file when auto)
+    val_size: float = 0.0                     # fraction (< 1) or number of pairs held out
+    on_error: str = "raise"                   # raise | skip (bad rows reported and counted)
+    max_rows: int | None = None               # read at most this many good rows (quick runs)
+    # Seed-API names: a local file, or a directory holding ``{split}.jsonl``.
+    dataset_name: str | None = None
+    split: str = "train"
+
+    def __post_init__(self):
+        _choice("format", self.format, DATA_FORMATS)
+        _choice("on_error", self.on_error, ("raise", "skip"))
+        self.path = _paths(self.path, self.dataset_name, self.split)
+        _check_val_size(self.val_size)
+
+    @property
+    def paths(self) -> list[Path]:
+        return self.path
+
+
+@dataclass
+class SFTConfig:
+    max_length: int = 512                     # prompt + response tokens; longer responses are cut
+    max_prompt_length: int = 512              # longer prompts are dropped (and counted)
+
+    def __post_init__(self):
+        for name in ("max_length", "max_prompt_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SFTConfig.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
+class SFTDatasetConfig:
+    path: list[Path] = field(default_factory=list)
+    format: str = "auto"                      # auto | prompt ({"prompt","response"}) | conversations
+    val_size: float = 0.0
+    on_error: str = "raise"
+    max_rows: int | None = None
+    dataset_name: str | None = None
+    split: str = "train"
+
+    def __post_init__(self):
+        _choice("format", self.format, SFT_FORMATS)
+        _choice("on_error", self.on_error, ("raise", "skip"))
+        self.path = _paths(self.path, self.dataset_name, self.split)
+        _check_val_size(self.val_size)
+
+    @property
+    def paths(self) -> list[Path]:
+        return self.path
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_val_size(v):
+    if v < 0 or (v >= 1 and v != int(v)):
+        raise ValueError(f"val_size must be a fraction in [0, 1) or a whole number of rows, got {v}")
+
+
+def _paths(path, dataset_name, split) -> list[Path]:
+    paths = [path] if isinstance(path, (str, Path)) else list(path or [])
+    if dataset_name:
+        p = Path(dataset_name)
+        if p.is_dir():
+            hits = [p / f"{split}{ext}" for ext in (".jsonl", ".json") if (p / f"{split}{ext}").is_file()]
+            if not hits:
+                raise ValueError(f"dataset_name {dataset_name!r}: no {split}.jsonl or {split}.json in it")
+            p = hits[0]
+        elif not p.is_file():
+            raise ValueError(f"dataset_name {dataset_name!r} is not a local file or directory "
+                             f"(fastdpo reads local JSONL; it does not download datasets)")
+        paths.append(p)
+    return [Path(p) for p in paths]
+
+
+# --------------------------------------------------------------------------- YAML + overrides
+
+SECTIONS = {
+    "dpo": {"train": TrainingConfig, "dpo": DPOConfig, "data": PreferenceDatasetConfig},
+    "sft": {"train": TrainingConfig, "sft": SFTConfig, "data": SFTDatasetConfig},
+}
+TOP_LEVEL = {"dpo": ("sft_checkpoint", "tokenizer"), "sft": ("init_checkpoint", "model", "tokenizer")}
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), kind: str = "dpo") -> dict:
+    """Read a YAML config (or none) plus ``section.key=value`` overrides into config objects.
+
+    Returns ``{"train": TrainingConfig, "dpo"/"sft": ..., "data": ..., <top-level keys>}``.
+    Relative paths in the file are taken relative to the current directory, like the CLI's.
+    """
+    source = str(path) if path else "<defaults>"
+    raw: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML ({e})") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None, kind)
+    return build_configs(raw, kind, source)
+
+
+def _set_dotted(raw: dict, key: str, value, kind: str) -> None:
+    """``beta=0.2`` finds the one section with a field ``beta``; ``train.seed=1`` is explicit."""
+    if "." not in key and key not in TOP_LEVEL[kind]:
+        owners = [s for s, cls in SECTIONS[kind].items() if key in {f.name for f in dataclasses.fields(cls)}]
+        if len(owners) != 1:
+            where = "no section" if not owners else f"sections {owners}"
+            raise ValueError(f"--set {key}: {where} of a {kind} config has that key; write section.key")
+        key = f"{owners[0]}.{key}"
+    node = raw
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {key}: {p!r} is not a section")
+    node[leaf] = value
+
+
+def build_configs(raw: dict, kind: str, source: str = "<dict>") -> dict:
+    out: dict = {k: raw.get(k) for k in TOP_LEVEL[kind]}
+    unknown = sorted(set(raw) - set(SECTIONS[kind]) - set(TOP_LEVEL[kind]))
+    if unknown:
+        raise ValueError(f"{source}: unknown key {unknown[0]!r} (top-level keys: "
+                         f"{sorted([*SECTIONS[kind], *TOP_LEVEL[kind]])})")
+    for section, cls in SECTIONS[kind].items():
+        values = raw.get(section) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: section {section!r} must be a mapping")
+        out[section] = from_dict(cls, values, f"{source}: {section}")
+    return out
+
+
+def from_dict(cls, values: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} for {cls.__name__}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from e
+
+
+def _coerce(value, hint, where):
+    """YAML gives ints for ``1`` and strings for ``1e-6``; fields get the type they declare."""
+    if value is None:
+        return None
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _coerce(value, args[0], where)
+    try:
+        if hint is float:
+            f = float(value)
+            if math.isnan(f):
+                raise ValueError
+            return f
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and value != int(value)):
+                raise ValueError
+            return int(value)
+        if hint is bool and not isinstance(value, bool):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}") from None
+    return value
+
+
+def to_dict(cfg) -> dict:
+    """A JSON-able dict of a config dataclass (for W&B, metrics and checkpoint metadata)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, Path):
+            v = str(v)
+        elif isinstance(v, (list, tuple)):
+            v = [str(x) if isinstance(x, Path) else x for x in v]
+        out[f.name] = v
+    return out

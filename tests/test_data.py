@@ -1,0 +1,175 @@
+import json
+
+import pytest
+import torch
+
+from dpo.config import PreferenceDatasetConfig, load_config
+from dpo.data import (
+    DataError,
+    DataStats,
+    collate_pairs,
+    epoch_batches,
+    load_examples,
+    load_preference_data,
+    split_val,
+    tokenize_pairs,
+)
+from dpo.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(["what is two plus two? four. the answer is 4, not five."] * 20, vocab_size=300)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+QA = [("what is two plus two?", "four", "five"), ("the answer?", "4", "not 4, five")]
+
+
+def test_three_formats_load_to_the_same_pairs(tmp_path, tok):
+    prompt = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": q, "chosen": c, "rejected": r, "score_chosen": 9} for q, c, r in QA])
+    conv = tmp_path / "c.json"   # a JSON array, not JSONL
+    conv.write_text(json.dumps([{"conversations": [{"from": "user", "value": q}], "chosen": c, "rejected": r}
+                                for q, c, r in QA], indent=2))
+    hh = write_jsonl(tmp_path / "h.jsonl", [
+        {"chosen": f"\n\nHuman: {q}\n\nAssistant: {c}", "rejected": f"\n\nHuman: {q}\n\nAssistant: {r}"}
+        for q, c, r in QA])
+    got = []
+    for path in (prompt, conv, hh):
+        stats = DataStats()
+        ex = load_examples([path], stats=stats)
+        got.append(tokenize_pairs(ex, tok, 64, 64, 128, stats))
+    assert got[0] == got[1] == got[2]
+    assert len(got[0]) == 2
+    assert got[0][0].prompt == tok.render_prompt("what is two plus two?")
+    assert got[0][0].chosen == tok.render_answer("four")
+    assert load_examples([prompt])[0].meta == {"score_chosen": 9}
+    assert stats.formats == {str(hh): "hh"}
+
+
+def test_multi_turn_history_is_rendered_by_the_chat_template(tmp_path, tok):
+    turns = [("user", "what is two?"), ("assistant", "a number."), ("user", "plus two?")]
+    path = write_jsonl(tmp_path / "c.jsonl", [{"conversations": [{"from": r, "value": v} for r, v in turns],
+                                               "chosen": "four", "rejected": "five"}])
+    history = "\n\nHuman: what is two?\n\nAssistant: a number.\n\nHuman: plus two?\n\nAssistant: "
+    hh = write_jsonl(tmp_path / "h.jsonl", [{"chosen": history + "four", "rejected": history + "five"}])
+    a = tokenize_pairs(load_examples([path]), tok, 64, 64, 128, DataStats())
+    b = tokenize_pairs(load_examples([hh]), tok, 64, 64, 128, DataStats())
+    assert a == b and a[0].prompt == tok.render_conversation(turns)
+
+
+BAD_ROWS = [
+    ('{"prompt": "q", "chosen": "a", "rejected": ', "invalid JSON"),
+    ({"prompt": "q", "chosen": "a"}, "missing field 'rejected'"),
+    ({"prompt": "q", "chosen": 3, "rejected": "b"}, "field 'chosen' must be a string"),
+    ({"prompt": "q", "chosen": "  ", "rejected": "b"}, "field 'chosen' is an empty response"),
+    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "identical"),
+]
+
+
+@pytest.mark.parametrize("bad,reason", BAD_ROWS)
+def test_bad_rows_name_file_line_and_reason(tmp_path, bad, reason):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, bad])
+    with pytest.raises(DataError, match=rf"d\.jsonl:2: .*{reason}"):
+        load_examples([path])
+
+
+def test_skip_counts_bad_rows(tmp_path):
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}] + [b for b, _ in BAD_ROWS]
+    stats = DataStats()
+    ex = load_examples([write_jsonl(tmp_path / "d.jsonl", rows)], on_error="skip", stats=stats)
+    assert len(ex) == 1 and stats.skipped == len(BAD_ROWS) and stats.rows == len(rows)
+    assert stats.errors[0].startswith(f"{tmp_path / 'd.jsonl'}:2: invalid JSON")
+
+
+def test_json_array_errors_have_lines(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text('[\n {"prompt": "q", "chosen": "a", "rejected": "b"},\n'
+                    ' {"prompt": "q", "chosen": "a"}\n]')
+    with pytest.raises(DataError, match=r"a\.json:3: missing field 'rejected'"):
+        load_examples([path])
+
+
+def test_hh_rows_must_share_their_prompt(tmp_path):
+    path = write_jsonl(tmp_path / "h.jsonl", [{"chosen": "\n\nHuman: a\n\nAssistant: x",
+                                               "rejected": "\n\nHuman: b\n\nAssistant: y"}])
+    with pytest.raises(DataError, match="h.jsonl:1: .*do not share their prompt"):
+        load_examples([path])
+
+
+def test_format_override_and_undetectable_rows(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match="missing field 'prompt'"):
+        load_examples([path], fmt="prompt")
+    with pytest.raises(DataError, match="is not an HH transcript"):
+        load_examples([path])   # auto: a row with "chosen" but no prompt reads as HH
+
+
+def test_long_prompts_dropped_and_responses_truncated(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "two " * 40, "chosen": "a", "rejected": "b"},
+        {"prompt": "q", "chosen": "four " * 30, "rejected": "b"}])
+    stats = DataStats()
+    pairs = tokenize_pairs(load_examples([path]), tok, max_length=8, max_prompt_length=20, block_size=128,
+                           stats=stats)
+    assert stats.dropped_long_prompt == 1 and stats.truncated == 1
+    assert len(pairs) == 1 and len(pairs[0].chosen) == 8
+
+
+def test_val_split_is_seeded_and_disjoint():
+    items = list(range(100))
+    tr, va = split_val(items, 0.1, seed=3)
+    assert len(va) == 10 and sorted(tr + va) == items
+    assert split_val(items, 0.1, seed=3) == (tr, va)
+    assert len(split_val(items, 7, seed=3)[1]) == 7
+
+
+def test_bucketed_batches_cover_each_epoch_and_cut_padding():
+    lengths = [int(x) for x in torch.randint(5, 200, (1000,), generator=torch.Generator().manual_seed(0))]
+    b0 = epoch_batches(lengths, 8, seed=1, epoch=0)
+    assert len(b0) == 125 and sorted(i for b in b0 for i in b) == list(range(1000))
+    assert b0 == epoch_batches(lengths, 8, seed=1, epoch=0) != epoch_batches(lengths, 8, seed=1, epoch=1)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in b0)
+    random_batches = [list(range(i, i + 8)) for i in range(0, 1000, 8)]
+    padded_random = sum(8 * max(lengths[i] for i in b) for b in random_batches)
+    assert padded < 0.75 * padded_random
+
+
+def test_collate_puts_chosen_and_rejected_in_one_batch(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": q, "chosen": c, "rejected": r} for q, c, r in QA])
+    pairs = tokenize_pairs(load_examples([path]), tok, 64, 64, 128, DataStats())
+    ids, mask = collate_pairs(pairs, tok.pad_id)
+    assert ids.shape[0] == 4
+    p0 = pairs[0]
+    n = len(p0.prompt) + len(p0.rejected)
+    assert ids[2, :n].tolist() == p0.prompt + p0.rejected
+    assert mask[2].sum() == len(p0.rejected) and not mask[2, :len(p0.prompt)].any()
+    assert (ids[2, n:] == tok.pad_id).all()
+
+
+def test_config_paths_and_val_split(tmp_path, tok):
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(20)])
+    cfg = PreferenceDatasetConfig(dataset_name=str(tmp_path / "d.jsonl"), val_size=0.25)
+    train, val, _ = load_preference_data(cfg, tok, 16, 16, 64, seed=0)
+    assert len(train) == 15 and len(val) == 5
+
+
+def test_yaml_unknown_keys_name_file_and_key(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  learning_rate: 1.0e-6\n  lerning_rate: 2\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: train: unknown key 'lerning_rate'"):
+        load_config(f)
+    f.write_text("trian: {}\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: unknown key 'trian'"):
+        load_config(f)
+    f.write_text("train:\n  batch_size: 16\n  micro_batch_size: 4\ndpo:\n  beta: 0.1\n")
+    cfg = load_config(f, ["beta=0.5", "train.max_steps=3", "dpo.loss_type=ipo"])
+    assert cfg["dpo"].beta == 0.5 and cfg["dpo"].loss_type == "ipo"
+    assert cfg["train"].gradient_accumulation_steps == 4 and cfg["train"].max_steps == 3
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        load_config(f, ["dpo.loss_type=foo"])
