@@ -153,7 +153,8 @@ def test_collate_puts_chosen_and_rejected_in_one_batch(tmp_path, tok):
 
 
 def test_config_paths_and_val_split(tmp_path, tok):
-    write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(20)])
+    rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(20)]
+    write_jsonl(tmp_path / "d.jsonl", rows)
     cfg = PreferenceDatasetConfig(dataset_name=str(tmp_path / "d.jsonl"), val_size=0.25)
     train, val, _ = load_preference_data(cfg, tok, 16, 16, 64, seed=0)
     assert len(train) == 15 and len(val) == 5
