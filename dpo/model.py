@@ -35,7 +35,7 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
+    def from_dict(cls, d: dict) -> GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -61,6 +61,35 @@ def config_from_preset(name: str, **overrides) -> GPTConfig:
     return GPTConfig(**{**PRESETS[name], **overrides})
 
 
+class KVCache:
+    """One layer's keys and values, preallocated as (rows, heads, max_len, head_dim).
+
+    Row ``b``'s token at position ``pos[b, t]`` is stored in slot ``pos[b, t]``, so every row keeps
+    its own write cursor. The buffers are allocated on the first ``update``, in the dtype the
+    attention produces (float32, or bf16 under autocast)."""
+
+    def __init__(self, rows: int, max_len: int):
+        self.rows, self.max_len = rows, max_len
+        self.k = self.v = None
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write ``k``, ``v`` (rows, heads, T, head_dim) at positions ``pos`` (rows, T); return the
+        whole buffers."""
+        if self.k is None:
+            shape = (self.rows, k.shape[1], self.max_len, k.shape[3])
+            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, :, pos] = k.transpose(1, 2)  # advanced indices first: (rows, T, heads, hd)
+        self.v[rows, :, pos] = v.transpose(1, 2)
+        return self.k, self.v
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (or repeat) the given rows: fans one prefilled prompt out to its K samples and
+        drops finished rows so later decode steps cost less."""
+        self.k, self.v, self.rows = self.k[rows], self.v[rows], len(rows)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -70,15 +99,21 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, kv_cache=None, attn_mask: torch.Tensor | None = None):
-        """``kv_cache``, when given, stores this call's keys/values and returns the full
-        (cached) keys/values to attend over; ``attn_mask`` (B, 1, Tq, Tk) bool then says which
-        of them each query may see. Without a cache, attention is plain causal."""
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None):
+        """Plain causal attention over this call's tokens unless ``attn_mask`` is given.
+
+        With a ``kv_cache`` the keys/values are also written into it at ``pos`` (rows, T). Then
+        ``attn_mask`` (rows, 1, T, L) bool, if given, selects which of the first L cached slots
+        each query sees (a decode step); without it the call is a prefill from position 0."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if kv_cache is not None:
-            k, v = kv_cache.update(k, v)
+            k_all, v_all = kv_cache.update(pos.expand(B, T), k, v)
+            if attn_mask is not None:  # attend over the cache, only as far as the mask reaches
+                L = attn_mask.shape[-1]
+                k, v = k_all[:, :, :L], v_all[:, :, :L]
         dropout = self.dropout if self.training else 0.0
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
@@ -107,8 +142,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, kv_cache=None, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), kv_cache=kv_cache, attn_mask=attn_mask)
+    def forward(self, x, pos=None, kv_cache=None, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), pos=pos, kv_cache=kv_cache, attn_mask=attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -157,9 +192,12 @@ class GPT(nn.Module):
         """Final-norm activations (B, T, C); ``logits = hidden_states @ lm_head_weight.T``.
 
         ``pos`` (B, T) or (T,) gives each token's position (default ``arange(T)``).
-        ``kv_caches`` is one cache per layer (see ``dpo.sampler``) and ``attn_mask`` the bool
-        (B, 1, T, T_cache) visibility mask that goes with it."""
+        ``kv_caches`` is one ``KVCache`` per layer (see ``dpo.sampler``) and ``attn_mask`` the bool
+        (B, 1, T, L) mask over the first L cache slots that goes with a decode step; a cached call
+        without ``attn_mask`` is a prefill from position 0."""
         B, T = ids.shape
+        if kv_caches is not None and len(kv_caches) != len(self.transformer.h):
+            raise ValueError(f"need one KV cache per layer ({len(self.transformer.h)}), got {len(kv_caches)}")
         if pos is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -168,7 +206,7 @@ class GPT(nn.Module):
             raise ValueError(f"position {int(pos.max())} exceeds block_size {self.config.block_size}")
         x = self.transformer.drop(self.transformer.wte(ids) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache=None if kv_caches is None else kv_caches[i], attn_mask=attn_mask)
+            x = block(x, pos=pos, kv_cache=None if kv_caches is None else kv_caches[i], attn_mask=attn_mask)
         return self.transformer.ln_f(x)
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor | None = None, kv_caches=None,

@@ -1,0 +1,217 @@
+"""The KV-cached sampler against the re-forward oracle (float32, tiny models)."""
+import pytest
+import torch
+
+from dpo.model import GPT, GPTConfig, KVCache
+from dpo.sampler import choose_tokens, sample, sample_k, sample_reforward
+from dpo.tokenizer import Tokenizer
+
+V = 97
+
+
+def tiny_model(seed=0, block_size=64, **kw):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=V, block_size=block_size, n_layer=2, n_head=2, n_embd=32, **kw)
+    return GPT(cfg).eval()
+
+
+def ragged_prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (length,), generator=g).tolist() for length in range(1, n + 1)]
+
+
+def record(store):
+    def hook(step, rows, logits):
+        store[step] = (rows.clone(), logits.clone())
+    return hook
+
+
+def greedy_alone(model, prompt, steps, eos_id=None):
+    """Independent check: one row, full forward, argmax; no padding, no batching."""
+    ids = list(prompt)
+    for _ in range(steps):
+        nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
+        if nxt == eos_id:
+            break
+        ids.append(nxt)
+    return ids[len(prompt):]
+
+
+def test_cached_forward_equals_full_forward():
+    m = tiny_model()
+    ids = torch.randint(0, V, (3, 10))
+    full = m(ids)
+    caches = [KVCache(3, 16) for _ in range(2)]
+    pre = m(ids[:, :6], kv_caches=caches)
+    torch.testing.assert_close(pre, full[:, :6], rtol=0, atol=1e-5)
+    for t in range(6, 10):
+        pos = torch.full((3, 1), t)
+        mask = (torch.arange(t + 1) <= pos)[:, None, None, :]
+        step = m(ids[:, t:t + 1], pos=pos, kv_caches=caches, attn_mask=mask)
+        torch.testing.assert_close(step[:, 0], full[:, t], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(None, 1.0), (10, 1.0), (20, 0.8)])
+def test_every_step_logits_and_tokens_match_oracle(top_k, top_p):
+    m = tiny_model()
+    prompts = ragged_prompts(12)
+    temps = [0.0, 0.7, 1.3, 1.0] * 3
+    eos = 7
+    fast, slow = {}, {}
+    a = sample(m, prompts, temps, 24, top_k, eos, seed=5, top_p=top_p, on_step=record(fast))
+    b = sample_reforward(m, prompts, temps, 24, top_k, eos, seed=5, top_p=top_p, on_step=record(slow))
+    assert a == b
+    assert fast.keys() == slow.keys() and len(fast) > 1
+    for step in fast:
+        assert torch.equal(fast[step][0], slow[step][0]), step
+        torch.testing.assert_close(fast[step][1], slow[step][1], rtol=0, atol=2e-5)
+    assert sum(map(len, a)) > 50  # the comparison covered many generated tokens
+
+
+def test_greedy_matches_independent_single_row_decoding():
+    m = tiny_model(1)
+    prompts = ragged_prompts(9, seed=1)
+    out = sample(m, prompts, [0.0] * 9, 15, top_k=None, eos_id=None)
+    assert out == sample_reforward(m, prompts, [0.0] * 9, 15, top_k=None, eos_id=None)
+    assert out == [greedy_alone(m, p, 15) for p in prompts]
+
+
+def test_rows_hitting_eos_early_do_not_disturb_others():
+    m = tiny_model(6)
+    prompts = ragged_prompts(8, seed=6)
+    # make eos a token that some greedy rows emit early, others late or never
+    firsts = [greedy_alone(m, p, 3) for p in prompts]
+    r = next(i for i, f in enumerate(firsts) if f[0] != f[1] and i % 2 == 0)  # a greedy row
+    eos = firsts[r][1]
+    temps = [0.0, 1.0] * 4
+    seeds = list(range(100, 108))
+    batch = sample(m, prompts, temps, 20, 8, eos, seeds)
+    alone = [sample(m, [p], [t], 20, 8, eos, [s])[0] for p, t, s in zip(prompts, temps, seeds)]
+    assert batch == alone
+    assert batch[r] == firsts[r][:1]  # stopped at eos, which is excluded
+    assert max(map(len, batch)) == 20 and min(map(len, batch)) < 5
+    assert all(eos not in row for row in batch)
+
+
+def test_finished_rows_are_dropped_from_the_batch():
+    m = tiny_model(2)
+    prompts = ragged_prompts(8, seed=2)
+    sizes = []
+    handle = m.transformer.wte.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))
+    try:
+        out = sample(m, prompts, [0.0] * 8, [1, 1, 1, 2, 2, 30, 30, 30], None, None)
+    finally:
+        handle.remove()
+    assert [len(r) for r in out] == [1, 1, 1, 2, 2, 30, 30, 30]
+    assert sizes[0] == 8  # the prefill
+    assert sizes[-1] == 3 and len(sizes) == 30  # prefill + 29 decode steps, only live rows at the end
+
+
+def test_identical_prompts_share_one_prefill_with_same_logits():
+    m = tiny_model(3)
+    p, q = ragged_prompts(9, seed=3)[7:9]
+    prompts = [p, q, p, p, q, p]  # identical prompts, not only adjacent ones
+    temps = [0.7, 0.9, 1.1, 1.3, 0.0, 0.5]
+    seeds = [11, 12, 13, 14, 15, 16]
+    prefill_rows = []
+    handle = m.transformer.wte.register_forward_pre_hook(lambda mod, args: prefill_rows.append(args[0].shape))
+    shared = {}
+    try:
+        out = sample(m, prompts, temps, 12, None, None, seeds, on_step=record(shared))
+    finally:
+        handle.remove()
+    assert prefill_rows[0] == (2, len(q))  # two distinct prompts prefilled, not six
+    for i, (prompt, t, s) in enumerate(zip(prompts, temps, seeds)):
+        alone = {}
+        assert sample(m, [prompt], [t], 12, None, None, [s], on_step=record(alone))[0] == out[i]
+        for step in alone:
+            torch.testing.assert_close(shared[step][1][i], alone[step][1][0], rtol=0, atol=1e-5)
+
+
+def test_seed_makes_sampling_reproducible():
+    m = tiny_model(4)
+    prompts = ragged_prompts(6, seed=4)
+    run = lambda seed: sample(m, prompts, [1.5] * 6, 16, None, None, seed)  # noqa: E731
+    assert run(0) == run(0)
+    assert run(0) != run(1)
+
+
+def test_choose_tokens_follows_the_top_k_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(40000, 1)
+    temps = torch.full((40000,), 0.8)
+    u = torch.rand(40000, generator=torch.Generator().manual_seed(0))
+    tok = choose_tokens(logits, temps, u, top_k=3)
+    freq = torch.bincount(tok, minlength=6).float() / 40000
+    expect = torch.softmax(logits[0, :3] / 0.8, -1)
+    torch.testing.assert_close(freq[:3], expect, rtol=0, atol=0.01)
+    assert freq[3:].sum() == 0
+    # top-p: 0.6 of the mass is reached by the first token (p=0.63) alone
+    assert (choose_tokens(logits, temps, u, top_k=None, top_p=0.6) == 0).all()
+    # temperature 0 is greedy whatever the uniform
+    assert (choose_tokens(logits, torch.zeros(40000), u, top_k=None) == 0).all()
+
+
+def test_over_long_prompts_raise_or_truncate_left_when_asked():
+    m = tiny_model(5, block_size=32)
+    long = ragged_prompts(30, seed=5)[-1]
+    msg = r"prompts\[1\]: 30 prompt tokens \+ max_new_tokens 8 exceed block_size 32"
+    with pytest.raises(ValueError, match=msg):
+        sample(m, [[1, 2], long], [0.0, 0.0], 8, None, None)
+    with pytest.raises(ValueError, match="block_size"):
+        sample_reforward(m, [long], [0.0], 8, None, None)
+    cut = sample(m, [long], [0.0], 8, None, None, truncate="left")
+    assert cut == sample(m, [long[-24:]], [0.0], 8, None, None)
+    assert cut == sample_reforward(m, [long], [0.0], 8, None, None, truncate="left")
+
+
+def test_bad_arguments_are_clear_errors():
+    m = tiny_model()
+    with pytest.raises(ValueError, match="one value per row"):
+        sample(m, [[1], [2]], [0.5], 4)
+    with pytest.raises(ValueError, match="empty"):
+        sample(m, [[]], [0.5], 4)
+    with pytest.raises(ValueError, match=r"temperatures\[0\]"):
+        sample(m, [[1]], [-1.0], 4)
+    with pytest.raises(ValueError, match="outside"):
+        sample(m, [[V]], [0.5], 4)
+    with pytest.raises(ValueError, match="top_p"):
+        sample(m, [[1]], [0.5], 4, top_p=0.0)
+    assert sample(m, [[1], [2]], [0.5, 0.5], 0) == [[], []]
+    assert sample(m, [], [], 4) == []
+
+
+def test_bf16_autocast_runs_and_stays_close():
+    m = tiny_model(6)
+    prompts = ragged_prompts(5, seed=6)
+    f32, bf16 = {}, {}
+    sample(m, prompts, [0.0] * 5, 4, None, None, on_step=record(f32))
+    out = sample(m, prompts, [0.0] * 5, 4, None, None, dtype=torch.bfloat16, on_step=record(bf16))
+    assert [len(r) for r in out] == [4] * 5
+    torch.testing.assert_close(bf16[0][1], f32[0][1], rtol=0, atol=0.05)  # documented bf16 tolerance
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the caller's autocast works too
+        assert [len(r) for r in sample(m, prompts, [0.0] * 5, 4, None, None)] == [4] * 5
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    text = ["what is two plus two", "the answer is four", "hello there, how are you"] * 20
+    return Tokenizer.train(text, vocab_size=300)
+
+
+def test_sample_k_groups_by_instruction_and_ignores_batch_size(tokenizer):
+    torch.manual_seed(7)
+    m = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    instructions = ["what is two plus two", "hello", "how are you there"]
+    res = sample_k(m, tokenizer, instructions, temps=(0.7, 1.3), max_new_tokens=10, seed=3, batch_size=2,
+                   return_result=True)
+    assert len(res.texts) == 3 and all(len(g) == 2 for g in res.texts)
+    assert res.new_tokens == sum(len(r) for g in res.token_ids for r in g) > 0
+    assert res.prompt_tokens == 2 * sum(len(tokenizer.render_prompt(i)) for i in instructions)
+    assert res.texts == [[tokenizer.decode(r) for r in g] for g in res.token_ids]
+    assert sample_k(m, tokenizer, instructions, temps=(0.7, 1.3), max_new_tokens=10, seed=3,
+                    batch_size=3) == res.texts
+    # each group equals sampling that instruction's rows directly with the same row seeds
+    row_seeds = torch.randint(0, 2**62, (6,), generator=torch.Generator().manual_seed(3)).tolist()
+    direct = sample(m, [tokenizer.render_prompt(instructions[1])] * 2, [0.7, 1.3], 10, 50,
+                    tokenizer.eos_id, row_seeds[2:4])
+    assert res.token_ids[1] == direct
