@@ -1,0 +1,248 @@
+"""Head-to-head evaluation of two checkpoints with a judge.
+
+Both models answer the same held-out prompts (same temperature, same per-prompt seeds). In
+``compare`` mode each pair is judged twice, once with A shown first and once with B first; a side
+wins only when both orders agree, everything else is a tie. A judge that always prefers the first
+(or always the second) answer therefore produces 100% ties instead of a fake winner. In ``score``
+mode each answer is scored 1-10 on its own and the mean score per side is reported (the demo task
+turns this into "judged accuracy"). The average answer length of each side is always reported:
+a preference-tuned model that wins by rambling shows up there.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from dpo.judge import Judge
+from dpo.pairs import batch_seed, load_prompts
+
+MODES = ("compare", "score", "both")
+
+
+def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, temperature: float = 0.7,
+             max_new_tokens: int = 128, top_k: int | None = 50, seed: int = 0, batch_size: int = 32,
+             dtype: torch.dtype | None = None, progress: bool = False,
+             desc: str = "generate") -> list[list[int]]:
+    """New token ids for every rendered prompt. Row i's seed depends only on (seed, i), so two
+    models answering the same prompt list use the same random numbers."""
+    from tqdm import tqdm
+
+    from dpo.sampler import sample
+    out: list[list[int]] = []
+    seeds = [batch_seed(seed, i) for i in range(len(prompts))]
+    with torch.inference_mode():
+        for lo in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
+            hi = lo + batch_size
+            out += sample(model, prompts[lo:hi], temperature, max_new_tokens, top_k, tokenizer.eos_id,
+                          seeds[lo:hi], dtype=dtype)
+    return out
+
+
+def position_swapped_outcome(first: str, second: str) -> str:
+    """``first`` = verdict with A shown first, ``second`` = verdict with B shown first (so "A"
+    there means B). Returns "win" (A won both orders), "loss" (B won both) or "tie"."""
+    if first == "A" and second == "B":
+        return "win"
+    if first == "B" and second == "A":
+        return "loss"
+    return "tie"
+
+
+def evaluate(model_a, model_b, tokenizer, prompts: str | Path | Sequence[str], judge: Judge, *,
+             mode: str = "compare", temperature: float = 0.7, max_new_tokens: int = 128,
+             top_k: int | None = 50, seed: int = 0, batch_size: int = 32, n_prompts: int | None = None,
+             max_prompt_tokens: int | None = None, dtype: torch.dtype | None = None,
+             report_path: str | Path | None = None, progress: bool = True) -> dict:
+    """Generate with both models, judge, and return (and optionally write) the report dict.
+
+    Report keys: ``n_prompts``, ``n_dropped`` (prompts too long for either model), ``settings``,
+    ``judge``, ``judge_stats``, ``length`` (average chars and tokens per side), ``compare``
+    (win/tie/loss counts and rates, ``win_rate_decided``, ``order_agreement``,
+    ``first_position_rate``), ``score`` (``mean_a``, ``mean_b``, histograms, invalid counts) and
+    ``items`` (per prompt: answers, verdicts, outcome, scores).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    instructions = load_prompts(prompts, n_prompts) if isinstance(prompts, (str, Path)) \
+        else list(prompts)[:n_prompts]
+    block = min(model_a.config.block_size, model_b.config.block_size)
+    if max_new_tokens >= block:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) must be below the models' block_size ({block})")
+    limit = block - max_new_tokens
+    if max_prompt_tokens is not None:
+        limit = min(limit, max_prompt_tokens)
+    total = len(instructions)
+    rendered = [tokenizer.render_prompt(p) for p in instructions]
+    keep = [i for i, ids in enumerate(rendered) if len(ids) <= limit]
+    instructions = [instructions[i] for i in keep]
+    rendered = [rendered[i] for i in keep]
+    if not instructions:
+        raise ValueError("no prompt fits the models' context; lower max_new_tokens or use shorter prompts")
+
+    kw = dict(temperature=temperature, max_new_tokens=max_new_tokens, top_k=top_k, seed=seed,
+              batch_size=batch_size, dtype=dtype, progress=progress)
+    ids_a = generate(model_a, tokenizer, rendered, desc="generate A", **kw)
+    ids_b = generate(model_b, tokenizer, rendered, desc="generate B", **kw)
+    ans_a = [tokenizer.decode(x) for x in ids_a]
+    ans_b = [tokenizer.decode(x) for x in ids_b]
+    n = len(instructions)
+    items = [{"prompt": p, "a": a, "b": b} for p, a, b in zip(instructions, ans_a, ans_b)]
+    report: dict = {
+        "n_prompts": n, "n_dropped": total - n,
+        "settings": dict(mode=mode, temperature=temperature, max_new_tokens=max_new_tokens, top_k=top_k,
+                         seed=seed),
+        "judge": judge.name,
+        "length": {"avg_chars_a": _mean(map(len, ans_a)), "avg_chars_b": _mean(map(len, ans_b)),
+                   "avg_tokens_a": _mean(map(len, ids_a)), "avg_tokens_b": _mean(map(len, ids_b))},
+    }
+
+    if mode in ("compare", "both"):
+        first = _judged(judge.compare_many, [(p, a, b) for p, a, b in zip(instructions, ans_a, ans_b)],
+                        batch_size, progress, "judge A|B")
+        second = _judged(judge.compare_many, [(p, b, a) for p, a, b in zip(instructions, ans_a, ans_b)],
+                         batch_size, progress, "judge B|A")
+        outcomes = [position_swapped_outcome(v1, v2) for v1, v2 in zip(first, second)]
+        win, loss = outcomes.count("win"), outcomes.count("loss")
+        tie = n - win - loss
+        agree = sum((v1 == "A" and v2 == "B") or (v1 == "B" and v2 == "A") or (v1 == v2 == "TIE")
+                    for v1, v2 in zip(first, second))
+        decisive = [v for v in first + second if v != "TIE"]
+        report["compare"] = {
+            "win": win, "tie": tie, "loss": loss,
+            "win_rate": win / n, "tie_rate": tie / n, "loss_rate": loss / n,
+            "win_rate_decided": win / (win + loss) if win + loss else None,
+            "order_agreement": agree / n,
+            # share of decisive verdicts that picked whichever answer was shown first: 0.5 = no bias
+            "first_position_rate": decisive.count("A") / len(decisive) if decisive else None}
+        for it, v1, v2, o in zip(items, first, second, outcomes):
+            it.update(verdicts=[v1, v2], outcome=o)
+
+    if mode in ("score", "both"):
+        work = [(p, a) for p, a in zip(instructions, ans_a)] + [(p, b) for p, b in zip(instructions, ans_b)]
+        scores = _judged(judge.score_many, work, batch_size, progress, "judge scores")
+        sa, sb = scores[:n], scores[n:]
+        report["score"] = {"mean_a": _mean(s for s in sa if s is not None),
+                           "mean_b": _mean(s for s in sb if s is not None),
+                           "invalid_a": sa.count(None), "invalid_b": sb.count(None),
+                           "hist_a": _hist(sa), "hist_b": _hist(sb)}
+        for it, x, y in zip(items, sa, sb):
+            it.update(score_a=x, score_b=y)
+
+    report["judge_stats"] = judge.stats.as_dict()
+    report["items"] = items
+    if report_path is not None:
+        write_json_atomic(report_path, report)
+    return report
+
+
+def _judged(fn, work: list, chunk: int, progress: bool, desc: str) -> list:
+    from tqdm import tqdm
+    out: list = []
+    step = max(chunk, 1) * 2
+    for lo in tqdm(range(0, len(work), step), desc=desc, unit="batch", disable=not progress):
+        out += fn(work[lo: lo + step])
+    return out
+
+
+def _mean(xs) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def _hist(scores) -> dict[str, int]:
+    h: dict[str, int] = {}
+    for s in scores:
+        if s is not None:
+            h[str(s)] = h.get(str(s), 0) + 1
+    return dict(sorted(h.items(), key=lambda kv: int(kv[0])))
+
+
+def write_json_atomic(path: str | Path, obj) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return path
+
+
+def format_report(r: dict, name_a: str = "A", name_b: str = "B") -> str:
+    lines = [f"{name_a} vs {name_b} on {r['n_prompts']} prompts"
+             + (f" ({r['n_dropped']} too long, dropped)" if r["n_dropped"] else "") + f", judge {r['judge']}"]
+    c = r.get("compare")
+    if c:
+        lines.append(f"  position-swapped: win {c['win']} ({c['win_rate']:.1%}) | tie {c['tie']} "
+                     f"({c['tie_rate']:.1%}) | loss {c['loss']} ({c['loss_rate']:.1%})")
+        lines.append(f"  win rate among decided: {_pct(c['win_rate_decided'])}; both orders agree on "
+                     f"{c['order_agreement']:.1%}; first-shown answer picked in "
+                     f"{_pct(c['first_position_rate'])} of decisive verdicts")
+    s = r.get("score")
+    if s:
+        lines.append(f"  mean score: {name_a} {_num(s['mean_a'])} | {name_b} {_num(s['mean_b'])} "
+                     f"(invalid {s['invalid_a']} / {s['invalid_b']})")
+    ln = r["length"]
+    lines.append(f"  avg answer length: {name_a} {ln['avg_chars_a']:.0f} chars ({ln['avg_tokens_a']:.1f} tok)"
+                 f" | {name_b} {ln['avg_chars_b']:.0f} chars ({ln['avg_tokens_b']:.1f} tok)"
+                 "  <- watch for length gaming")
+    js = r.get("judge_stats", {})
+    if js.get("invalid") or js.get("rejected"):
+        lines.append(f"  judge replies without a verdict: {js['invalid']} (counted as ties / no score), "
+                     f"refused: {js.get('rejected', 0)}")
+    return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+def add_subcommand(sub) -> None:
+    from dpo.pairs import DTYPES, add_judge_args
+    p = sub.add_parser("eval", help="win rate of checkpoint A vs B (position-swapped judging)")
+    p.add_argument("--a", required=True, help="challenger checkpoint directory (e.g. the DPO model)")
+    p.add_argument("--b", required=True, help="baseline checkpoint directory (e.g. the SFT model)")
+    p.add_argument("--prompts", required=True, help="held-out prompts JSONL ('prompt' field)")
+    p.add_argument("--n-prompts", type=int, default=None)
+    p.add_argument("--mode", choices=MODES, default="compare")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: A's checkpoint's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--report", default=None, help="write the JSON report here")
+    p.add_argument("--no-progress", action="store_true")
+    add_judge_args(p)
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    from dpo.pairs import DTYPES, judge_from_args, load_policy
+    judge = judge_from_args(args)
+    model_a, tok = load_policy(args.a, args.tokenizer, args.device)
+    model_b, _ = load_policy(args.b, args.tokenizer or (Path(args.a) / "tokenizer.json"), args.device)
+    try:
+        report = evaluate(model_a, model_b, tok, args.prompts, judge, mode=args.mode,
+                          temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+                          seed=args.seed, batch_size=args.batch_size, n_prompts=args.n_prompts,
+                          dtype=DTYPES[args.dtype], report_path=args.report, progress=not args.no_progress)
+    finally:
+        judge.close()
+    print(format_report(report, Path(args.a).name, Path(args.b).name))
+    if args.report:
+        print(f"  report: {args.report}")
+    return 0

@@ -1,0 +1,490 @@
+"""Preference mining: prompts -> K samples each -> judge -> (chosen, rejected) pairs JSONL.
+
+Per prompt, K answers are sampled at a spread of temperatures (a careful one and a reckless
+one make a useful contrast), every answer is scored 1-10 by the judge, and the best and worst
+become a pair when ``best - worst >= min_gap`` (smaller gaps are judge noise) and
+``best >= min_best`` (a pair of two bad answers teaches one flavour of garbage over another).
+
+Sampling of batch i+1 runs in a background thread while batch i is judged.
+
+Resuming. Output is byte-identical whether or not a run was killed and restarted:
+- batch b is sampled with a seed derived from ``(seed, b)``, so a redone batch samples exactly
+  what it would have;
+- after each batch the pairs are appended and fsynced, then one record is appended (and fsynced)
+  to ``<out>.progress.jsonl`` holding the prompts done, the pairs file's length and the running
+  statistics. Prompts that gave no pair are recorded there too, so they are never judged again;
+- on restart the pairs file is cut back to the length in the last complete record (dropping a
+  partial line or a batch whose record never made it) and mining continues with the next batch.
+  The record's first line fingerprints the run (prompts, model, tokenizer, judge and every
+  setting); a different configuration refuses to resume instead of mixing two runs in one file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dpo.judge import Judge
+
+DEFAULT_TEMPS = (0.7, 0.9, 1.1, 1.3)
+PROGRESS_SUFFIX = ".progress.jsonl"
+PROGRESS_VERSION = 1
+
+
+@dataclass
+class MiningStats:
+    prompts_total: int = 0          # prompts read
+    prompts_dropped: int = 0        # dropped: rendered prompt longer than max_prompt_tokens
+    prompts_done: int = 0           # prompts sampled and judged (cumulative over resumes)
+    samples_judged: int = 0
+    invalid_scores: int = 0         # judge replies without a usable score
+    pairs_kept: int = 0
+    score_hist: dict[str, int] = field(default_factory=dict)   # "1".."10" -> count
+    resumed_at: int = 0             # prompts already done when this process started
+    resumed_pairs: int = 0          # pairs already kept when this process started
+    elapsed_s: float = 0.0          # this process only
+    sample_s: float = 0.0
+    judge_s: float = 0.0
+
+    @property
+    def kept_pct(self) -> float:
+        return 100.0 * self.pairs_kept / self.prompts_done if self.prompts_done else 0.0
+
+    @property
+    def prompts_per_s(self) -> float:
+        return (self.prompts_done - self.resumed_at) / self.elapsed_s if self.elapsed_s else 0.0
+
+    @property
+    def pairs_per_min(self) -> float:
+        return 60 * (self.pairs_kept - self.resumed_pairs) / self.elapsed_s if self.elapsed_s else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "kept_pct": self.kept_pct, "prompts_per_s": self.prompts_per_s,
+                "pairs_per_min": self.pairs_per_min}
+
+
+def select_pair(scores: Sequence[int | None], min_gap: int = 2, min_best: int = 6) -> tuple[int, int] | None:
+    """Indices ``(best, worst)`` among the valid scores, or ``None`` when the prompt gives no pair.
+
+    Ties for best go to the earliest sample (the coolest temperature), ties for worst to the
+    latest, so the choice is deterministic. Fewer than two valid scores give no pair.
+    """
+    valid = [(s, i) for i, s in enumerate(scores) if s is not None]
+    if len(valid) < 2:
+        return None
+    best = min(valid, key=lambda si: (-si[0], si[1]))
+    worst = min(valid, key=lambda si: (si[0], -si[1]))
+    if best[0] - worst[0] < min_gap or best[0] < min_best:
+        return None
+    return best[1], worst[1]
+
+
+def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+    """Instructions from a JSONL file: one object per line with a ``"prompt"`` (or
+    ``"instruction"``) string. Blank lines are skipped; anything else is an error naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    out: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            text = rec.get("prompt", rec.get("instruction")) if isinstance(rec, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{path}:{lineno}: field 'prompt' missing, empty or not a string")
+            out.append(text)
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """Sampling seed of one batch: a function of (seed, batch) only, so a resumed run redoes a
+    batch exactly as an uninterrupted one would."""
+    h = hashlib.sha256(f"fastdpo-pairs:{seed}:{batch_index}".encode()).digest()
+    return int.from_bytes(h[:7], "little")
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    # Per-tensor sums: cheap (no 500 MB hash for 124M) and different for any trained change.
+    sums = [f"{n}:{p.detach().double().sum().item():.17g}" for n, p in model.named_parameters()]
+    return hashlib.sha256("\n".join(sums).encode()).hexdigest()[:16]
+
+
+def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Judge, out_path: str | Path, *,
+               temps: Sequence[float] = DEFAULT_TEMPS, max_new_tokens: int = 128, top_k: int = 50,
+               min_gap: int = 2, min_best: int = 6, batch_size: int = 16, seed: int = 0,
+               max_prompt_tokens: int | None = None, n_prompts: int | None = None,
+               dtype: torch.dtype | None = None, progress: bool = True) -> MiningStats:
+    """Mine preference pairs into ``out_path`` (JSONL, appended as it goes; resumable).
+
+    ``prompts`` is a JSONL path (see ``load_prompts``) or a list of instructions. Prompts whose
+    rendered chat prompt is longer than ``max_prompt_tokens`` (default: block_size minus
+    ``max_new_tokens``) are dropped and counted. Each output line holds ``prompt``, ``chosen``,
+    ``rejected``, ``score_chosen``, ``score_rejected``, and ``scores`` (one per temperature).
+    ``dtype`` is the sampler's autocast dtype (``torch.bfloat16`` is ~2x faster on recent CPUs).
+    """
+    from dpo.sampler import sample
+
+    temps = [float(t) for t in temps]
+    if len(temps) < 2:
+        raise ValueError("mining needs at least two temperatures (K >= 2 samples per prompt)")
+    if batch_size < 1 or max_new_tokens < 1 or min_gap < 0:
+        raise ValueError("batch_size and max_new_tokens must be >= 1, min_gap >= 0")
+    block = model.config.block_size
+    if max_new_tokens >= block:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) must be below the model's block_size ({block})")
+    limit = block - max_new_tokens
+    max_prompt_tokens = limit if max_prompt_tokens is None else min(max_prompt_tokens, limit)
+
+    instructions = load_prompts(prompts, n_prompts) if isinstance(prompts, (str, Path)) \
+        else list(prompts)[:n_prompts]
+    stats = MiningStats(prompts_total=len(instructions))
+    rendered = [tokenizer.render_prompt(p) for p in instructions]
+    keep = [i for i, ids in enumerate(rendered) if len(ids) <= max_prompt_tokens]
+    stats.prompts_dropped = len(instructions) - len(keep)
+    n_batches = (len(keep) + batch_size - 1) // batch_size
+
+    settings = dict(temps=temps, max_new_tokens=max_new_tokens, top_k=top_k, min_gap=min_gap,
+                    min_best=min_best, batch_size=batch_size, seed=seed, max_prompt_tokens=max_prompt_tokens,
+                    dtype=str(dtype))
+    fingerprint = hashlib.sha256(json.dumps({
+        "settings": settings, "judge": judge.name, "tokenizer": tokenizer.hash,
+        "model": model_fingerprint(model),
+        "prompts": hashlib.sha256(json.dumps(instructions).encode()).hexdigest()}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+
+    out_path = Path(out_path)
+    log = _ProgressLog(out_path, fingerprint, settings)
+    start_batch, saved = log.resume()
+    if saved:
+        for k in ("prompts_done", "samples_judged", "invalid_scores", "pairs_kept", "score_hist"):
+            setattr(stats, k, saved[k])
+    stats.resumed_at, stats.resumed_pairs = stats.prompts_done, stats.pairs_kept
+    k = len(temps)
+    eos = tokenizer.eos_id
+
+    def batch_prompts(b: int) -> list[int]:
+        return keep[b * batch_size:(b + 1) * batch_size]
+
+    # -- producer: sampling runs one batch ahead of judging ---------------------------------
+    ready: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            with torch.inference_mode():
+                for b in range(start_batch, n_batches):
+                    if stop.is_set():
+                        return
+                    idx = batch_prompts(b)
+                    t0 = time.perf_counter()
+                    rows = [rendered[i] for i in idx for _ in range(k)]
+                    new = sample(model, rows, temps * len(idx), max_new_tokens, top_k, eos,
+                                 batch_seed(seed, b), dtype=dtype)
+                    texts = [tokenizer.decode(ids) for ids in new]
+                    _put(ready, (b, texts, time.perf_counter() - t0), stop)
+            _put(ready, None, stop)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            _put(ready, e, stop)
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(keep), initial=stats.prompts_done, unit="prompt", desc="pairs",
+               disable=not progress, dynamic_ncols=True)
+    bar.set_postfix(kept=stats.pairs_kept)
+    t_start = time.perf_counter()
+    worker = threading.Thread(target=produce, name="fastdpo-sampler", daemon=True)
+    worker.start()
+    try:
+        with open(out_path, "ab") as out:
+            while True:
+                item = ready.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                b, texts, dt = item
+                stats.sample_s += dt
+                idx = batch_prompts(b)
+                t0 = time.perf_counter()
+                scores = judge.score_many([(instructions[i], texts[j * k + r])
+                                           for j, i in enumerate(idx) for r in range(k)])
+                stats.judge_s += time.perf_counter() - t0
+                lines = []
+                for j, i in enumerate(idx):
+                    s = scores[j * k:(j + 1) * k]
+                    for v in s:
+                        if v is None:
+                            stats.invalid_scores += 1
+                        else:
+                            stats.score_hist[str(v)] = stats.score_hist.get(str(v), 0) + 1
+                    pick = select_pair(s, min_gap, min_best)
+                    if pick is not None:
+                        hi, lo = pick
+                        lines.append(json.dumps({
+                            "prompt": instructions[i], "chosen": texts[j * k + hi],
+                            "rejected": texts[j * k + lo], "score_chosen": s[hi],
+                            "score_rejected": s[lo], "scores": s}, ensure_ascii=False) + "\n")
+                stats.prompts_done += len(idx)
+                stats.samples_judged += len(idx) * k
+                stats.pairs_kept += len(lines)
+                _write_pairs(out, "".join(lines).encode(), b)
+                log.commit(b, out.tell(), stats)
+                _test_kill_point(b, "commit")
+                bar.update(len(idx))
+                bar.set_postfix(kept=stats.pairs_kept)
+    finally:
+        stop.set()
+        _drain(ready)
+        worker.join(timeout=60)
+        bar.close()
+        log.close()
+        stats.elapsed_s = time.perf_counter() - t_start
+    return stats
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _drain(q: queue.Queue) -> None:
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
+
+
+def _write_pairs(out, data: bytes, batch: int) -> None:
+    if data and _kill_spec() == (batch, "partial"):
+        out.write(data[: len(data) // 2])  # simulate dying in the middle of a line
+        out.flush()
+        os.fsync(out.fileno())
+        _test_kill_point(batch, "partial")
+    out.write(data)
+    out.flush()
+    os.fsync(out.fileno())
+    _test_kill_point(batch, "pairs")
+
+
+def _kill_spec() -> tuple[int, str] | None:
+    spec = os.environ.get("FASTDPO_TEST_KILL_PAIRS")
+    if not spec:
+        return None
+    b, _, stage = spec.partition(":")
+    return int(b), stage or "commit"
+
+
+def _test_kill_point(batch: int, stage: str) -> None:
+    """Test hook: ``FASTDPO_TEST_KILL_PAIRS=B:stage`` SIGKILLs this process at batch B, either in
+    the middle of writing its pairs (``partial``), after the pairs are on disk but before the
+    progress record (``pairs``), or after the record (``commit``). Tests use it to check resume."""
+    if _kill_spec() == (batch, stage):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _ProgressLog:
+    """``<out>.progress.jsonl``: a header with the run's fingerprint, then one record per batch."""
+
+    def __init__(self, out_path: Path, fingerprint: str, settings: dict):
+        self.out_path, self.fingerprint, self.settings = out_path, fingerprint, settings
+        self.path = out_path.with_name(out_path.name + PROGRESS_SUFFIX)
+        self._f = None
+
+    def resume(self) -> tuple[int, dict | None]:
+        """(first batch to do, statistics saved with the last committed batch)."""
+        self.out_path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            if self.out_path.exists() and self.out_path.stat().st_size > 0:
+                raise ValueError(f"{self.out_path}: exists without its progress file {self.path.name}; "
+                                 "refusing to append to pairs from an unknown run "
+                                 "(move it or pick another --out)")
+            self._open_fresh()
+            return 0, None
+        good, records = self._read_records()
+        header = records[0] if records else None
+        if not header or header.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                f"{self.path}: written by a different run (prompts, model, judge or settings differ: "
+                f"{header.get('settings') if header else 'no header'} vs {self.settings}); "
+                "use another --out or delete both files to start over")
+        last = records[-1] if len(records) > 1 else None
+        out_bytes = last["out_bytes"] if last else 0
+        size = self.out_path.stat().st_size if self.out_path.exists() else 0
+        if size < out_bytes:
+            raise ValueError(f"{self.out_path}: shorter ({size} bytes) than its progress file records "
+                             f"({out_bytes} bytes); the pairs file was modified, cannot resume")
+        # Drop what the killed run wrote after its last committed batch (a partial line, or a
+        # whole batch whose record was never written: it is redone identically).
+        with open(self.out_path, "ab") as f:
+            f.truncate(out_bytes)
+            os.fsync(f.fileno())
+        with open(self.path, "r+b") as f:
+            f.truncate(good)
+            os.fsync(f.fileno())
+        self._f = open(self.path, "ab")
+        return (last["batch"] + 1 if last else 0), last["stats"] if last else None
+
+    def _open_fresh(self) -> None:
+        self.out_path.touch()
+        self._f = open(self.path, "wb")
+        self._append({"fastdpo_pairs_progress": PROGRESS_VERSION, "fingerprint": self.fingerprint,
+                      "settings": self.settings})
+
+    def _read_records(self) -> tuple[int, list[dict]]:
+        """Complete records and the byte length they span (a torn last line is ignored)."""
+        data = self.path.read_bytes()
+        records, good = [], 0
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            good += len(line)
+        return good, records
+
+    def commit(self, batch: int, out_bytes: int, stats: MiningStats) -> None:
+        keys = ("prompts_done", "samples_judged", "invalid_scores", "pairs_kept", "score_hist")
+        self._append({"batch": batch, "out_bytes": out_bytes, "stats": {k: getattr(stats, k) for k in keys}})
+
+    def _append(self, rec: dict) -> None:
+        self._f.write((json.dumps(rec, sort_keys=True) + "\n").encode())
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def format_stats(stats: MiningStats, out_path: str | Path | None = None) -> str:
+    """The end-of-run summary: kept %, score histogram, throughput."""
+    hist = stats.score_hist
+    total = sum(hist.values()) or 1
+    peak = max(hist.values(), default=0) or 1
+    lines = [f"prompts: {stats.prompts_total} read, {stats.prompts_dropped} dropped as too long, "
+             f"{stats.prompts_done} judged ({stats.resumed_at} before this run)",
+             f"pairs kept: {stats.pairs_kept} ({stats.kept_pct:.1f}% of judged prompts)"
+             + (f" -> {out_path}" if out_path else ""),
+             f"samples judged: {stats.samples_judged}, invalid judge replies: {stats.invalid_scores}",
+             "score histogram:"]
+    for s in range(1, 11):
+        n = hist.get(str(s), 0)
+        lines.append(f"  {s:>2} {n:>7} {100 * n / total:5.1f}% {'#' * round(30 * n / peak)}")
+    if stats.elapsed_s > 0 and stats.prompts_done > stats.resumed_at:
+        lines.append(f"throughput (this run): {stats.prompts_per_s:.2f} prompts/s, "
+                     f"{stats.pairs_per_min:.1f} pairs/min (sampling {stats.sample_s:.1f}s, "
+                     f"judging {stats.judge_s:.1f}s, wall {stats.elapsed_s:.1f}s; they overlap)")
+    return "\n".join(lines)
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+def add_judge_args(p) -> None:
+    """--judge / --judge-url / --judge-model / --judge-concurrency (shared with ``fastdpo eval``)."""
+    g = p.add_argument_group("judge")
+    g.add_argument("--judge", default=None,
+                   help="judge by name: 'openai' (with --judge-url/--judge-model), 'task' (the demo "
+                        "task's checker), or module:attr")
+    g.add_argument("--judge-url", default=None,
+                   help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    g.add_argument("--judge-model", default=None,
+                   help="model name served there, e.g. Qwen/Qwen2.5-7B-Instruct")
+    g.add_argument("--judge-concurrency", type=int, default=16, help="requests in flight (openai judge)")
+    g.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per request (openai judge)")
+
+
+def judge_from_args(args) -> Judge:
+    from dpo.judge import make_judge
+    kw = {}
+    if (args.judge or "openai") == "openai":
+        kw = dict(concurrency=args.judge_concurrency, timeout=args.judge_timeout)
+    return make_judge(args.judge, url=args.judge_url, model=args.judge_model, **kw)
+
+
+def load_policy(ckpt: str | Path, tokenizer_path: str | Path | None = None, device: str = "cpu"):
+    from dpo.checkpoint import load_checkpoint, load_tokenizer
+    from dpo.tokenizer import Tokenizer
+    tok = Tokenizer.load(tokenizer_path) if tokenizer_path else load_tokenizer(ckpt)
+    model, _ = load_checkpoint(ckpt, tokenizer=tok, map_location=device)
+    return model.eval(), tok
+
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def _parse_temps(s: str) -> list[float]:
+    try:
+        return [float(t) for t in s.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--temps: expected comma-separated numbers, got {s!r}") from None
+
+
+def add_subcommand(sub) -> None:
+    p = sub.add_parser("pairs",
+                       help="mine preference pairs: sample K answers per prompt, judge, keep best/worst")
+    p.add_argument("--ckpt", required=True, help="policy checkpoint directory (usually the SFT model)")
+    p.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line")
+    p.add_argument("--out", required=True, help="pairs JSONL (appended; rerun the same command to resume)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
+    p.add_argument("--temps", default=",".join(map(str, DEFAULT_TEMPS)), help="one sample per temperature")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--min-gap", type=int, default=2, help="keep a pair only if best - worst >= this")
+    p.add_argument("--min-best", type=int, default=6, help="keep a pair only if best >= this")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per sampling batch (x K rows)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="drop longer prompts (default: block_size - max_new_tokens)")
+    p.add_argument("--n-prompts", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="sampling precision (autocast)")
+    p.add_argument("--no-progress", action="store_true")
+    add_judge_args(p)
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    judge = judge_from_args(args)
+    model, tok = load_policy(args.ckpt, args.tokenizer, args.device)
+    print(f"fastdpo pairs: judge {judge.describe()}", flush=True)
+    try:
+        stats = mine_pairs(model, tok, args.prompts, judge, args.out, temps=_parse_temps(args.temps),
+                           max_new_tokens=args.max_new_tokens, top_k=args.top_k, min_gap=args.min_gap,
+                           min_best=args.min_best, batch_size=args.batch_size, seed=args.seed,
+                           max_prompt_tokens=args.max_prompt_tokens, n_prompts=args.n_prompts,
+                           dtype=DTYPES[args.dtype], progress=not args.no_progress)
+    finally:
+        judge.close()
+    print(format_stats(stats, args.out))
+    if judge.stats.rejected or judge.stats.retries:
+        print(f"judge: {judge.stats.as_dict()}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from dpo.cli import main
+    sys.exit(main(["pairs", *sys.argv[1:]]))
