@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-REFERENCE_MODES = ("cached", "model", "none")
+REFERENCE_MODES = ("auto", "cached", "model", "none")
 DATA_FORMATS = ("auto", "prompt", "conversations", "hh")
 SFT_FORMATS = ("auto", "prompt", "conversations")
 
@@ -60,6 +60,7 @@ class TrainingConfig:
     kernel_backend: str = "auto"              # passed to the kernels: auto | torch | triton
     wandb: str = "auto"                       # "auto" (online with an API key, else offline) | ...
     wandb_project: str = "fastdpo"
+    overwrite: bool = False                   # a fresh run may replace an existing run directory
     progress: bool = True                     # tqdm bar
     # Seed-API names kept for compatibility: local paths, no hub.
     dataset_name: str | None = None
@@ -118,7 +119,7 @@ class DPOConfig:
     label_smoothing: float = 0.0              # sigmoid only: the conservative-DPO noise rate
     max_length: int = 512                     # tokens per response (longer ones are truncated)
     max_prompt_length: int = 512              # longer prompts are dropped (and counted)
-    reference: str = "cached"                 # cached | model | none (reference-free)
+    reference: str = "auto"                   # auto | cached | model | none (reference-free)
     reference_free: bool = False              # alias of reference: none
     reference_checkpoint: Path | None = None  # default: the SFT checkpoint
     reference_cache_dir: Path | None = None   # default: output_dir / "ref_cache"

@@ -1,0 +1,141 @@
+"""Supervised fine-tuning on (prompt, response) data: ``run_sft`` and ``fastdpo sft``.
+
+The loss is the mean per-token NLL of the answer tokens (``<|end|>`` included), computed by the
+same ``kernels.linear_sequence_logprobs`` as DPO: summed answer log-probs per row, divided by the
+number of answer tokens in the whole optimizer step. It makes the starting checkpoint of DPO,
+from an existing checkpoint or from a fresh model of a named shape (``PRESETS``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from dpo.checkpoint import load_checkpoint
+from dpo.config import SFTConfig, SFTDatasetConfig, TrainingConfig, load_config, to_dict
+from dpo.data import TokenizedSFT, collate_sft, eval_batches, load_sft_data
+from dpo.metrics import RunLogger
+from dpo.model import GPT, PRESETS, GPTConfig, config_from_preset
+from dpo.tokenizer import Tokenizer
+from dpo.train import _checkpoint_step, prepare_run_dir, resolve_tokenizer
+from dpo.trainer import Task, Trainer, resolve_device, resolve_precision, sequence_logprobs
+
+
+class SFTTask(Task):
+    def __init__(self, model, train: Sequence[TokenizedSFT], val: Sequence[TokenizedSFT], *, pad_id: int,
+                 device: torch.device, kernel: str = "fused", backend: str = "auto",
+                 eval_batch_size: int = 8):
+        self.model, self.train, self.val = model, list(train), list(val)
+        self.pad_id, self.device, self.kernel, self.backend = pad_id, device, kernel, backend
+        self.n_train, self.n_val = len(self.train), len(self.val)
+        self.lengths = [x.length for x in self.train]
+        self._val_batches = eval_batches([x.length for x in self.val], eval_batch_size)
+
+    def _items(self, train):
+        return self.train if train else self.val
+
+    def step_norm(self, micro_batches, train=True):
+        items = self._items(train)
+        return {"tokens": sum(len(items[i].response) for idx in micro_batches for i in idx)}
+
+    def n_tokens(self, idx, train=True):
+        items = self._items(train)
+        return sum(items[i].n_tokens for i in idx)
+
+    def val_batches(self):
+        return self._val_batches
+
+    def loss(self, idx, norm, train=True):
+        ids, mask = collate_sft([self._items(train)[i] for i in idx], self.pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        lp = sequence_logprobs(self.model, ids, mask, self.kernel, self.backend).float()
+        loss = -lp.sum() / norm["tokens"]
+        return loss, {"nll": -lp.detach().sum(), "answer_tokens": sum(len(self._items(train)[i].response)
+                                                                      for i in idx)}
+
+    def summarize(self, sums):
+        loss = float(sums["nll"]) / max(1, sums["answer_tokens"])
+        return {"loss": loss, "ppl": float(torch.tensor(loss).exp())}
+
+
+def _is_fresh(init) -> bool:
+    if isinstance(init, GPTConfig):
+        return True
+    return isinstance(init, str) and init in PRESETS and not Path(init).exists()
+
+
+def init_model(init: str | Path | GPTConfig, tok: Tokenizer, device: torch.device) -> GPT:
+    """A checkpoint directory, a preset name (``tiny``, ``gpt2-124m``) or a ``GPTConfig``."""
+    if isinstance(init, GPTConfig):
+        return GPT(init).to(device)
+    if _is_fresh(init):
+        return GPT(config_from_preset(init, vocab_size=tok.vocab_size)).to(device)
+    return load_checkpoint(init, tokenizer=tok, map_location=device)[0]
+
+
+def run_sft(init_checkpoint: str | Path | GPTConfig, train_config: TrainingConfig, sft_config: SFTConfig,
+            dataset_config: SFTDatasetConfig, tokenizer: Tokenizer | str | Path | None = None, *,
+            resume: bool | str | Path = False, on_step: Callable | None = None) -> Path:
+    """Fine-tune ``init_checkpoint`` (a checkpoint dir, a preset name, or a ``GPTConfig`` for a fresh
+    model) on answer tokens; returns the final checkpoint directory."""
+    tok = resolve_tokenizer(tokenizer, None if _is_fresh(init_checkpoint) else Path(init_checkpoint),
+                            train_config)
+    resume_path = prepare_run_dir(train_config, resume)
+    torch.manual_seed(train_config.seed)
+    device = resolve_device(train_config.device)
+    model = init_model(init_checkpoint, tok, device)
+    train, val, stats = load_sft_data(dataset_config, tok, sft_config.max_length,
+                                      sft_config.max_prompt_length, model.config.block_size,
+                                      train_config.seed)
+    say = print if train_config.progress else (lambda *a, **k: None)
+    say(f"data: {len(train)} train / {len(val)} val examples ({stats.summary()})", flush=True)
+    config = {"train": to_dict(train_config), "sft": to_dict(sft_config), "data": to_dict(dataset_config),
+              "init": str(init_checkpoint)}
+    logger = RunLogger(train_config.run_dir, mode=train_config.wandb, project=train_config.wandb_project,
+                       name=train_config.run_name, config=config, resume_step=_checkpoint_step(resume_path))
+    try:
+        task = SFTTask(model, train, val, pad_id=tok.pad_id, device=device, kernel=train_config.kernel,
+                       backend=train_config.kernel_backend, eval_batch_size=2 * train_config.micro_batch_size)
+        trainer = Trainer(model, task, train_config, tokenizer=tok, device=device,
+                          precision=resolve_precision(train_config.mixed_precision, device),
+                          meta={"kind": "sft", "run_name": train_config.run_name, "config": config},
+                          logger=logger, on_step=on_step)
+        if resume_path is not None:
+            trainer.resume_from(resume_path)
+            say(f"resumed from {resume_path} at step {trainer.state.step}", flush=True)
+        trainer.train()
+        final = trainer.finish()
+    finally:
+        logger.close()
+    say(f"saved {final} after {trainer.state.step} steps", flush=True)
+    return final
+
+
+def add_subcommand(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sft", help="supervised fine-tuning on prompt/response JSONL (makes the DPO start)",
+        description="SFT. Settings come from --config (YAML with sections train/sft/data and "
+                    "init_checkpoint or model) and --set overrides.")
+    p.add_argument("--config", type=Path, help="YAML config, e.g. configs/sft.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value: train.max_steps=100, data.path=[sft.jsonl]")
+    p.add_argument("--init", help="checkpoint directory or model preset (overrides init_checkpoint/model)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.json (needed for a fresh model)")
+    p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
+    p.add_argument("--wandb", choices=["auto", "disabled", "offline", "online"], help="W&B mode")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    overrides = list(args.overrides)
+    if args.wandb:
+        overrides.append(f"train.wandb={args.wandb}")
+    cfg = load_config(args.config, overrides, kind="sft")
+    init = args.init or cfg["init_checkpoint"] or cfg["model"]
+    if init is None:
+        raise ValueError("nothing to fine-tune: set init_checkpoint (a checkpoint) or model (a preset: "
+                         f"{sorted(PRESETS)}) in the config, or pass --init")
+    tokenizer = args.tokenizer or cfg["tokenizer"]
+    run_sft(init, cfg["train"], cfg["sft"], cfg["data"], tokenizer, resume=args.resume)
+    return 0

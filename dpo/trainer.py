@@ -1,0 +1,376 @@
+"""The training loop SFT and DPO share: AdamW, warmup + cosine, accumulation, clipping, autocast,
+logging, evaluation, checkpoints, ``--resume``, Ctrl-C and NaN handling.
+
+What is trained on is a *task* (``dpo.train.DPOTask``, ``dpo.sft.SFTTask``): it turns a list of
+example indices into a loss and a dict of summed statistics. The loop only knows indices, which is
+what makes resuming exact: the micro-batches of step ``s`` are a pure function of ``(seed, s)``
+(see ``dpo.data.epoch_batches``), so a checkpoint needs the step number, the weights, the
+optimizer state and the RNG state, nothing else, and a resumed run is bit-identical to an
+uninterrupted one on the same machine.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import kernels
+from dpo.checkpoint import load_checkpoint, read_config, save_checkpoint
+from dpo.config import TrainingConfig
+from dpo.data import epoch_batches
+from dpo.metrics import RunLogger
+
+STATE_FILE = "trainer_state.pt"
+FINAL = "final"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class TrainingDiverged(ValueError):
+    """A non-finite loss or gradient: the run stops before the bad update touches the weights."""
+
+
+# --------------------------------------------------------------------------- device and numerics
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_precision(mixed_precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the hardware has it (CUDA bf16, or a CPU with AVX512-BF16/AMX)."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return "bf16" if device.type == "cpu" and has_bf16 else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, kernel: str = "fused",
+                      backend: str = "auto") -> torch.Tensor:
+    """Summed answer log-probs per row ``(B,)``, float32.
+
+    ``fused``: hidden states -> ``kernels.linear_sequence_logprobs`` (the (B, T, V) logits never
+    exist at once). ``reference``: full logits -> the naive float32 oracle, for comparison."""
+    if kernel == "reference":
+        return kernels.reference.sequence_logprobs(model(ids), ids, mask)
+    hidden = model.hidden_states(ids)
+    return kernels.linear_sequence_logprobs(hidden, model.lm_head_weight, ids, mask, backend=backend)
+
+
+def lr_at(step: int, cfg: TrainingConfig, total_steps: int) -> float:
+    """Linear warmup to ``learning_rate`` over ``warmup_steps``, then cosine to ``min_lr_ratio``.
+    A pure function of the step, so restoring the step restores the schedule."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    floor = cfg.min_lr_ratio
+    return cfg.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases and norm gains (1-D parameters), as in nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.adam_betas)
+
+
+# --------------------------------------------------------------------------- task interface
+
+
+class Task:
+    """What a trainer trains on. Subclasses implement the three methods below."""
+    n_train: int
+    lengths: list[int]          # per training example, for length bucketing
+    n_val: int = 0
+
+    def step_norm(self, micro_batches: list[list[int]], train: bool = True) -> dict:
+        """Normalizers for one optimizer step (e.g. pairs or answer tokens in the whole step), so
+        that accumulated micro-batch losses add up to the full-batch mean exactly."""
+        raise NotImplementedError
+
+    def loss(self, idx: list[int], norm: dict, train: bool = True) -> tuple[torch.Tensor, dict]:
+        """``(loss contribution, {stat: summed tensor})`` for one micro-batch."""
+        raise NotImplementedError
+
+    def summarize(self, sums: dict) -> dict:
+        """Summed statistics -> logged metrics (floats)."""
+        raise NotImplementedError
+
+    def n_tokens(self, idx: list[int], train: bool = True) -> int:
+        raise NotImplementedError
+
+    def val_batches(self) -> list[list[int]]:
+        return []
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    total_steps: int = 0
+    history: list = field(default_factory=list)   # the logged train/val metrics of this process
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, task: Task, cfg: TrainingConfig, *,
+                 run_dir: Path | None = None,
+                 tokenizer=None, meta: dict | None = None, device: torch.device | None = None,
+                 precision: str | None = None, logger: RunLogger | None = None,
+                 on_step: Callable[[Trainer, int], None] | None = None):
+        self.cfg, self.task, self.model = cfg, task, model
+        self.device = device or resolve_device(cfg.device)
+        self.precision = precision or resolve_precision(cfg.mixed_precision, self.device)
+        self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
+        self.tokenizer, self.meta, self.logger, self.on_step = tokenizer, meta or {}, logger, on_step
+        self.optimizer = make_optimizer(model, cfg)
+        self.steps_per_epoch = (task.n_train // cfg.micro_batch_size) // cfg.gradient_accumulation_steps
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{task.n_train} training examples are fewer than one optimizer step "
+                             f"(batch_size {cfg.batch_size}); lower batch_size or add data")
+        total = cfg.max_steps or math.ceil(cfg.epochs * self.steps_per_epoch)
+        self.state = TrainState(step=0, total_steps=total)
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        self._stop_requested = False
+        self._params = [p for p in model.parameters() if p.requires_grad]
+
+    # -- data position -------------------------------------------------------------------
+    def micro_batches(self, step: int) -> list[list[int]]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            self._epoch_cache = (epoch, epoch_batches(self.task.lengths, self.cfg.micro_batch_size,
+                                                      self.cfg.seed, epoch))
+        accum = self.cfg.gradient_accumulation_steps
+        return self._epoch_cache[1][k * accum:(k + 1) * accum]
+
+    # -- one optimizer step --------------------------------------------------------------
+    def train_step(self, sums: dict) -> torch.Tensor:
+        """Forward/backward over the step's micro-batches, clip, check, update. Returns the grad
+        norm; adds the step's statistics into ``sums``."""
+        step = self.state.step
+        micro = self.micro_batches(step)
+        norm = self.task.step_norm(micro)
+        self.model.train()
+        step_loss = torch.zeros((), device=self.device)
+        for idx in micro:
+            with autocast(self.device, self.precision):
+                loss, stats = self.task.loss(idx, norm)
+            loss.backward()
+            step_loss += loss.detach()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0) + v
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
+        # The check costs a device sync; on CUDA it runs at log steps only (the weights may then
+        # take a few bad updates, but no checkpoint is ever written from them: see _save).
+        if self.device.type == "cpu" or (step + 1) % max(1, self.cfg.log_every) == 0:
+            self._check_finite(step_loss, grad_norm, step)
+        lr = lr_at(step, self.cfg, self.state.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums["grad_norm"] = sums.get("grad_norm", 0) + grad_norm.detach().float()
+        sums["steps"] = sums.get("steps", 0) + 1
+        sums["tokens"] = sums.get("tokens", 0) + sum(self.task.n_tokens(i) for i in micro)
+        self.state.step += 1
+        self._last_lr = lr
+        return grad_norm
+
+    def _check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> None:
+        if bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)):
+            return
+        last = latest_checkpoint(self.run_dir)
+        keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} at step {step + 1} "
+            f"(loss={float(loss):.4g}, grad_norm={float(grad_norm):.4g}); stopped before updating the "
+            f"weights; {keep}. Lower learning_rate, raise beta, or check the data.")
+
+    # -- the run ---------------------------------------------------------------------------
+    def train(self, steps: int | None = None) -> TrainState:
+        """Run to ``total_steps`` (or ``steps`` more steps): log, evaluate, save, handle Ctrl-C."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        total = self.state.total_steps
+        end = total if steps is None else min(self.state.step + steps, total)
+        bar = tqdm(total=self.state.total_steps, initial=self.state.step, disable=not cfg.progress,
+                   desc=self.run_dir.name, dynamic_ncols=True, leave=False)
+        sums: dict = {}
+        t0 = time.perf_counter()
+        with self._sigint_saves():
+            try:
+                while self.state.step < end:
+                    self.train_step(sums)
+                    step = self.state.step
+                    bar.update(1)
+                    if cfg.log_every and step % cfg.log_every == 0:
+                        self._log_train(sums, time.perf_counter() - t0)
+                        sums, t0 = {}, time.perf_counter()
+                    if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                        self.evaluate()
+                    saved = cfg.save_every and step % cfg.save_every == 0 and step < total
+                    if saved:
+                        self._save(self.run_dir / f"step-{step:06d}")
+                        self._prune()
+                    if self.on_step is not None:
+                        self.on_step(self, step)
+                    if self._stop_requested:
+                        path = self.run_dir / f"step-{step:06d}"
+                        if not saved:
+                            self._save(path)
+                        self._console(f"interrupted at step {step}: saved {path}; continue with --resume")
+                        raise KeyboardInterrupt
+            finally:
+                bar.close()
+        if sums.get("steps"):
+            self._log_train(sums, time.perf_counter() - t0)
+        return self.state
+
+    def finish(self) -> Path:
+        """Final evaluation and the final checkpoint (with its trainer state)."""
+        if self.task.n_val:
+            self.evaluate()
+        path = self._save(self.run_dir / FINAL)
+        self._prune(keep=0 if self.cfg.keep_checkpoints == 0 else self.cfg.keep_checkpoints)
+        return path
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        sums: dict = {}
+        for idx in self.task.val_batches():
+            with autocast(self.device, self.precision):
+                _, stats = self.task.loss(idx, self.task.step_norm([idx], train=False), train=False)
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0) + v
+        metrics = self.task.summarize(sums)
+        self._record(metrics, "val")
+        shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("loss", "rewards/accuracies",
+                                                                              "rewards/margins"))
+        self._console(f"eval step={self.state.step} {shown}")
+        return metrics
+
+    def _log_train(self, sums: dict, seconds: float) -> None:
+        metrics = self.task.summarize(sums)
+        metrics["lr"] = self._last_lr
+        metrics["grad_norm"] = float(sums["grad_norm"]) / sums["steps"]
+        metrics["tokens/s"] = sums["tokens"] / max(seconds, 1e-9)
+        self._record(metrics, "train")
+        line = f"step={self.state.step} loss={metrics['loss']:.4f}"
+        if "rewards/accuracies" in metrics:
+            line += f" accuracy={100 * metrics['rewards/accuracies']:.2f}%"
+        line += f" lr={metrics['lr']:.3e}"
+        if "rewards/margins" in metrics:
+            line += f" margin={metrics['rewards/margins']:.4f}"
+        line += f" grad_norm={metrics['grad_norm']:.3f} tokens/s={metrics['tokens/s']:.0f}"
+        self._console(line)
+
+    def _record(self, metrics: dict, split: str) -> None:
+        self.state.history.append({"step": self.state.step, "split": split, **metrics})
+        if self.logger is not None:
+            self.logger.log(self.state.step, metrics, split)
+
+    def _console(self, line: str) -> None:
+        if self.logger is not None:
+            self.logger.console(line)
+        elif self.cfg.progress:
+            print(line, flush=True)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _save(self, path: Path) -> Path:
+        # Never persist weights that may hold a bad update (the CUDA path checks lazily).
+        for p in self._params:
+            if not torch.isfinite(p).all():
+                raise TrainingDiverged(f"non-finite weights at step {self.state.step}; not saving {path}; "
+                                       f"the last good checkpoint is {latest_checkpoint(self.run_dir)}")
+        state = {"optimizer": self.optimizer.state_dict(), "step": self.state.step,
+                 "total_steps": self.state.total_steps, "rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        meta = {**self.meta, "step": self.state.step}
+        return save_checkpoint(path, self.model, step=self.state.step, tokenizer=self.tokenizer, meta=meta,
+                               extra_files={STATE_FILE: lambda f: torch.save(state, f)})
+
+    def _prune(self, keep: int | None = None) -> None:
+        keep = self.cfg.keep_checkpoints if keep is None else keep
+        steps = sorted(_step_dirs(self.run_dir))
+        for _, path in steps[:max(0, len(steps) - keep)]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def resume_from(self, path: Path) -> None:
+        """Restore weights, optimizer, RNG and the step (= data position and lr schedule)."""
+        path = Path(path)
+        model, _ = load_checkpoint(path, map_location=self.device)
+        with torch.no_grad():
+            for p, q in zip(self.model.state_dict().values(), model.state_dict().values()):
+                p.copy_(q)
+        state_file = path / STATE_FILE
+        if not state_file.is_file():
+            raise ValueError(f"{path}: no {STATE_FILE}; it is not a resumable training checkpoint")
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.state.step = int(state["step"])
+        if int(state["total_steps"]) != self.state.total_steps:
+            self._console(f"note: the checkpoint planned {state['total_steps']} steps, this run "
+                          f"{self.state.total_steps}; the lr schedule follows this run's")
+
+    @contextlib.contextmanager
+    def _sigint_saves(self):
+        """First Ctrl-C: finish the current step, save, stop. Second Ctrl-C: stop at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+            self._console("Ctrl-C: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    if not run_dir.is_dir():
+        return []
+    return [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest resumable checkpoint of a run: ``final`` if present, else the highest step."""
+    run_dir = Path(run_dir)
+    candidates = [(s, p) for s, p in _step_dirs(run_dir) if (p / STATE_FILE).is_file()]
+    final = run_dir / FINAL
+    if (final / STATE_FILE).is_file():
+        candidates.append((int(read_config(final).get("step", 0)), final))
+    return max(candidates)[1] if candidates else None

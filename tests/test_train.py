@@ -1,0 +1,204 @@
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpo.checkpoint import load_checkpoint, save_checkpoint
+from dpo.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
+from dpo.data import DataStats, collate_pairs, load_examples, tokenize_pairs
+from dpo.model import GPT, GPTConfig
+from dpo.refcache import cached_reference_logprobs, compute_reference_logprobs
+from dpo.tokenizer import Tokenizer
+from dpo.train import DPOTask, prepare_dpo, run_dpo, run_sweep
+from dpo.trainer import TrainingDiverged, sequence_logprobs
+
+
+@pytest.fixture(scope="module")
+def tok():
+    words = "what is plus the answer yes no good bad maybe 0123456789 + = ?"
+    return Tokenizer.train([words] * 30, vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tok):
+    """A tiny SFT checkpoint and a separable preference set: the chosen answer is always the
+    correct sum, the rejected one the sum followed by ' bad'."""
+    d = tmp_path_factory.mktemp("dpo")
+    for name, dropout in (("sft", 0.0), ("sft_dropout", 0.1)):   # dropout: resume must restore the RNG
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=32,
+                              dropout=dropout))
+        save_checkpoint(d / name, model, tokenizer=tok)
+    rows = [{"prompt": f"what is {a}+{b}?", "chosen": f"{a + b}", "rejected": f"{a + b} bad",
+             "score_chosen": 9} for a in range(10, 30) for b in range(3)]
+    (d / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def cfgs(workdir, run, **train):
+    base = dict(run_name=run, output_dir=workdir / "runs", batch_size=8, micro_batch_size=4,
+                learning_rate=2e-3, max_steps=6, log_every=1, mixed_precision="fp32", wandb="disabled",
+                progress=False, seed=3, device="cpu")
+    return TrainingConfig(**{**base, **train})
+
+
+def data_cfg(workdir, **kw):
+    return PreferenceDatasetConfig(path=workdir / "pairs.jsonl", **kw)
+
+
+def metrics(run_dir: Path, split="train"):
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if json.loads(ln)["split"] == split]
+
+
+def weights(path):
+    return load_checkpoint(path)[0].state_dict()
+
+
+@pytest.mark.parametrize("reference", ["cached", "model"])
+def test_step0_loss_is_ln2_and_separable_set_is_learned(workdir, tok, reference):
+    tc = cfgs(workdir, f"learn-{reference}", max_steps=16, warmup_steps=2)
+    final = run_dpo(workdir / "sft", tc, DPOConfig(beta=0.5, reference=reference), data_cfg(workdir), tok)
+    m = metrics(tc.run_dir)
+    assert m[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-4)   # policy == reference at step 1
+    assert m[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    assert m[-1]["rewards/accuracies"] >= 0.9
+    assert m[-1]["rewards/margins"] > 10 * max(abs(m[0]["rewards/margins"]), 1e-3)
+    assert m[-1]["loss"] < 0.6
+    assert final == tc.run_dir / "final" and (final / "trainer_state.pt").is_file()
+    cfg = json.loads((final / "config.json").read_text())
+    assert cfg["step"] == 16 and cfg["kind"] == "dpo" and cfg["config"]["dpo"]["beta"] == 0.5
+
+
+def test_fused_and_reference_kernels_give_same_loss_and_grads(workdir, tok):
+    pairs = tokenize_pairs(load_examples([workdir / "pairs.jsonl"]), tok, 32, 32, 48, DataStats())[:8]
+    results = []
+    ref = torch.randn(len(pairs), 2, generator=torch.Generator().manual_seed(0)) - 20   # differs from policy
+    for kernel in ("fused", "reference"):
+        model = load_checkpoint(workdir / "sft")[0]
+        task = DPOTask(model, pairs, [], DPOConfig(beta=0.3, rpo_alpha=0.5), pad_id=tok.pad_id,
+                       device=torch.device("cpu"), kernel=kernel, ref_train=ref)
+        idx = list(range(8))
+        loss, _ = task.loss(idx, task.step_norm([idx]))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l1, g1), (l2, g2) = results
+    assert torch.allclose(l1, l2, rtol=1e-5, atol=1e-6)
+    for name in g1:
+        assert torch.allclose(g1[name], g2[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_rpo_alpha_adds_mean_token_nll_of_chosen(workdir, tok):
+    pairs = tokenize_pairs(load_examples([workdir / "pairs.jsonl"]), tok, 32, 32, 48, DataStats())[:6]
+    model = load_checkpoint(workdir / "sft")[0].eval()
+    ref = torch.zeros(len(pairs), 2)
+    idx = list(range(6))
+    losses = {}
+    for alpha in (0.0, 0.7):
+        task = DPOTask(model, pairs, [], DPOConfig(beta=0.1, rpo_alpha=alpha), pad_id=tok.pad_id,
+                       device=torch.device("cpu"), ref_train=ref)
+        losses[alpha] = task.loss(idx, task.step_norm([idx]))[0].item()
+    ids, mask = collate_pairs(pairs, tok.pad_id)
+    logits = model(ids)[:6, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:6, 1:], reduction="none")
+    want = (nll * mask[:6, 1:]).sum() / mask[:6, 1:].sum()
+    assert losses[0.7] - losses[0.0] == pytest.approx(0.7 * want.item(), rel=1e-4)
+
+
+def test_resume_is_bit_identical(workdir, tok):
+    dc = DPOConfig(beta=0.2, rpo_alpha=0.3)
+    sft = workdir / "sft_dropout"
+    straight = run_dpo(sft, cfgs(workdir, "straight"), dc, data_cfg(workdir), tok)
+
+    def stop_after_3(trainer, step):
+        if step == 3:
+            raise KeyboardInterrupt   # a crash right after the step-3 checkpoint was written
+
+    tc = cfgs(workdir, "resumed", save_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_dpo(sft, tc, dc, data_cfg(workdir), tok, on_step=stop_after_3)
+    assert not (tc.run_dir / "final").exists() and (tc.run_dir / "step-000003").is_dir()
+    torch.manual_seed(12345)   # the resumed run must not depend on the RNG it starts with
+    resumed = run_dpo(sft, tc, dc, data_cfg(workdir), tok, resume=True)
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["step"] for m in metrics(tc.run_dir)] == list(range(1, 7))
+    assert metrics(tc.run_dir)[-1]["loss"] == metrics(workdir / "runs" / "straight")[-1]["loss"]
+
+
+def test_ctrl_c_saves_and_resume_continues(workdir, tok):
+    tc = cfgs(workdir, "sigint", max_steps=4)
+
+    def interrupt(trainer, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_dpo(workdir / "sft", tc, DPOConfig(), data_cfg(workdir), tok, on_step=interrupt)
+    assert json.loads((tc.run_dir / "step-000002" / "config.json").read_text())["step"] == 2
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        run_dpo(workdir / "sft", tc, DPOConfig(), data_cfg(workdir), tok)
+    final = run_dpo(workdir / "sft", tc, DPOConfig(), data_cfg(workdir), tok, resume=True)
+    assert json.loads((final / "config.json").read_text())["step"] == 4
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(workdir, tok):
+    tc = cfgs(workdir, "nan", save_every=2)
+
+    def poison(trainer, step):
+        if step == 3:
+            with torch.no_grad():
+                trainer.model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 4 .*last good .*step-0+2"):
+        run_dpo(workdir / "sft", tc, DPOConfig(), data_cfg(workdir), tok, on_step=poison)
+    assert not (tc.run_dir / "final").exists()
+    assert all(torch.isfinite(v).all() for v in weights(tc.run_dir / "step-000002").values())
+
+
+def test_cached_reference_logprobs_equal_recomputed(workdir, tok, tmp_path):
+    pairs = tokenize_pairs(load_examples([workdir / "pairs.jsonl"]), tok, 32, 32, 48, DataStats())
+    model = load_checkpoint(workdir / "sft")[0]
+    kw = dict(pad_id=tok.pad_id, batch_size=8, device=torch.device("cpu"), logprob_fn=sequence_logprobs,
+              autocast_ctx=torch.no_grad)
+    first, path, hit = cached_reference_logprobs(model, pairs, cache_dir=tmp_path, tokenizer_hash=tok.hash,
+                                                 settings="fp32", **kw)
+    again, path2, hit2 = cached_reference_logprobs(model, pairs, cache_dir=tmp_path, tokenizer_hash=tok.hash,
+                                                   settings="fp32", **kw)
+    assert not hit and hit2 and path == path2 and torch.equal(first, again)
+    # one pair at a time through the naive oracle: batching and padding change nothing
+    model.eval()
+    for i in (0, 17, len(pairs) - 1):
+        ids, mask = collate_pairs([pairs[i]], tok.pad_id)
+        with torch.no_grad():
+            want = sequence_logprobs(model, ids, mask, kernel="reference")
+        assert torch.allclose(first[i], want, rtol=1e-5, atol=1e-4)
+    # other data or another reference is another cache entry
+    _, path3, hit3 = cached_reference_logprobs(model, pairs[:-1], cache_dir=tmp_path, tokenizer_hash=tok.hash,
+                                               settings="fp32", **kw)
+    assert not hit3 and path3 != path
+    assert torch.equal(compute_reference_logprobs(model, pairs, **kw), first)
+
+
+def test_beta_sweep_shares_reference_cache_and_prints_table(workdir, tok, capsys):
+    tc = cfgs(workdir, "sweep", max_steps=2, progress=True)
+    rows = run_sweep(workdir / "sft", tc, DPOConfig(reference="cached"), data_cfg(workdir, val_size=8), tok,
+                     sweep={"beta": [0.05, 0.5]})
+    out = capsys.readouterr().out
+    assert out.count("reference log-probs: computed") == 1 and out.count("cache hit") == 1
+    assert [r["beta"] for r in rows] == [0.05, 0.5] and rows[1]["run"] == "sweep-beta0.5"
+    assert "val/accuracies" in out and "0.0500" in out
+    assert "step=2 loss=" in out and "accuracy=" in out and "lr=" in out
+
+
+def test_prepare_dpo_runs_steps_on_in_memory_pairs(workdir, tok):
+    pairs = tokenize_pairs(load_examples([workdir / "pairs.jsonl"]), tok, 32, 32, 48, DataStats())
+    model = load_checkpoint(workdir / "sft")[0]
+    tc = cfgs(workdir, "inmem", max_steps=100, log_every=0)
+    trainer = prepare_dpo(model, pairs, [], tc, DPOConfig(reference="model"), pad_id=tok.pad_id)
+    state = trainer.train(steps=3)
+    assert state.step == 3 and not (tc.run_dir / "final").exists()
