@@ -44,11 +44,13 @@ def make_tiny_checkpoint(path: str | Path, *, n_layer: int = 2, n_embd: int = 32
     return save_checkpoint(path, model, tokenizer=tok)
 
 
-def start_server(ckpt: str | Path, *, extra_args: tuple[str, ...] = (), timeout: float = 60.0):
-    """``fastdpo serve --port 0`` as a subprocess; returns ``(process, base_url, model_name)``."""
+def start_server(ckpt: str | Path, *, extra_args: tuple[str, ...] = (), timeout: float = 60.0,
+                 env: dict | None = None):
+    """``fastdpo serve --port 0`` as a subprocess; returns ``(process, base_url, model_name)``.
+    ``env`` adds environment variables (tests pass OMP_NUM_THREADS=1)."""
     cmd = [sys.executable, "-m", "dpo.cli", "serve", "--ckpt", str(ckpt), "--port", "0", *extra_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     deadline = time.monotonic() + timeout
     line = ""
     while time.monotonic() < deadline:

@@ -1,0 +1,165 @@
+"""``fastdpo serve``: OpenAI-compatible routes, the chat template, batching of concurrent requests
+(answers independent of what they were batched with), errors, and clean shutdown."""
+import json
+import signal
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from openai import OpenAI
+
+from bench.judge import make_tiny_checkpoint, start_server
+from dpo.pairs import load_policy
+from dpo.sampler import sample
+from dpo.serve import ChatServer, RequestError, chat_turns
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", block_size=256)
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    """In-process server with a wide batching window so concurrent requests surely share a batch."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model's small ops: OpenMP barriers only cost on a shared box
+    model, tok = load_policy(ckpt)
+    srv = ChatServer(model, tok, port=0, model_name="tiny", batch_window_ms=300, default_max_tokens=16)
+    srv.start_in_thread()
+    yield srv
+    srv.stop()
+    torch.set_num_threads(threads)
+
+
+def _direct(ckpt, prompt_ids, max_tokens, temperature=0.0, seed=0):
+    model, tok = load_policy(ckpt)
+    with torch.inference_mode():
+        return tok.decode(sample(model, [prompt_ids], temperature, max_tokens, 50, tok.eos_id, seed)[0])
+
+
+def _post(url, body, raw=None):
+    req = urllib.request.Request(url, data=raw if raw is not None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_models_and_health(server):
+    client = OpenAI(base_url=server.url, api_key="x")
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny"]
+    with urllib.request.urlopen(server.url.replace("/v1", "/health"), timeout=10) as r:
+        assert json.loads(r.read())["status"] == "ok"
+
+
+def test_chat_uses_the_chat_template_and_reports_usage(server, ckpt):
+    client = OpenAI(base_url=server.url, api_key="x")
+    out = client.chat.completions.create(model="tiny", temperature=0, max_tokens=12,
+                                         messages=[{"role": "system", "content": "Be brief."},
+                                                   {"role": "user", "content": "Reverse: cat dog"}])
+    _, tok = load_policy(ckpt)
+    ids = tok.render_conversation([("user", "Be brief.\n\nReverse: cat dog")])
+    expected = _direct(ckpt, ids, 12)
+    choice = out.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == expected
+    assert out.usage.prompt_tokens == len(ids)
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    assert choice.finish_reason == ("length" if out.usage.completion_tokens == 12 else "stop")
+    assert out.object == "chat.completion" and out.model == "tiny"
+
+
+def test_completions_continue_raw_text(server, ckpt):
+    client = OpenAI(base_url=server.url, api_key="x")
+    out = client.completions.create(model="tiny", prompt=["cat dog", "fox"], temperature=0, max_tokens=6)
+    _, tok = load_policy(ckpt)
+    assert [c.text for c in out.choices] == [_direct(ckpt, tok.encode(p), 6) for p in ("cat dog", "fox")]
+    assert [c.index for c in out.choices] == [0, 1]
+
+
+def test_concurrent_requests_are_batched_and_independent_of_batching(server):
+    """Seeded requests sent together give the same answers as sent one by one, and the server
+    sampled them in fewer batches than requests."""
+    client = OpenAI(base_url=server.url, api_key="x")
+
+    def ask(i):
+        r = client.chat.completions.create(model="tiny", temperature=1.0, max_tokens=8 + i, seed=100 + i,
+                                           messages=[{"role": "user", "content": f"Count: {' x' * i}"}])
+        return r.choices[0].message.content
+
+    solo = [ask(i) for i in range(6)]
+    before = server.batcher.batches
+    results: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(i))) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(6)] == solo
+    assert server.batcher.batches - before < 6
+
+
+def test_n_choices_and_stop_strings(server):
+    client = OpenAI(base_url=server.url, api_key="x")
+    out = client.chat.completions.create(model="tiny", n=3, temperature=1.2, max_tokens=10, seed=1,
+                                         messages=[{"role": "user", "content": "hi"}])
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    text = out.choices[0].message.content
+    if len(text) > 2:
+        cut = client.chat.completions.create(model="tiny", n=3, temperature=1.2, max_tokens=10, seed=1,
+                                             stop=[text[1:3]], messages=[{"role": "user", "content": "hi"}])
+        assert cut.choices[0].message.content == text[: text.find(text[1:3])]
+        assert cut.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": True}, 400, "streaming is not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404, "not found"),
+    ({"messages": []}, 400, "non-empty list"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "role 'user'"),
+    ({"messages": [{"role": "tool", "content": "hi"}]}, 400, "unsupported role"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "out of range"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400, "integer"),
+    ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "context is 256 tokens"),
+])
+def test_bad_requests_get_openai_style_errors(server, body, status, needle):
+    code, payload = _post(server.url + "/chat/completions", body)
+    assert code == status and needle in payload["error"]["message"]
+
+
+def test_bad_json_and_unknown_route(server):
+    code, payload = _post(server.url + "/chat/completions", None, raw=b"{not json")
+    assert code == 400 and "not valid JSON" in payload["error"]["message"]
+    code, payload = _post(server.url + "/nope", {})
+    assert code == 404
+
+
+def test_chat_turns_folds_system_and_text_parts():
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    turns = chat_turns([{"role": "system", "content": "S"}, {"role": "user", "content": parts},
+                        {"role": "assistant", "content": "c"}, {"role": "user", "content": "d"}])
+    assert turns == [("user", "S\n\nab"), ("assistant", "c"), ("user", "d")]
+    with pytest.raises(RequestError, match="text content"):
+        chat_turns([{"role": "user", "content": [{"type": "image_url"}]}])
+
+
+def test_cli_serve_port_zero_and_clean_shutdown(ckpt):
+    proc, url, name = start_server(ckpt, env={"OMP_NUM_THREADS": "1"})
+    try:
+        client = OpenAI(base_url=url, api_key="x")
+        assert client.chat.completions.create(model=name, max_tokens=3, messages=[
+            {"role": "user", "content": "hi"}]).choices[0].message.role == "assistant"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert "stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with pytest.raises(urllib.error.URLError):  # the port is released: nothing answers any more
+        urllib.request.urlopen(url + "/models", timeout=2)
