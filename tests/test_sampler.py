@@ -188,8 +188,21 @@ def test_bf16_autocast_runs_and_stays_close():
     out = sample(m, prompts, [0.0] * 5, 4, None, None, dtype=torch.bfloat16, on_step=record(bf16))
     assert [len(r) for r in out] == [4] * 5
     torch.testing.assert_close(bf16[0][1], f32[0][1], rtol=0, atol=0.05)  # documented bf16 tolerance
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the caller's autocast works too
-        assert [len(r) for r in sample(m, prompts, [0.0] * 5, 4, None, None)] == [4] * 5
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the caller's autocast is used ...
+        inside = {}
+        sample(m, prompts, [0.0] * 5, 4, None, None, on_step=record(inside))
+        torch.testing.assert_close(inside[0][1], bf16[0][1], rtol=0, atol=1e-4)
+        forced = {}  # ... unless a dtype is given
+        sample(m, prompts, [0.0] * 5, 4, None, None, dtype=torch.float32, on_step=record(forced))
+        torch.testing.assert_close(forced[0][1], f32[0][1], rtol=0, atol=1e-6)
+
+
+def test_per_row_budgets_including_zero():
+    m = tiny_model(7)
+    prompts = ragged_prompts(4, seed=7)
+    out = sample(m, prompts, [0.0, 0.9, 0.0, 1.2], [0, 3, 5, 1], None, None, seed=2)
+    assert [len(r) for r in out] == [0, 3, 5, 1]
+    assert out == sample_reforward(m, prompts, [0.0, 0.9, 0.0, 1.2], [0, 3, 5, 1], None, None, seed=2)
 
 
 @pytest.fixture(scope="module")
