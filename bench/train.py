@@ -1,0 +1,155 @@
+"""DPO training-step throughput and memory: the fast path vs the naive reference path, on CPU.
+
+    python -m bench.train [--preset tiny|gpt2-124m|all] [--rounds N] [--steps K] [--json out.json]
+
+- fast:  policy log-probs through ``kernels.linear_sequence_logprobs`` (no (2B, T, V) logits)
+         and reference log-probs precomputed once and cached (no reference model in memory).
+- naive: full logits + the float32 oracle ``kernels.reference.sequence_logprobs``, and a frozen
+         reference model run forward every step (the seed's ``train_dpo.py`` recipe).
+
+Both train the same model from the same initial weights on the same synthetic pairs in the same
+order, in the same precision, timed *interleaved* in one process (rounds alternate fast / naive:
+the machine is shared, ratios measured side by side hold up, absolute times do not).
+
+Memory: ``step_peak_MB`` is the peak extra resident memory of the timed steps (VmHWM reset before
+each, see ``bench.kernels.measure``); ``resident_MB`` is what the variant keeps besides the policy
+and its optimizer: the frozen reference model (naive) or the cached log-probs (fast). The ratio is
+on their sum. The one-off cost of precomputing the reference log-probs is reported separately
+(a β sweep pays it once for all its runs).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from bench.kernels import measure
+from dpo.config import DPOConfig, TrainingConfig
+from dpo.data import TokenizedPair
+from dpo.model import GPT, config_from_preset
+from dpo.train import prepare_dpo
+
+# preset -> (vocab, micro-batch pairs, prompt length range, answer length range)
+SHAPES = {
+    "tiny": dict(vocab_size=2048, micro_batch_size=8, prompt=(16, 48), answer=(16, 80)),
+    "gpt2-124m": dict(vocab_size=50304, micro_batch_size=2, prompt=(32, 96), answer=(64, 160)),
+}
+
+
+def synthetic_pairs(n: int, vocab_size: int, prompt: tuple[int, int], answer: tuple[int, int],
+                    seed: int = 0) -> list[TokenizedPair]:
+    g = torch.Generator().manual_seed(seed)
+
+    def seq(lo, hi):
+        k = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        return torch.randint(4, vocab_size, (k,), generator=g).tolist()
+
+    return [TokenizedPair(seq(*prompt), seq(*answer), seq(*answer)) for _ in range(n)]
+
+
+def _mb(tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def run_train_bench(preset: str = "tiny", rounds: int = 3, steps: int = 2, precision: str = "auto",
+                    micro_batch_size: int | None = None, seed: int = 0, verbose: bool = True) -> list[dict]:
+    """One row per variant (fast, naive) with tokens/s and memory, the fast row carrying the ratios."""
+    shape = dict(SHAPES[preset])
+    if micro_batch_size:
+        shape["micro_batch_size"] = micro_batch_size
+    mb = shape["micro_batch_size"]
+    n_pairs = mb * steps * (rounds + 1)
+    pairs = synthetic_pairs(n_pairs, shape["vocab_size"], shape["prompt"], shape["answer"], seed)
+    torch.manual_seed(seed)
+    base = GPT(config_from_preset(preset, vocab_size=shape["vocab_size"]))
+    common = dict(output_dir="/tmp/fastdpo-bench", batch_size=mb, micro_batch_size=mb, learning_rate=1e-6,
+                  max_steps=10**6, log_every=0, mixed_precision=precision, wandb="disabled", progress=False,
+                  device="cpu", seed=seed)
+    trainers, info = {}, {}
+    for name, kernel, reference in (("fast", "fused", "cached"), ("naive", "reference", "model")):
+        tc = TrainingConfig(run_name=f"bench-{name}", kernel=kernel, **common)
+        t0 = time.perf_counter()
+        dc = DPOConfig(reference=reference, reference_cache_dir=None)
+        trainer = prepare_dpo(copy.deepcopy(base), pairs, [], tc, dc, pad_id=0, tokenizer_hash="synthetic")
+        setup = time.perf_counter() - t0
+        task = trainer.task
+        resident = (_mb(task.ref_model.parameters()) if task.ref_model is not None
+                    else _mb([task.ref_train]) if task.ref_train is not None else 0.0)
+        info[name] = {"setup_s": setup, "resident_MB": resident, "precision": trainer.precision}
+        trainer.train(steps=1)  # warm-up: optimizer state, allocator, kernel selection
+        trainers[name] = trainer
+    tokens_per_step = statistics.mean(sum(p.n_tokens for p in pairs[i * mb:(i + 1) * mb])
+                                      for i in range(n_pairs // mb))
+    times = {k: [] for k in trainers}
+    peaks = {k: [] for k in trainers}
+    tokens = {k: [] for k in trainers}
+    for _ in range(rounds):
+        for name, trainer in trainers.items():
+            first = trainer.state.step
+            dt, peak = measure(lambda trainer=trainer: trainer.train(steps=steps))
+            n_tok = sum(trainer.task.n_tokens(idx) for s in range(first, trainer.state.step)
+                        for idx in trainer.micro_batches(s))
+            times[name].append(dt)
+            peaks[name].append(peak)
+            tokens[name].append(n_tok)
+    rows = []
+    for name in trainers:
+        tps = statistics.median(t / s for t, s in zip(tokens[name], times[name]))
+        peak = max(peaks[name]) if peaks[name][0] is not None else None
+        rows.append({"phase": "train", "preset": preset, "variant": name,
+                     "precision": info[name]["precision"],
+                     "micro_batch_pairs": mb, "tokens_per_step": tokens_per_step, "rounds": rounds,
+                     "steps_per_round": steps, "tokens_per_s": tps,
+                     "step_s": statistics.median(times[name]) / steps, "step_peak_MB": peak,
+                     "resident_MB": info[name]["resident_MB"],
+                     "peak_MB": None if peak is None else peak + info[name]["resident_MB"],
+                     "setup_s": info[name]["setup_s"]})
+    fast, naive = rows
+    fast["speedup_vs_naive"] = fast["tokens_per_s"] / naive["tokens_per_s"]
+    if fast["peak_MB"] is not None:
+        fast["memory_vs_naive"] = fast["peak_MB"] / naive["peak_MB"]
+    if verbose:
+        print(format_rows(rows), flush=True)
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    out = []
+    for r in rows:
+        line = (f"train {r['preset']:<10} {r['variant']:<6} {r['precision']:<5} "
+                f"{r['tokens_per_s']:9.0f} tok/s  "
+                f"step {r['step_s']:7.3f}s  peak {r['peak_MB'] or float('nan'):8.1f} MB "
+                f"(step +{r['step_peak_MB'] or float('nan'):.1f}, resident {r['resident_MB']:.1f})  "
+                f"setup {r['setup_s']:.2f}s")
+        if "speedup_vs_naive" in r:
+            mem = r.get("memory_vs_naive", float("nan"))
+            line += f"  x{r['speedup_vs_naive']:.2f} tok/s, x{mem:.2f} memory"
+        out.append(line)
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="tiny", choices=[*SHAPES, "all"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=None, help="steps per round (default: 4 tiny, 1 gpt2-124m)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--json", default=None, help="write the rows here")
+    args = ap.parse_args(argv)
+    rows = []
+    for preset in (SHAPES if args.preset == "all" else [args.preset]):
+        steps = args.steps or (4 if preset == "tiny" else 1)
+        rows += run_train_bench(preset, rounds=args.rounds, steps=steps, precision=args.precision)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {os.path.abspath(args.json)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+import json
+
+import pytest
+import torch
+
+from dpo.checkpoint import load_checkpoint, save_checkpoint
+from dpo.cli import main as cli_main
+from dpo.config import SFTConfig, SFTDatasetConfig, TrainingConfig
+from dpo.data import DataError, DataStats, load_examples, tokenize_sft
+from dpo.model import GPT, GPTConfig
+from dpo.sft import SFTTask, init_model, run_sft
+from dpo.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(["what is plus the answer 0123456789 + = ?"] * 30, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tok):
+    d = tmp_path_factory.mktemp("sft")
+    rows = [{"prompt": f"what is {a}+{b}?", "response": f"{a + b}"} for a in range(10, 40) for b in range(2)]
+    (d / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok.save(d / "tokenizer.json")
+    return d
+
+
+def tiny(tok):
+    return GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+def train_cfg(d, run, **kw):
+    base = dict(run_name=run, output_dir=d / "runs", batch_size=16, micro_batch_size=8, learning_rate=3e-3,
+                max_steps=30, log_every=5, mixed_precision="fp32", wandb="disabled", progress=False,
+                device="cpu")
+    return TrainingConfig(**{**base, **kw})
+
+
+def test_sft_learns_answers_from_a_fresh_model(data, tok):
+    tc = train_cfg(data, "fresh")
+    final = run_sft(tiny(tok), tc, SFTConfig(max_length=32), SFTDatasetConfig(path=data / "sft.jsonl"), tok)
+    m = [json.loads(ln) for ln in (tc.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert m[-1]["loss"] < 0.7 * m[0]["loss"]
+    model, cfg = load_checkpoint(final, tokenizer=tok)
+    assert cfg["kind"] == "sft" and cfg["step"] == 30
+
+
+def test_sft_loss_is_masked_token_mean_nll_and_kernels_agree(data, tok):
+    items = tokenize_sft(load_examples([data / "sft.jsonl"], kind="sft"), tok, 32, 32, 32, DataStats())[:6]
+    torch.manual_seed(0)
+    model = GPT(tiny(tok))
+    out = {}
+    for kernel in ("fused", "reference"):
+        task = SFTTask(model, items, [], pad_id=tok.pad_id, device=torch.device("cpu"), kernel=kernel)
+        idx = list(range(6))
+        loss, _ = task.loss(idx, task.step_norm([idx]))
+        model.zero_grad()
+        loss.backward()
+        out[kernel] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    # the textbook: cross-entropy on answer tokens only, averaged over them
+    ids = [x.prompt + x.response for x in items]
+    total, n = 0.0, 0
+    for x, seq in zip(items, ids):
+        t = torch.tensor([seq])
+        logits = model(t)[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits, t[0, 1:], reduction="none")
+        total += nll[len(x.prompt) - 1:].sum().item()
+        n += len(x.response)
+    assert out["fused"][0].item() == pytest.approx(total / n, rel=1e-5)
+    assert torch.allclose(out["fused"][0], out["reference"][0], rtol=1e-5)
+    for a, b in zip(out["fused"][1], out["reference"][1]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_sft_conversations_format(tmp_path, tok):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"conversations": [{"from": "human", "value": "what is 1+1?"},
+                                                  {"from": "gpt", "value": "2"}]}) + "\n"
+                    + json.dumps({"conversations": [{"from": "user", "value": "what is 1+1?"}]}) + "\n")
+    with pytest.raises(DataError, match=r"c\.jsonl:2: conversations must end with the assistant's answer"):
+        load_examples([path], kind="sft")
+    ex = load_examples([path], kind="sft", on_error="skip")
+    assert ex[0].turns == [("user", "what is 1+1?")] and ex[0].response == "2"
+
+
+def test_cli_sft_then_train(data, tok, tmp_path, capsys):
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text(f"model: null\ntokenizer: {data / 'tokenizer.json'}\n"
+                   f"train:\n  output_dir: {tmp_path / 'runs'}\n  run_name: s\n  max_steps: 4\n"
+                   f"  batch_size: 8\n"
+                   f"  mixed_precision: fp32\n  wandb: disabled\n  progress: false\n"
+                   f"data:\n  path: [{data / 'sft.jsonl'}]\n")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "init", GPT(tiny(tok)), tokenizer=tok)
+    assert cli_main(["sft", "--config", str(cfg), "--init", str(tmp_path / "init")]) == 0
+    sft = tmp_path / "runs" / "s" / "final"
+    assert load_checkpoint(sft)[1]["step"] == 4
+    fresh = init_model("tiny", tok, torch.device("cpu"))   # a preset name makes a fresh model
+    assert fresh.config.n_layer == 4 and fresh.config.vocab_size == tok.vocab_size
+    pairs = tmp_path / "p.jsonl"
+    rows = [{"prompt": f"what is {a}+1?", "chosen": f"{a + 1}", "rejected": f"{a}"} for a in range(10, 30)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["train", "--sft-checkpoint", str(sft), "--set", f"data.path=[{pairs}]",
+            "--set", "train.max_steps=2", "--set", "train.batch_size=4",
+            "--set", f"train.output_dir={tmp_path / 'runs'}", "--set", "train.log_every=1", "--set", "mixed_precision=fp32", "--wandb", "disabled"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "step=1 loss=0.6931 accuracy=" in out and "saved" in out
+    assert cli_main(["train", "--sft-checkpoint", str(sft), "--set", "bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
