@@ -103,7 +103,8 @@ def test_cli_sft_then_train(data, tok, tmp_path, capsys):
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["train", "--sft-checkpoint", str(sft), "--set", f"data.path=[{pairs}]",
             "--set", "train.max_steps=2", "--set", "train.batch_size=4",
-            "--set", f"train.output_dir={tmp_path / 'runs'}", "--set", "train.log_every=1", "--set", "mixed_precision=fp32", "--wandb", "disabled"]
+            "--set", f"train.output_dir={tmp_path / 'runs'}", "--set", "train.log_every=1",
+            "--set", "mixed_precision=fp32", "--wandb", "disabled"]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     assert "step=1 loss=0.6931 accuracy=" in out and "saved" in out
