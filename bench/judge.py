@@ -93,63 +93,73 @@ def bench_judge_requests(url: str, model_name: str, concurrencies=(1, 8, 32),
     return rows
 
 
-def _demo_judge():
+def _task_prompts(n: int) -> list[str] | None:
     try:
-        from dpo.task import score
-        return ProgrammaticJudge(score, name="task")
+        import random
+
+        from dpo.task import FAMILIES, make_item
     except ImportError:
         return None
+    rng = random.Random(1)
+    return [make_item(rng, FAMILIES[i % len(FAMILIES)]).instruction for i in range(n)]
 
 
-def bench_mining(ckpt: str | Path, prompts: list[str] | None = None, n_prompts: int = 64,
-                 batch_size: int = 16, max_new_tokens: int = 32, dtype: torch.dtype | None = None) -> dict:
-    """Pairs/min end to end (sample K=4 -> judge -> filter -> write) with the demo task's judge."""
+def bench_mining(ckpt: str | Path, n_prompts: int = 64, batch_size: int = 16, max_new_tokens: int = 32,
+                 judge: str = "task", dtype: torch.dtype | None = None) -> dict:
+    """Pairs/min end to end (sample K=4 -> judge -> filter -> write, overlapped) on task prompts.
+
+    ``judge="task"`` scores with the demo task's checker (real kept rate for a trained demo model);
+    ``judge="spread"`` is a stand-in that spreads scores over 1-10 so a random model still yields
+    pairs: it measures the pipeline's capacity, not a kept rate."""
     from dpo.pairs import load_policy, mine_pairs
     model, tok = load_policy(ckpt)
-    judge = _demo_judge()
-    if prompts is None:
-        try:
-            from dpo.task import make_items  # type: ignore[attr-defined]
-            prompts = [it.instruction for it in make_items(n_prompts, seed=1)]
-        except (ImportError, TypeError):
-            prompts = [f"Reverse the words: {' '.join(_WORDS[i % 20: i % 20 + 3])}" for i in range(n_prompts)]
-    if judge is None or not _task_accepts(judge, prompts[0]):
-        # No demo task here: a length-based stand-in keeps the pipeline busy the same way.
-        judge = ProgrammaticJudge(lambda _i, r: 1 + len(r.split()) % 10, name="length")
+    prompts = _task_prompts(n_prompts) or [f"Reverse the words: {' '.join(_WORDS[i % 20: i % 20 + 3])}"
+                                           for i in range(n_prompts)]
+    if judge == "task":
+        from dpo.task import score
+        j = ProgrammaticJudge(score, name="task")
+    else:
+        j = ProgrammaticJudge(lambda _i, r: 1 + (7 * len(r)) % 10, name="spread")
     with tempfile.TemporaryDirectory() as d:
-        stats = mine_pairs(model, tok, prompts[:n_prompts], judge, Path(d) / "pairs.jsonl",
-                           batch_size=batch_size, max_new_tokens=max_new_tokens, dtype=dtype, progress=False)
-    return {"phase": "judge", "name": f"mine_pairs_{judge.name}", "prompts": stats.prompts_done,
+        stats = mine_pairs(model, tok, prompts, j, Path(d) / "pairs.jsonl", batch_size=batch_size,
+                           max_new_tokens=max_new_tokens, dtype=dtype, progress=False)
+    return {"phase": "judge", "name": f"mine_pairs_{j.name}", "prompts": stats.prompts_done,
             "pairs": stats.pairs_kept, "seconds": stats.elapsed_s, "items_per_s": stats.pairs_per_min / 60,
             "pairs_per_min": stats.pairs_per_min, "prompts_per_s": stats.prompts_per_s, "unit": "pairs/s",
             "kept_pct": stats.kept_pct, "sample_s": stats.sample_s, "judge_s": stats.judge_s,
-            "model_params": sum(p.numel() for p in model.parameters())}
-
-
-def _task_accepts(judge, instruction: str) -> bool:
-    try:
-        judge.score(instruction, "x")
-        return True
-    except ValueError:
-        return False
+            "samples_per_s": stats.samples_judged / stats.elapsed_s if stats.elapsed_s else 0.0,
+            "model_params": sum(p.numel() for p in model.parameters()), "dtype": str(dtype)}
 
 
 def run_judge_bench(ckpt: str | Path | None = None, *, concurrencies=(1, 8, 32), n_requests: int = 64,
                     mining_ckpt: str | Path | None = None, n_prompts: int = 64,
-                    dtype: torch.dtype | None = None) -> list[dict]:
+                    dtype: torch.dtype | None = None, server_threads: int | None = None) -> list[dict]:
     """Rows for ``fastdpo bench``: judge req/s at each concurrency, then pairs/min.
 
-    ``ckpt`` is served for the judge figures (default: a tiny random model); ``mining_ckpt``
-    (default: ``ckpt``) is the policy mined from (use the demo's SFT checkpoint)."""
+    ``ckpt`` is served for the judge figures (default: a 2-layer, 32-wide random model, so the
+    figures measure client, HTTP and batching rather than the model). ``mining_ckpt`` is the policy
+    mined from: pass the demo's SFT checkpoint; by default a random model of the demo's shape
+    (preset 'tiny': 4 layers, 160 wide) is mined with both the task judge and the score-spreading
+    stand-in (a random model's answers rarely make task pairs)."""
     with tempfile.TemporaryDirectory() as d:
         if ckpt is None:
             ckpt = make_tiny_checkpoint(Path(d) / "tiny")
-        proc, url, name = start_server(ckpt)
+        extra = ("--threads", str(server_threads)) if server_threads else ()
+        proc, url, name = start_server(ckpt, extra_args=extra)
         try:
             rows = bench_judge_requests(url, name, concurrencies, n_requests)
+            for r in rows:
+                r["server_threads"] = server_threads or torch.get_num_threads()
         finally:
             stop_server(proc)
-        rows.append(bench_mining(mining_ckpt or ckpt, n_prompts=n_prompts, dtype=dtype))
+        judges = ("task",) if mining_ckpt else ("task", "spread")
+        if mining_ckpt is None:
+            mining_ckpt = make_tiny_checkpoint(Path(d) / "demo-shaped", n_layer=4, n_embd=160, n_head=4,
+                                               block_size=256)
+        if _task_prompts(1) is None:
+            judges = ("spread",)
+        for j in judges:
+            rows.append(bench_mining(mining_ckpt, n_prompts=n_prompts, judge=j, dtype=dtype))
     return rows
 
 
@@ -173,11 +183,14 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--bf16", action="store_true", help="sample in bf16 autocast while mining")
+    ap.add_argument("--server-threads", type=int, default=1,
+                    help="torch threads in the served process (0 = torch default; 1 avoids OpenMP stalls "
+                         "on a busy CPU with a tiny model)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     a = ap.parse_args(argv)
     rows = run_judge_bench(a.ckpt, concurrencies=tuple(int(c) for c in a.concurrency.split(",")),
                            n_requests=a.requests, mining_ckpt=a.mining_ckpt, n_prompts=a.prompts,
-                           dtype=torch.bfloat16 if a.bf16 else None)
+                           dtype=torch.bfloat16 if a.bf16 else None, server_threads=a.server_threads)
     print(format_rows(rows))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
