@@ -126,6 +126,8 @@ def test_resume_is_bit_identical(workdir, tok):
     resumed = run_dpo(sft, tc, dc, data_cfg(workdir), tok, resume=True)
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    again = weights(run_dpo(sft, cfgs(workdir, "straight", overwrite=True), dc, data_cfg(workdir), tok))
+    assert all(torch.equal(a[k], again[k]) for k in a)   # one seed, one result
     assert [m["step"] for m in metrics(tc.run_dir)] == list(range(1, 7))
     assert metrics(tc.run_dir)[-1]["loss"] == metrics(workdir / "runs" / "straight")[-1]["loss"]
 
@@ -193,6 +195,15 @@ def test_beta_sweep_shares_reference_cache_and_prints_table(workdir, tok, capsys
     assert [r["beta"] for r in rows] == [0.05, 0.5] and rows[1]["run"] == "sweep-beta0.5"
     assert "val/accuracies" in out and "0.0500" in out
     assert "step=2 loss=" in out and "accuracy=" in out and "lr=" in out
+
+
+def test_reference_free_run_needs_no_reference(workdir, tok):
+    tc = cfgs(workdir, "reffree", max_steps=3)
+    run_dpo(workdir / "sft", tc, DPOConfig(reference_free=True, beta=0.1), data_cfg(workdir), tok)
+    m = metrics(tc.run_dir)
+    # without a reference the implicit rewards are beta * log pi itself
+    assert m[0]["rewards/chosen"] == pytest.approx(0.1 * m[0]["logps/chosen"], rel=1e-5)
+    assert m[0]["loss/dpo"] != pytest.approx(math.log(2), abs=1e-3)
 
 
 def test_prepare_dpo_runs_steps_on_in_memory_pairs(workdir, tok):
