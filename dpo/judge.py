@@ -287,7 +287,14 @@ def _openai_factory(url: str | None = None, model: str | None = None, **kw) -> J
     return OpenAIJudge(url, model, **kw)
 
 
+def _task_factory(**_kw) -> Judge:
+    # The embedded demo task's checker; dpo.task may register a richer "task" judge, which wins.
+    from dpo.task import score
+    return ProgrammaticJudge(score, name="task")
+
+
 register_judge("openai", _openai_factory)
+register_judge("task", _task_factory)
 
 
 def available_judges() -> list[str]:
@@ -315,8 +322,7 @@ def make_judge(name: str | None = None, *, url: str | None = None, model: str | 
         name = "openai"
     if ":" in name and name not in _REGISTRY:
         return _judge_from_path(name)
-    if name not in _REGISTRY:
-        _load_plugins()
+    _load_plugins()  # plugins may add names or override the built-in ones
     if name not in _REGISTRY:
         raise ValueError(f"unknown judge {name!r}; available: {', '.join(available_judges())} "
                          f"(or module:attr)")

@@ -83,6 +83,11 @@ def test_judge_selection_by_name(tmp_path, monkeypatch):
         make_judge("no_such_module_xyz:f")
 
 
+def test_task_judge_is_available_by_name():
+    j = make_judge("task")
+    assert j.name == "task" and 1 <= j.score("Add the digits: 3 5 2", "10") <= 10
+
+
 def test_rubric_prompts_load_and_fill(tmp_path):
     t = load_prompt(SCORE_PROMPT, ("instruction", "response"))
     filled = fill_prompt(t, instruction="Add {x}", response="5 }")
