@@ -26,18 +26,20 @@ MODES = ("compare", "score", "both")
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, temperature: float = 0.7,
              max_new_tokens: int = 128, top_k: int | None = 50, seed: int = 0, batch_size: int = 32,
              dtype: torch.dtype | None = None, progress: bool = False,
-             desc: str = "generate") -> list[list[int]]:
+             desc: str = "generate", sampler=None) -> list[list[int]]:
     """New token ids for every rendered prompt. Row i's seed depends only on (seed, i), so two
-    models answering the same prompt list use the same random numbers."""
+    models answering the same prompt list use the same random numbers. ``sampler`` defaults to
+    the KV-cached ``dpo.sampler.sample``; the bench passes the re-forward oracle."""
     from tqdm import tqdm
 
     from dpo.sampler import sample
+    sampler = sampler or sample
     out: list[list[int]] = []
     seeds = [batch_seed(seed, i) for i in range(len(prompts))]
     with torch.inference_mode():
         for lo in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
             hi = lo + batch_size
-            out += sample(model, prompts[lo:hi], temperature, max_new_tokens, top_k, tokenizer.eos_id,
+            out += sampler(model, prompts[lo:hi], temperature, max_new_tokens, top_k, tokenizer.eos_id,
                           seeds[lo:hi], dtype=dtype)
     return out
 
@@ -56,7 +58,7 @@ def evaluate(model_a, model_b, tokenizer, prompts: str | Path | Sequence[str], j
              mode: str = "compare", temperature: float = 0.7, max_new_tokens: int = 128,
              top_k: int | None = 50, seed: int = 0, batch_size: int = 32, n_prompts: int | None = None,
              max_prompt_tokens: int | None = None, dtype: torch.dtype | None = None,
-             report_path: str | Path | None = None, progress: bool = True) -> dict:
+             report_path: str | Path | None = None, progress: bool = True, sampler=None) -> dict:
     """Generate with both models, judge, and return (and optionally write) the report dict.
 
     Report keys: ``n_prompts``, ``n_dropped`` (prompts too long for either model), ``settings``,
@@ -84,7 +86,7 @@ def evaluate(model_a, model_b, tokenizer, prompts: str | Path | Sequence[str], j
         raise ValueError("no prompt fits the models' context; lower max_new_tokens or use shorter prompts")
 
     kw = dict(temperature=temperature, max_new_tokens=max_new_tokens, top_k=top_k, seed=seed,
-              batch_size=batch_size, dtype=dtype, progress=progress)
+              batch_size=batch_size, dtype=dtype, progress=progress, sampler=sampler)
     ids_a = generate(model_a, tokenizer, rendered, desc="generate A", **kw)
     ids_b = generate(model_b, tokenizer, rendered, desc="generate B", **kw)
     ans_a = [tokenizer.decode(x) for x in ids_a]
