@@ -13,6 +13,7 @@ Installed with ``pip install -e .[peers]``; a missing peer raises ImportError (t
 
     python -m bench.peers [--preset tiny] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,10 @@ import torch.nn.functional as F
 from bench.kernels import dpo_mask, measure
 
 # preset -> (C, V, pairs per batch, rows' length T for the loss bench)
-SHAPES = {"tiny": dict(n_embd=160, vocab=2048, pairs=8, T=256),
-          "gpt2-124m": dict(n_embd=768, vocab=50304, pairs=4, T=512)}
+SHAPES = {
+    "tiny": dict(n_embd=160, vocab=2048, pairs=8, T=256),
+    "gpt2-124m": dict(n_embd=768, vocab=50304, pairs=4, T=512),
+}
 
 
 def _dpo_loss(logps: torch.Tensor, beta: float) -> torch.Tensor:
@@ -61,18 +64,21 @@ def liger_rows(preset: str = "tiny", rounds: int = 3, dtype=torch.bfloat16) -> l
             loss = fn()
             loss.backward()
             losses[name] = float(loss)
+
         return call
 
     impls = {
-        "fastdpo fused": step("fastdpo fused", lambda: _dpo_loss(
-            linear_sequence_logprobs(hidden, weight, ids, mask), 0.1)),
+        "fastdpo fused": step(
+            "fastdpo fused", lambda: _dpo_loss(linear_sequence_logprobs(hidden, weight, ids, mask), 0.1)
+        ),
         "naive": step("naive", lambda: _dpo_loss(sequence_logprobs(hidden @ weight.T, ids, mask), 0.1)),
-        "liger LigerFusedLinearDPOLoss": step("liger LigerFusedLinearDPOLoss", lambda: _first(
-            liger(weight, hidden[:, :-1], target))),
+        "liger LigerFusedLinearDPOLoss": step(
+            "liger LigerFusedLinearDPOLoss", lambda: _first(liger(weight, hidden[:, :-1], target))
+        ),
     }
     times = {k: [] for k in impls}
     peaks = {k: [] for k in impls}
-    for k, fn in impls.items():
+    for fn in impls.values():
         fn()  # warm-up
     for _ in range(rounds):
         for k, fn in impls.items():
@@ -83,10 +89,20 @@ def liger_rows(preset: str = "tiny", rounds: int = 3, dtype=torch.bfloat16) -> l
     rows = []
     for k in impls:
         t = statistics.median(times[k])
-        rows.append(dict(impl=k, rate=1.0 / t, unit="fwd+bwd/s", seconds=t, speedup=t / base if k != "fastdpo fused"
-                         else None, peak_MB=max(peaks[k]) if peaks[k][0] is not None else None,
-                         shape=[B, T, C, V], dtype=str(dtype).replace("torch.", ""),
-                         loss=losses[k], note="speedup = fastdpo's speed-up over this row"))
+        rows.append(
+            dict(
+                impl=k,
+                rate=1.0 / t,
+                unit="fwd+bwd/s",
+                seconds=t,
+                speedup=t / base if k != "fastdpo fused" else None,
+                peak_MB=max(peaks[k]) if peaks[k][0] is not None else None,
+                shape=[B, T, C, V],
+                dtype=str(dtype).replace("torch.", ""),
+                loss=losses[k],
+                note="speedup = fastdpo's speed-up over this row",
+            )
+        )
     return rows
 
 
@@ -95,16 +111,24 @@ def _first(x):
 
 
 def _text_pairs(n: int, seed: int = 0):
-    words = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
-             "sigma tau upsilon phi chi psi omega").split()
+    words = (
+        "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+        "sigma tau upsilon phi chi psi omega"
+    ).split()
     rng = random.Random(seed)
 
     def text(k):
         return " ".join(rng.choice(words) for _ in range(k))
 
     corpus = [text(40) for _ in range(300)]
-    rows = [dict(prompt=text(rng.randint(10, 30)), chosen=text(rng.randint(20, 60)),
-                 rejected=text(rng.randint(20, 60))) for _ in range(n)]
+    rows = [
+        dict(
+            prompt=text(rng.randint(10, 30)),
+            chosen=text(rng.randint(20, 60)),
+            rejected=text(rng.randint(20, 60)),
+        )
+        for _ in range(n)
+    ]
     return corpus, rows
 
 
@@ -124,10 +148,17 @@ def trl_rows(preset: str = "tiny", steps: int = 4) -> list[dict]:
     batch = s["pairs"]
     corpus, rows = _text_pairs(batch * (steps + 1))
     tok = Tokenizer.train(corpus, vocab_size=512)
-    pairs = [TokenizedPair(tok.encode(r["prompt"]), tok.render_answer(" " + r["chosen"]),
-                           tok.render_answer(" " + r["rejected"])) for r in rows]
-    tokens_per_step = statistics.mean(sum(p.n_tokens for p in pairs[i * batch:(i + 1) * batch])
-                                      for i in range(steps + 1))
+    pairs = [
+        TokenizedPair(
+            tok.encode(r["prompt"]),
+            tok.render_answer(" " + r["chosen"]),
+            tok.render_answer(" " + r["rejected"]),
+        )
+        for r in rows
+    ]
+    tokens_per_step = statistics.mean(
+        sum(p.n_tokens for p in pairs[i * batch : (i + 1) * batch]) for i in range(steps + 1)
+    )
     cfg = config_from_preset(preset, vocab_size=tok.vocab_size)
     bf16 = True
     result = {}
@@ -135,9 +166,18 @@ def trl_rows(preset: str = "tiny", steps: int = 4) -> list[dict]:
     # TRL
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok._hf, pad_token="<|pad|>", eos_token="<|end|>")
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-                                       n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                                       attn_pdrop=0.0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=cfg.vocab_size,
+            n_positions=cfg.block_size,
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
     stamps = []
 
     class Clock(TrainerCallback):
@@ -145,23 +185,56 @@ def trl_rows(preset: str = "tiny", steps: int = 4) -> list[dict]:
             stamps.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as d:
-        args = TRLDPOConfig(output_dir=d, per_device_train_batch_size=batch, max_steps=steps + 1, report_to="none",
-                            use_cpu=True, bf16=bf16, logging_steps=10**6, save_strategy="no",
-                            max_length=cfg.block_size, gradient_checkpointing=False, learning_rate=1e-6,
-                            disable_tqdm=True)
-        trainer = DPOTrainer(model, ref_model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=hf_tok, callbacks=[Clock()])
+        args = TRLDPOConfig(
+            output_dir=d,
+            per_device_train_batch_size=batch,
+            max_steps=steps + 1,
+            report_to="none",
+            use_cpu=True,
+            bf16=bf16,
+            logging_steps=10**6,
+            save_strategy="no",
+            max_length=cfg.block_size,
+            gradient_checkpointing=False,
+            learning_rate=1e-6,
+            disable_tqdm=True,
+        )
+        trainer = DPOTrainer(
+            model,
+            ref_model=copy.deepcopy(model),
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=hf_tok,
+            callbacks=[Clock()],
+        )
         dt, peak = measure(trainer.train)
     trl_step = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
     result["trl DPOTrainer"] = (tokens_per_step / trl_step, trl_step, peak)
 
     # fastdpo on the same pairs, same batch and precision
     torch.manual_seed(0)
-    tc = TrainingConfig(run_name="bench-peer", output_dir=tempfile.mkdtemp(), batch_size=batch,
-                        micro_batch_size=batch, learning_rate=1e-6, max_steps=10**6, log_every=0,
-                        mixed_precision="bf16" if bf16 else "fp32", wandb="disabled", progress=False, device="cpu")
-    ours = prepare_dpo(GPT(cfg), pairs, [], tc, DPOConfig(reference="cached", reference_cache_dir=None),
-                       pad_id=tok.pad_id, tokenizer_hash=tok.hash)
+    tc = TrainingConfig(
+        run_name="bench-peer",
+        output_dir=tempfile.mkdtemp(),
+        batch_size=batch,
+        micro_batch_size=batch,
+        learning_rate=1e-6,
+        max_steps=10**6,
+        log_every=0,
+        mixed_precision="bf16" if bf16 else "fp32",
+        wandb="disabled",
+        progress=False,
+        device="cpu",
+    )
+    ours = prepare_dpo(
+        GPT(cfg),
+        pairs,
+        [],
+        tc,
+        DPOConfig(reference="cached", reference_cache_dir=None),
+        pad_id=tok.pad_id,
+        tokenizer_hash=tok.hash,
+    )
     ours.train(steps=1)
     times = []
     for _ in range(steps):
@@ -171,18 +244,30 @@ def trl_rows(preset: str = "tiny", steps: int = 4) -> list[dict]:
     result["fastdpo trainer"] = (tokens_per_step / our_step, our_step, peak_ours)
     out = []
     for k, (rate, step, peak) in result.items():
-        out.append(dict(impl=k, rate=rate, unit="tok/s", step_s=step, peak_MB=peak, pairs_per_step=batch,
-                        tokens_per_step=tokens_per_step, precision="bf16" if bf16 else "fp32",
-                        speedup=step / our_step if k != "fastdpo trainer" else None,
-                        note="speedup = fastdpo's speed-up over this row; TRL peak includes its setup"))
+        out.append(
+            dict(
+                impl=k,
+                rate=rate,
+                unit="tok/s",
+                step_s=step,
+                peak_MB=peak,
+                pairs_per_step=batch,
+                tokens_per_step=tokens_per_step,
+                precision="bf16" if bf16 else "fp32",
+                speedup=step / our_step if k != "fastdpo trainer" else None,
+                note="speedup = fastdpo's speed-up over this row; TRL peak includes its setup",
+            )
+        )
     return out
 
 
 def run_peer_bench(preset: str = "tiny", quick: bool = False) -> list[dict]:
     rows = []
     errors = []
-    for name, fn in (("liger", lambda: liger_rows(preset, rounds=2 if quick else 3)),
-                     ("trl", lambda: trl_rows(preset, steps=2 if quick else 4))):
+    for name, fn in (
+        ("liger", lambda: liger_rows(preset, rounds=2 if quick else 3)),
+        ("trl", lambda: trl_rows(preset, steps=2 if quick else 4)),
+    ):
         try:
             rows += fn()
         except ImportError as e:
@@ -192,8 +277,11 @@ def run_peer_bench(preset: str = "tiny", quick: bool = False) -> list[dict]:
     for e in errors:
         rows.append(dict(impl=e.split(":")[0], rate=None, unit="", note=f"skipped: {e}"))
     for r in rows:
-        print(f"  {r['impl']:<32} {r['rate'] or float('nan'):10.2f} {r['unit']:<10} "
-              f"{'' if r.get('speedup') is None else 'fastdpo x%.2f' % r['speedup']}", flush=True)
+        print(
+            f"  {r['impl']:<32} {r['rate'] or float('nan'):10.2f} {r['unit']:<10} "
+            f"{'' if r.get('speedup') is None else f'fastdpo x{r["speedup"]:.2f}'}",
+            flush=True,
+        )
     return rows
 
 
