@@ -279,7 +279,7 @@ def run_peer_bench(preset: str = "tiny", quick: bool = False) -> list[dict]:
     for r in rows:
         print(
             f"  {r['impl']:<32} {r['rate'] or float('nan'):10.2f} {r['unit']:<10} "
-            f"{'' if r.get('speedup') is None else f'fastdpo x{r["speedup"]:.2f}'}",
+            "" if r.get("speedup") is None else f"fastdpo x{r['speedup']:.2f}",
             flush=True,
         )
     return rows
