@@ -7,11 +7,14 @@ Tokens/s = new tokens / wall time including the prefill.
 
 How each row is timed (the ``method`` column):
 - ``measured``: one full run, timed end to end.
-- ``profile``: the oracle re-runs one full forward per step, so a whole run at 124M scale would take
-  hours. Its cost per step is a function of the padded length L only; it is measured at a few L
-  (one real oracle step each), fitted with a polynomial in L (degree = points - 1) and summed over
-  the run's steps. ``validate=True`` also runs the oracle for real at the smallest max_new_tokens so
-  the estimate can be checked against a measurement.
+- ``profile``: a whole run at every length would take hours on a shared 2-core CPU (the oracle at
+  124M re-runs a forward over 64 x 200-700 tokens per step). A step's cost depends only on the rows'
+  current length L, so it is timed at a few L and fitted with a polynomial in L (degree = points - 1,
+  at most 2), then summed over the run's steps (plus, for the fast path, its measured prefill).
+  Fast path: ``sample.decode_step`` + ``choose_tokens`` on caches filled with random keys/values up
+  to L (contents do not change the cost); the oracle: single real oracle steps on prompts extended to
+  L, optionally on a subset of ``oracle_rows`` rows scaled up linearly. Rows that are both measured
+  and profiled show how good the estimate is (``profile_error``).
 Fast path, oracle and generate run interleaved in one process; compare ratios, not absolute times.
 
     python -m bench.sampler --preset tiny
@@ -27,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from dpo.model import GPT, config_from_preset
-from dpo.sampler import TEMPS, sample, sample_reforward
+from dpo.model import GPT, KVCache, config_from_preset
+from dpo.sampler import TEMPS, choose_tokens, decode_step, sample, sample_reforward
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -55,23 +58,63 @@ def _timed(fn, *args, **kwargs) -> float:
     return time.perf_counter() - t0
 
 
-def _oracle_profile(model, prompts, temps, top_k, max_new: int, points: int,
-                    dtype) -> list[tuple[int, float]]:
+def _offsets(max_new: int, points: int) -> list[int]:
+    return sorted({round(i * (max_new - 1) / max(points - 1, 1)) for i in range(points)})
+
+
+def _oracle_profile(model, prompts, temps, top_k, max_new: int, points: int, dtype,
+                    rows: int | None) -> list[tuple[int, float]]:
     """(padded length, seconds) of single oracle steps at ``points`` offsets spread over the run."""
-    offsets = sorted({round(i * (max_new - 1) / max(points - 1, 1)) for i in range(points)})
     g = torch.Generator().manual_seed(1)
+    scale = 1.0
+    if rows and rows < len(prompts):  # every k-th row keeps the spread of prompt lengths
+        stride = len(prompts) // rows
+        scale, prompts, temps = len(prompts) / len(prompts[::stride]), prompts[::stride], temps[::stride]
     out = []
-    for s in offsets:
-        # the same s extra tokens for every row of a prompt; values do not matter for timing
-        ext = {}
-        longer = [p + ext.setdefault(tuple(p), torch.randint(0, 100, (s,), generator=g).tolist())
-                  for p in prompts]
+    for s in _offsets(max_new, points):
+        longer = [p + torch.randint(0, 100, (s,), generator=g).tolist() for p in prompts]
         seconds = _timed(sample_reforward, model, longer, temps, 1, top_k, None, 0, dtype=dtype)
-        out.append((max(map(len, longer)), seconds))
+        out.append((max(map(len, longer)), seconds * scale))
     return out
 
 
-def _oracle_estimate(profile: list[tuple[int, float]], first_len: int, max_new: int) -> float:
+@torch.inference_mode()
+def _fast_profile(model: GPT, prompts, temps, top_k, max_new: int, points: int, dtype,
+                  steps: int = 3) -> tuple[float, list[tuple[int, float]]]:
+    """(prefill seconds, [(length, seconds per decode step)]) for the fast path."""
+    stamps = []
+    t0 = time.perf_counter()
+    sample(model, prompts, temps, 1, top_k, None, 0, dtype=dtype,
+           on_step=lambda *_: stamps.append(time.perf_counter()))
+    prefill = stamps[0] - t0
+    cfg, n = model.config, len(prompts)
+    hd = cfg.n_embd // cfg.n_head
+    lens = torch.tensor([len(p) for p in prompts])
+    cache_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
+    temps_t, g = torch.tensor(temps), torch.Generator().manual_seed(2)
+    out = []
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        for s in _offsets(max_new, points):
+            caches = []
+            for _ in range(cfg.n_layer):
+                c = KVCache(n, int(lens.max()) + max_new + steps)
+                c.k = torch.randn(n, cfg.n_head, c.max_len, hd, dtype=cache_dtype)
+                c.v = torch.randn_like(c.k)
+                caches.append(c)
+            cur, tok = lens + s, torch.randint(0, cfg.vocab_size, (n,))
+            times = []
+            for _ in range(steps):
+                t = time.perf_counter()
+                logits = decode_step(model, caches, tok, cur)
+                tok = choose_tokens(logits, temps_t, torch.rand(n, generator=g), top_k)
+                times.append(time.perf_counter() - t)
+                cur = cur + 1
+            out.append((int(cur.max()) - steps, sorted(times)[len(times) // 2]))
+    return prefill, out
+
+
+def _estimate(profile: list[tuple[int, float]], first_len: int, max_new: int) -> float:
+    """Sum over the run's steps of the per-step cost fitted to the profile."""
     lengths = torch.tensor([p[0] for p in profile], dtype=torch.float64)
     secs = torch.tensor([p[1] for p in profile], dtype=torch.float64)
     degree = min(len(profile) - 1, 2)
@@ -90,7 +133,7 @@ def _hf_generate(model: GPT, prompts, max_new: int, top_k: int, dtype):
     hf = GPT2LMHeadModel(GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
         n_head=cfg.n_head, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0)).eval()
+        attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)).eval()
     width = max(map(len, prompts))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -112,58 +155,67 @@ def run_sampler_bench(preset: str = "tiny", n_prompts: int = 16, k: int = 4,
                       prompt_lens: tuple[int, int] = (20, 200),
                       max_new_tokens: tuple[int, ...] = (64, 128, 256, 512),
                       dtypes: tuple[str, ...] = ("float32", "bfloat16"), top_k: int = 50,
-                      oracle: bool = True, oracle_max_new: int | None = None, oracle_points: int = 3,
-                      validate: bool = True, hf: bool = True, hf_max_new: tuple[int, ...] | None = None,
-                      seed: int = 0, verbose: bool = True) -> list[dict]:
-    """One dict per (implementation, dtype, max_new_tokens): tokens/s, seconds, how it was timed,
-    and for the oracle and generate rows the fast path's speed-up over them."""
+                      measure_max_new: int = 128, points: int = 3, oracle: bool = True,
+                      oracle_rows: int | None = None, hf: bool = True, hf_max_new: tuple[int, ...] = (64,),
+                      threads: int | None = None, seed: int = 0, verbose: bool = True) -> list[dict]:
+    """One dict per (implementation, dtype, max_new_tokens, method): tokens/s and seconds; oracle
+    and generate rows carry the fast path's speed-up over them (``fast_speedup``, same method for
+    the fast path when it has one, else its profile). Full runs for max_new_tokens <=
+    ``measure_max_new`` (fast path and oracle) and in ``hf_max_new`` (generate); profiles for all."""
     for d in dtypes:
         if d not in DTYPES:
             raise ValueError(f"unknown dtype {d!r}; choose from {sorted(DTYPES)}")
-    model, prompts, temps = make_workload(preset, n_prompts, k, prompt_lens, max(max_new_tokens), seed)
+    if threads:  # on an oversubscribed machine, 2 OpenMP threads stall each other at every op
+        torch.set_num_threads(threads)
+    horizon = max(max_new_tokens)
+    model, prompts, temps = make_workload(preset, n_prompts, k, prompt_lens, horizon, seed)
     if hf:
         try:
             import transformers  # noqa: F401
         except ImportError:
             hf = False
     first_len = max(map(len, prompts))
+    n = len(prompts)
     results: list[dict] = []
 
-    def add(impl, dtype_name, n_new, seconds, method, **extra):
+    def add(impl, dtype_name, n_new, seconds, method, fast=None, **extra):
         row = dict(phase="sample", preset=preset, impl=impl, dtype=dtype_name, max_new_tokens=n_new,
-                   rows=len(prompts), new_tokens=len(prompts) * n_new, seconds=round(seconds, 4),
-                   tokens_per_s=round(len(prompts) * n_new / seconds, 2), method=method, **extra)
+                   rows=n, new_tokens=n * n_new, seconds=round(seconds, 4),
+                   tokens_per_s=round(n * n_new / seconds, 2), method=method,
+                   threads=torch.get_num_threads(), **extra)
+        if fast is not None:
+            row["fast_speedup"] = round(seconds / fast, 2)
         results.append(row)
         if verbose:
             print(f"  {impl:12s} {dtype_name:9s} new={n_new:4d} {row['tokens_per_s']:10.1f} tok/s "
                   f"({seconds:.2f} s, {method})", flush=True)
-        return row
 
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
         sample(model, prompts, temps, 2, top_k, None, 0, dtype=dtype)  # warm-up at full shape
-        profile = None
+        prefill, fast_prof = _fast_profile(model, prompts, temps, top_k, horizon, points, dtype)
+        oracle_prof = (_oracle_profile(model, prompts, temps, top_k, horizon, points, dtype, oracle_rows)
+                       if oracle else None)
         for n_new in sorted(max_new_tokens):
-            secs = _timed(sample, model, prompts, temps, n_new, top_k, None, seed, dtype=dtype)
-            fast = add("fast", dtype_name, n_new, secs, "measured")
-            if oracle and (oracle_max_new is None or n_new <= oracle_max_new):
-                if profile is None:
-                    horizon = min(max(max_new_tokens), oracle_max_new or max(max_new_tokens))
-                    profile = _oracle_profile(model, prompts, temps, top_k, horizon, oracle_points, dtype)
-                est = _oracle_estimate(profile, first_len, n_new)
-                add("oracle", dtype_name, n_new, est, "profile",
-                    fast_speedup=round(fast["tokens_per_s"] * est / (len(prompts) * n_new), 2),
-                    profile=[[L, round(s, 4)] for L, s in profile])
-                if validate and n_new == min(max_new_tokens):
+            fast_est = prefill + _estimate(fast_prof, first_len, n_new)
+            fast_real = None
+            if n_new <= measure_max_new:
+                fast_real = _timed(sample, model, prompts, temps, n_new, top_k, None, seed, dtype=dtype)
+                add("fast", dtype_name, n_new, fast_real, "measured")
+            add("fast", dtype_name, n_new, fast_est, "profile",
+                profile_error=round(fast_est / fast_real - 1, 3) if fast_real else None)
+            if oracle:
+                est = _estimate(oracle_prof, first_len, n_new)
+                add("oracle", dtype_name, n_new, est, "profile", fast=fast_est,
+                    profile=[[L, round(t, 4)] for L, t in oracle_prof])
+                if n_new <= measure_max_new and not oracle_rows:
                     real = _timed(sample_reforward, model, prompts, temps, n_new, top_k, None, seed,
                                   dtype=dtype)
-                    add("oracle", dtype_name, n_new, real, "measured",
-                        fast_speedup=round(fast["tokens_per_s"] * real / (len(prompts) * n_new), 2),
+                    add("oracle", dtype_name, n_new, real, "measured", fast=fast_real,
                         profile_error=round(est / real - 1, 3))
-            if hf and (hf_max_new is None or n_new in hf_max_new):
+            if hf and n_new in hf_max_new:
                 secs = _timed(_hf_generate(model, prompts, n_new, top_k, dtype))
-                add("hf_generate", dtype_name, n_new, secs, "measured",
-                    fast_speedup=round(fast["tokens_per_s"] * secs / (len(prompts) * n_new), 2))
+                add("hf_generate", dtype_name, n_new, secs, "measured", fast=fast_real or fast_est)
     return results
 
 
@@ -200,21 +252,24 @@ def main(argv=None) -> None:
     ap.add_argument("--k", type=int, default=4, help="rows (samples) per prompt")
     ap.add_argument("--max-new", type=int, nargs="+", default=[64, 128, 256, 512])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    ap.add_argument("--measure-max-new", type=int, default=128,
+                    help="also time full runs (fast path, oracle) up to this max_new_tokens")
+    ap.add_argument("--points", type=int, default=3, help="lengths at which step costs are profiled")
     ap.add_argument("--no-oracle", action="store_true")
-    ap.add_argument("--oracle-max-new", type=int, default=None, help="skip the oracle above this")
-    ap.add_argument("--oracle-points", type=int, default=3)
-    ap.add_argument("--no-validate", action="store_true", help="skip the one real oracle run")
+    ap.add_argument("--oracle-rows", type=int, default=None,
+                    help="profile the oracle on this many rows and scale up (for the 124M shape)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
-    ap.add_argument("--hf-max-new", type=int, nargs="+", default=None, help="generate only at these")
+    ap.add_argument("--hf-max-new", type=int, nargs="*", default=[64], help="generate only at these")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON file (default: runs/bench/sampler-<preset>.json)")
     a = ap.parse_args(argv)
     results = run_sampler_bench(
         preset=a.preset, n_prompts=a.prompts, k=a.k, max_new_tokens=tuple(a.max_new), dtypes=tuple(a.dtypes),
-        oracle=not a.no_oracle, oracle_max_new=a.oracle_max_new, oracle_points=a.oracle_points,
-        validate=not a.no_validate, hf=not a.no_hf,
-        hf_max_new=tuple(a.hf_max_new) if a.hf_max_new else None, seed=a.seed)
+        measure_max_new=a.measure_max_new, points=a.points, oracle=not a.no_oracle,
+        oracle_rows=a.oracle_rows, hf=not a.no_hf, hf_max_new=tuple(a.hf_max_new), threads=a.threads,
+        seed=a.seed)
     exps = scaling_exponents(results)
     print(format_table(results))
     print("scaling exponents (seconds ~ max_new_tokens^x):", json.dumps(exps))
