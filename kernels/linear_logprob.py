@@ -4,9 +4,11 @@ The (B, T, V) logits never exist. Only rows whose *next* token is a response tok
 ``mask[:, t+1] != 0``) are gathered from ``hidden`` and sent through the lm_head at all; prompt and
 padding positions are skipped rather than masked after the fact.
 
-Forward: chunks of active rows, each ``h_chunk @ W.T`` -> float32 log-softmax -> one lse and one
-log-prob per row. Saved for backward: the active rows of ``hidden`` (N_act x C), their labels,
-coefficients, row max and log-sum. Nothing of size V.
+Forward: the same (rows x vocabulary) tiles as backward, each ``h_rows @ W[v0:v1].T`` in float32,
+folded into an online log-sum-exp (running row max and sum of exponentials, as the Triton kernel
+does) and the label logit. Saved for backward: the active rows of ``hidden`` (N_act x C), their
+labels, coefficients, row max and log-sum. Nothing of size V. Under autocast the weight is cast to
+bf16 one tile at a time, so no (V, C) copy of it exists either.
 
 Backward recomputes logits, tiled over (rows x vocabulary): for a vocabulary block
 ``W[v0:v1]`` and a super-chunk of rows, ``dlogits = g * coef * (onehot - exp(z - max - logsum))`` gives
@@ -35,11 +37,14 @@ import torch
 
 from .logprob import _check_backend, check_inputs, shifted_rows
 
-# float32 scratch budget for one forward chunk / one backward tile (bytes).
-FWD_CHUNK_BYTES = 32 * 2**20
-BWD_TILE_BYTES = 48 * 2**20
-# Rows per backward super-chunk: grad_W gets one float32 add per super-chunk.
-BWD_MAX_ROWS = 8192
+# float32 scratch budget of one (rows x vocabulary) logits tile, forward / backward (bytes). Small
+# enough that every temporary of the op stays under a tenth of the float32 (B, T, V) logits at the
+# bench shapes (bench/kernels.py reports it); large enough that each tile is a well-shaped GEMM.
+FWD_TILE_BYTES = 8 * 2**20
+BWD_TILE_BYTES = 8 * 2**20
+# Rows per super-chunk. Forward: the lm_head weight is cast (under autocast) once per super-chunk.
+# Backward: a bf16 weight gradient needs a float32 accumulator only when there are several.
+MAX_ROWS = 8192
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -47,6 +52,22 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return hidden.dtype
+
+
+def _tiles(n: int, V: int, budget: int):
+    """(r0, r1, v0, v1): row super-chunks, each swept over vocabulary tiles of ``budget`` float32 bytes."""
+    rstep = max(1, min(n, MAX_ROWS))
+    for r0 in range(0, n, rstep):
+        r1 = min(n, r0 + rstep)
+        vstep = max(64, budget // (4 * (r1 - r0)) // 64 * 64)
+        for v0 in range(0, V, vstep):
+            yield r0, r1, v0, min(V, v0 + vstep)
+
+
+def _label_hits(lab: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose label falls in vocabulary tile [v0, v1), and that label's column in the tile."""
+    hit = ((lab >= v0) & (lab < v1)).nonzero().flatten()
+    return hit, lab[hit] - v0
 
 
 class LinearSequenceLogprobs(torch.autograd.Function):
@@ -58,20 +79,26 @@ class LinearSequenceLogprobs(torch.autograd.Function):
         rows = torch.nonzero(coef.reshape(-1)).flatten()
         lab, cf = labels.reshape(-1)[rows], coef.reshape(-1)[rows]
         h = hidden.reshape(B * T, C).index_select(0, rows).to(cdtype)
-        w = weight.to(cdtype)
         n = rows.numel()
-        tok = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        stats = torch.empty(n, 2, dtype=torch.float32, device=hidden.device)  # row max, log-sum
-        step = max(1, FWD_CHUNK_BYTES // (V * 4))
-        for s in range(0, n, step):
-            zf = (h[s:s + step] @ w.t()).float()
-            lp = torch.log_softmax(zf, dim=-1)
-            # max and log-sum kept apart, as in logprob.py: z - max is exact at |z| ~ 1e4, z - lse is not
-            stats[s:s + step, 0] = zf.amax(-1)
-            stats[s:s + step, 1] = lp.amax(-1).neg_()
-            tok[s:s + step] = lp.gather(1, lab[s:s + step, None]).squeeze(1)
-            del zf, lp
-        out = torch.zeros(B, dtype=torch.float32, device=hidden.device)
+        dev = hidden.device
+        # online log-sum-exp over vocabulary tiles: running row max, sum of exp(z - max), label logit.
+        # The weight is cast to the matmul dtype tile by tile, never as a whole (V, C) copy.
+        m = torch.full((n,), -float("inf"), dtype=torch.float32, device=dev)
+        s = torch.zeros(n, dtype=torch.float32, device=dev)
+        zlab = torch.zeros(n, dtype=torch.float32, device=dev)
+        for r0, r1, v0, v1 in _tiles(n, V, FWD_TILE_BYTES):
+            z = (h[r0:r1] @ weight[v0:v1].to(cdtype).t()).float()  # a fresh float32 tile: edited in place
+            hit, col = _label_hits(lab[r0:r1], v0, v1)
+            zlab[r0 + hit] = z[hit, col]
+            m_old = m[r0:r1]
+            m_new = torch.maximum(m_old, z.amax(-1))
+            s[r0:r1] = s[r0:r1] * torch.exp(m_old - m_new) + z.sub_(m_new[:, None]).exp_().sum(-1)
+            m[r0:r1] = m_new
+            del z
+        # max and log-sum kept apart, as in logprob.py: z - max is exact at |z| ~ 1e4, z - lse is not
+        stats = torch.stack([m, s.log()], 1)
+        tok = (zlab - m) - stats[:, 1]
+        out = torch.zeros(B, dtype=torch.float32, device=dev)
         out.index_add_(0, rows // T, tok * cf)
         ctx.save_for_backward(h, weight, rows, lab, cf, stats)
         ctx.meta = (B, T, C, hidden.dtype, cdtype)
@@ -84,28 +111,31 @@ class LinearSequenceLogprobs(torch.autograd.Function):
         V = weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dev = h.device
+        n = rows.numel()
         with torch.autocast(dev.type, enabled=False):
             g = grad_out.float()[rows // T] * cf
-            w = weight.to(cdtype)
-            n = rows.numel()
             gh = torch.zeros(n, C, dtype=torch.float32, device=dev) if need_h else None
-            gw = torch.zeros(V, C, dtype=torch.float32, device=dev) if need_w else None
-            rstep = max(1, min(n, BWD_MAX_ROWS))
-            for r0 in range(0, n, rstep):
-                r1 = min(n, r0 + rstep)
-                hc, gc, lc, mc, sc = h[r0:r1], g[r0:r1], lab[r0:r1], stats[r0:r1, 0:1], stats[r0:r1, 1:2]
-                vstep = max(64, BWD_TILE_BYTES // (4 * (r1 - r0)) // 64 * 64)
-                for v0 in range(0, V, vstep):
-                    v1 = min(V, v0 + vstep)
-                    dl = (hc @ w[v0:v1].t()).float().sub_(mc).sub_(sc).exp_().mul_(-gc[:, None])
-                    hit = ((lc >= v0) & (lc < v1)).nonzero().flatten()
-                    dl.index_put_((hit, lc[hit] - v0), gc[hit], accumulate=True)
-                    dl = dl.to(cdtype)
-                    if need_h:
-                        gh[r0:r1] += dl @ w[v0:v1]
-                    if need_w:
+            # the returned weight gradient doubles as the accumulator unless it is bf16 and several
+            # row super-chunks add into it (then float32, converted once at the end)
+            several = n > MAX_ROWS
+            gw_dtype = torch.float32 if several else weight.dtype
+            gw = torch.zeros(V, C, dtype=gw_dtype, device=dev) if need_w else None
+            for r0, r1, v0, v1 in _tiles(n, V, BWD_TILE_BYTES):
+                hc, gc = h[r0:r1], g[r0:r1]
+                wt = weight[v0:v1].to(cdtype)
+                dl = (hc @ wt.t()).float().sub_(stats[r0:r1, 0:1]).sub_(stats[r0:r1, 1:2])
+                dl.exp_().mul_(-gc[:, None])
+                hit, col = _label_hits(lab[r0:r1], v0, v1)
+                dl.index_put_((hit, col), gc[hit], accumulate=True)
+                dl = dl.to(cdtype)
+                if need_h:
+                    gh[r0:r1] += dl @ wt
+                if need_w:
+                    if gw.dtype == dl.dtype:
+                        gw[v0:v1].addmm_(dl.t(), hc)  # no (tile, C) temporary
+                    else:
                         gw[v0:v1] += dl.t() @ hc
-                    del dl
+                del dl, wt
         grad_h = grad_w = None
         if need_h:
             grad_h = torch.zeros(B * T, C, dtype=hdtype, device=dev)

@@ -154,9 +154,9 @@ def test_reference_backend_is_the_oracle():
 @pytest.fixture
 def small_linear_chunks(monkeypatch):
     # a handful of rows per forward chunk and several vocabulary tiles per backward super-chunk
-    monkeypatch.setattr(linear_logprob, "FWD_CHUNK_BYTES", 4 * 301 * 4)
+    monkeypatch.setattr(linear_logprob, "FWD_TILE_BYTES", 4 * 64 * 3)
     monkeypatch.setattr(linear_logprob, "BWD_TILE_BYTES", 4 * 64 * 8)
-    monkeypatch.setattr(linear_logprob, "BWD_MAX_ROWS", 5)
+    monkeypatch.setattr(linear_logprob, "MAX_ROWS", 5)
 
 
 def linear_case(B, T, C, V, seed=0, dtype=torch.float32):
@@ -200,6 +200,28 @@ def test_linear_under_autocast_bf16(small_linear_chunks):
 def test_linear_bf16_params(small_linear_chunks):
     check_linear(*linear_case(2, 7, 16, 129, seed=6, dtype=torch.bfloat16),
                  dict(val=(1e-3, 1e-4), grad=(3e-2, 3e-2)))
+
+
+def test_linear_bf16_params_one_superchunk(small_linear_chunks, monkeypatch):
+    # one row super-chunk: the bf16 weight gradient is written tile by tile into the returned tensor
+    monkeypatch.setattr(linear_logprob, "MAX_ROWS", 10**6)
+    check_linear(*linear_case(3, 7, 16, 193, seed=12, dtype=torch.bfloat16),
+                 dict(val=(1e-3, 1e-4), grad=(3e-2, 3e-2)))
+
+
+def test_linear_extreme_logits_and_all_masked(small_linear_chunks):
+    # logits ~ +-1e4: the online max/log-sum over vocabulary tiles must stay exact where a single
+    # float32 lse would not; the label is often far below the row max (log-prob ~ -1e4)
+    hidden, weight, ids, mask = linear_case(2, 6, 8, 157, seed=14)
+    hidden = hidden * 4e3
+    assert (hidden @ weight.t()).abs().max() > 5e3
+    check_linear(hidden, weight, ids, mask, dict(val=(2e-2, 1e-5), grad=(1e-4, 1e-3)))
+    mask[:] = False
+    h = hidden.clone().requires_grad_()
+    out = kernels.linear_sequence_logprobs(h, weight, ids, mask)
+    assert torch.equal(out, torch.zeros(2))
+    (gh,) = torch.autograd.grad(out.sum(), h)
+    assert torch.equal(gh, torch.zeros_like(gh))
 
 
 def test_linear_only_hidden_grad_and_no_grad(small_linear_chunks):
