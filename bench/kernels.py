@@ -1,16 +1,25 @@
 """Fused log-prob kernels vs the naive oracle (and torch's chunked linear cross-entropy), on CPU.
 
-    python -m bench.kernels [--quick] [--reps N] [--json out.json]
+    python -m bench.kernels [--quick] [--reps N] [--threads N] [--json out.json]
 
 Each case times forward + backward of every implementation *interleaved* in one process (the
 machine is shared: absolute times swing, ratios measured side by side hold up) and reports
-median time ratios against the oracle.
+median time ratios against the oracle, with each implementation's spread (max - min) / median.
+
+Threads: ``--threads 1`` is the default. On this 2-core machine shared by several engineers (load
+average 5-8), a 2-thread OpenMP region stalls at its closing barrier whenever the partner thread is
+descheduled, and that cost is paid per *op*: the oracle runs a handful of huge ops, the chunked
+paths hundreds of small ones, so 2-thread ratios measure the machine's load more than the code
+(profiled: ``amax`` 83 -> 551 ms, ``exp_`` 54 -> 280 ms for the same work at 1 vs 2 threads).
 
 Peak memory: tracemalloc does not see torch's allocations, so this reads the kernel's own counter:
 before each run the process' peak-RSS mark is reset (``echo 5 > /proc/self/clear_refs``), glibc is
 told to serve every allocation above 128 KB by mmap (returned to the OS on free, so RSS follows
 live tensors instead of a heap high-water mark) and trimmed; after the run, ``VmHWM - VmRSS(before)``
 is the peak *extra* resident memory of that forward + backward, including the gradients it returns.
+The gradients are required outputs of every implementation (oracle included), so a second column
+subtracts their size ("w/o grads": what the op allocates beyond its inputs and required outputs).
+The in-place variant writes the logits gradient into the logits, so it returns no new tensor.
 Without /proc (non-Linux) the memory columns are empty.
 
 Finally every Triton kernel is compiled ahead of time for sm_89 (RTX 4090) and ptxas' register,
@@ -113,7 +122,9 @@ def _seq_impls(B, T, V, dtype):
         with torch.no_grad():
             logits.copy_(refill)
 
-    info = {"logits_f32_MB": B * T * V * 4 / 2**20, "response_frac": float(mask.float().mean())}
+    grads_mb = logits.numel() * logits.element_size() / 2**20
+    info = {"logits_f32_MB": B * T * V * 4 / 2**20, "grads_MB": grads_mb,
+            "response_frac": float(mask.float().mean())}
     return impls, restore, info
 
 
@@ -170,12 +181,12 @@ def run_kernel_bench(quick: bool = False, reps: int | None = None, aot: bool = T
                      only: str | None = None) -> list[dict]:
     """One dict per (op, shape, dtype, implementation) plus one per AOT-compiled kernel."""
     results = []
+    threads = torch.get_num_threads()
     for op, shape, dtype, build in cases(quick):
         if only and only not in op:
             continue
         impls, restore, info = build()
-        big = shape[0] * shape[1] * shape[2] >= 2**28
-        n = reps if reps is not None else (1 if big else 3)
+        n = reps if reps is not None else 3
         times = {k: [] for k in impls}
         peaks = {k: [] for k in impls}
         names = list(impls)
@@ -190,27 +201,35 @@ def run_kernel_bench(quick: bool = False, reps: int | None = None, aot: bool = T
                     restore()
         t_or = statistics.median(times["oracle"])
         p_or = max(peaks["oracle"]) if peaks["oracle"][0] is not None else None
+        # what every implementation must return anyway; the in-place one returns the logits buffer
+        required = {name: 0.0 if name.endswith("inplace") else info["grads_MB"] for name in names}
+        po_wo = None if p_or is None else max(0.0, p_or - required["oracle"])
+        rows = []
         for name in names:
             t = statistics.median(times[name])
             p = max(peaks[name]) if peaks[name][0] is not None else None
             row = {"op": op, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "impl": name,
-                   "reps": len(times[name]), "seconds": t, "speedup_vs_oracle": t_or / t, "peak_extra_MB": p,
-                   "mem_vs_oracle": (p / p_or) if (p is not None and p_or) else None, **info}
-            if op.startswith("linear") and p is not None:
+                   "threads": threads, "reps": len(times[name]), "seconds": t,
+                   "spread": (max(times[name]) - min(times[name])) / t, "speedup_vs_oracle": t_or / t,
+                   "peak_extra_MB": p, "mem_vs_oracle": (p / p_or) if (p is not None and p_or) else None,
+                   "required_outputs_MB": required[name], **info}
+            if p is not None:
+                p_wo = max(0.0, p - required[name])
+                row["peak_extra_wo_grads_MB"] = p_wo
+                row["mem_wo_grads_vs_oracle"] = p_wo / po_wo if po_wo else None
                 row["mem_vs_logits"] = p / info["logits_f32_MB"]
-                row["mem_wo_grads_vs_logits"] = max(0.0, p - info["grads_MB"]) / info["logits_f32_MB"]
-            results.append(row)
-        for row in results[-len(names):]:
+                row["mem_wo_grads_vs_logits"] = p_wo / info["logits_f32_MB"]
             if op.startswith("linear"):
-                base = statistics.median(times["matmul+fused"])
-                row["time_vs_matmul_fused"] = statistics.median(times[row["impl"]]) / base
-        print(format_rows(results[-len(names):]), flush=True)
+                row["time_vs_matmul_fused"] = t / statistics.median(times["matmul+fused"])
+            rows.append(row)
+        results += rows
+        print(format_rows(rows), flush=True)
         del impls, restore
     if aot:
         try:
             from kernels import aot as aot_mod
 
-            for r in aot_mod.report(ccs=(89,), dtypes=("float32", "bfloat16")):
+            for r in aot_mod.report(ccs=(80, 89, 90), dtypes=("float32", "bfloat16")):
                 results.append({"op": "aot", **r})
         except Exception as e:  # no triton / no ptxas: say so in the output rather than fail the bench
             results.append({"op": "aot", "error": repr(e)})
@@ -222,34 +241,43 @@ def format_rows(rows: list[dict]) -> str:
     for r in rows:
         if r["op"] == "aot":
             continue
-        mem = "n/a" if r["peak_extra_MB"] is None else f"{r['peak_extra_MB']:8.0f}"
-        mr = "" if r.get("mem_vs_oracle") is None else f"{r['mem_vs_oracle']:6.3f}"
+        mem = "n/a" if r["peak_extra_MB"] is None else f"{r['peak_extra_MB']:6.0f}"
         extra = ""
-        if "mem_vs_logits" in r:
-            extra = (f"  mem/logits {r['mem_vs_logits']:.3f} (w/o grads {r['mem_wo_grads_vs_logits']:.3f})"
-                     f"  t/(mm+fused) {r['time_vs_matmul_fused']:.2f}")
-        lines.append(f"{r['op']:<25} {str(tuple(r['shape'])):<22} {r['dtype']:<9} {r['impl']:<14} "
-                     f"{r['seconds']:8.3f}s  x{r['speedup_vs_oracle']:5.2f}  peak+ {mem} MB  mem/oracle {mr}"
-                     f"{extra}  (resp {r['response_frac']:.2f}, reps {r['reps']})")
+        if r.get("mem_vs_oracle") is not None:
+            wo = r.get("mem_wo_grads_vs_oracle")
+            wo = "-" if wo is None else f"{wo:5.3f}"
+            extra = f"  mem/oracle {r['mem_vs_oracle']:5.3f} (w/o grads {wo})"
+        if r["op"].startswith("linear") and "mem_vs_logits" in r:
+            extra += (f"  mem/f32-logits {r['mem_vs_logits']:5.3f} "
+                      f"(w/o grads {r['mem_wo_grads_vs_logits']:5.3f})"
+                      f"  t/(mm+fused) {r['time_vs_matmul_fused']:.2f}")
+        lines.append(f"{r['op'][:6]:<6} {str(tuple(r['shape'])):<22} {r['dtype']:<8} {r['impl']:<13} "
+                     f"{r['seconds']:7.3f}s ±{r['spread'] * 100:3.0f}%  x{r['speedup_vs_oracle']:5.2f}  "
+                     f"peak+ {mem} MB{extra}  (resp {r['response_frac']:.2f}, reps {r['reps']})")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, seconds instead of minutes")
-    ap.add_argument("--reps", type=int, default=None, help="rounds per case (default 3, 1 at the big shape)")
+    ap.add_argument("--reps", type=int, default=None, help="rounds per case (default 3; torch_lce: 1)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see the module doc)")
     ap.add_argument("--only", default=None, help="run ops whose name contains this")
     ap.add_argument("--no-aot", action="store_true")
     ap.add_argument("--json", default="bench_kernels.json")
     args = ap.parse_args(argv)
-    print("peak+ = peak extra resident memory of one fwd+bwd (VmHWM reset per run, mmap'd allocations), "
-          "including returned gradients; x = oracle time / impl time (median, interleaved)")
+    torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}; x = oracle time / impl time (median over rounds, "
+          "interleaved), ± = (max - min) / median of the impl's own times\n"
+          "peak+ = peak extra resident memory of one fwd+bwd (VmHWM reset per run, mmap'd allocations), "
+          "including returned gradients; 'w/o grads' subtracts the returned gradients (required outputs "
+          "of every implementation; none for in-place); f32-logits = B*T*V*4 bytes")
     rows = run_kernel_bench(args.quick, args.reps, not args.no_aot, args.only)
     aot_rows = [r for r in rows if r["op"] == "aot"]
     if aot_rows and "error" not in aot_rows[0]:
         from kernels.aot import format_table
 
-        print("\nAOT compile for sm_89 (ptxas -v):\n" + format_table(aot_rows))
+        print("\nAOT compile for sm_80/89/90 (ptxas -v):\n" + format_table(aot_rows))
     elif aot_rows:
         print("\nAOT compile skipped:", aot_rows[0]["error"])
     with open(args.json, "w") as f:
