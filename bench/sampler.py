@@ -78,7 +78,8 @@ def _oracle_profile(model, prompts, temps, top_k, max_new: int, points: int, dty
     return out
 
 
-@torch.inference_mode()
+@torch.inference_mode(False)
+@torch.no_grad()
 def _fast_profile(model: GPT, prompts, temps, top_k, max_new: int, points: int, dtype,
                   steps: int = 3) -> tuple[float, list[tuple[int, float]]]:
     """(prefill seconds, [(length, seconds per decode step)]) for the fast path."""
@@ -142,8 +143,8 @@ def _hf_generate(model: GPT, prompts, max_new: int, top_k: int, dtype):
         mask[i, width - len(p):] = 1
 
     def run():
-        ctx = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else torch.inference_mode()
-        with torch.inference_mode(), ctx:
+        # no_grad, not inference_mode: under inference_mode autocast re-casts the weights every call
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=top_k,
                               temperature=1.0, max_new_tokens=max_new, min_new_tokens=max_new,
                               pad_token_id=0, eos_token_id=None)

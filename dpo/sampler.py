@@ -108,6 +108,13 @@ def _precision(model: GPT, dtype: torch.dtype | None):
     return torch.autocast(param.device.type, dtype=dtype)
 
 
+def _no_grad(fn):
+    """``torch.no_grad`` and explicitly *not* inference mode (even inside a caller's): under
+    inference mode autocast re-casts every weight on every call, since its weight-cast cache is
+    bypassed there, which made bf16 sampling ~2x slower per matmul."""
+    return torch.inference_mode(False)(torch.no_grad()(fn))
+
+
 # -- token choice (shared by both paths, so equal logits give equal tokens) -------------------------
 def choose_tokens(logits: torch.Tensor, temps: torch.Tensor, u: torch.Tensor, top_k: int | None,
                   top_p: float = 1.0) -> torch.Tensor:
@@ -168,7 +175,7 @@ def decode_step(model: GPT, caches: list[KVCache], tok: torch.Tensor, cur: torch
     return model(tok[:, None], pos=cur[:, None], kv_caches=caches, attn_mask=mask)[:, -1].float()
 
 
-@torch.inference_mode()
+@_no_grad
 def sample(model: GPT, prompts: Sequence[Sequence[int]], temperatures, max_new_tokens,
            top_k: int | None = 50, eos_id: int | None = None, seed=0, *, top_p: float = 1.0,
            dtype: torch.dtype | None = None, truncate: str | None = None, progress: bool = False,
@@ -239,7 +246,7 @@ def _progress_bar(total: int, progress: bool):
 
 
 # -- the oracle -----------------------------------------------------------------------------------
-@torch.inference_mode()
+@_no_grad
 def sample_reforward(model: GPT, prompts: Sequence[Sequence[int]], temperatures, max_new_tokens,
                      top_k: int | None = 50, eos_id: int | None = None, seed=0, *, top_p: float = 1.0,
                      dtype: torch.dtype | None = None, truncate: str | None = None,
