@@ -9,6 +9,16 @@ from dpo.tokenizer import Tokenizer
 V = 97
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny shapes gain nothing from a second thread, and on a busy shared machine two OpenMP
+    # threads wait on each other at every op (measured: 10x slower steps).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_model(seed=0, block_size=64, **kw):
     torch.manual_seed(seed)
     cfg = GPTConfig(vocab_size=V, block_size=block_size, n_layer=2, n_head=2, n_embd=32, **kw)
