@@ -58,6 +58,7 @@ class TrainingConfig:
     device: str = "auto"                      # "auto" | "cpu" | "cuda" | "cuda:1" ...
     kernel: str = "fused"                     # "fused" (kernels.linear_sequence_logprobs) | "reference"
     kernel_backend: str = "auto"              # passed to the kernels: auto | torch | triton
+    parallel: str = "ddp"                     # under torchrun: "ddp" (replicas) | "fsdp" (FSDP2 shards)
     wandb: str = "auto"                       # "auto" (online with an API key, else offline) | ...
     wandb_project: str = "fastdpo"
     overwrite: bool = False                   # a fresh run may replace an existing run directory
@@ -71,6 +72,7 @@ class TrainingConfig:
         self.adam_betas = tuple(self.adam_betas)
         _choice("mixed_precision", self.mixed_precision, ("bf16", "fp32", "auto"))
         _choice("kernel", self.kernel, ("fused", "reference"))
+        _choice("parallel", self.parallel, ("ddp", "fsdp"))
         _choice("wandb", self.wandb, ("auto", "disabled", "offline", "online"))
         for name in ("learning_rate", "epochs"):
             if not getattr(self, name) > 0:
@@ -124,6 +126,7 @@ class DPOConfig:
     reference_checkpoint: Path | None = None  # default: the SFT checkpoint
     reference_cache_dir: Path | None = None   # default: output_dir / "ref_cache"
     rpo_alpha: float = 0.0                    # weight of the mean per-token NLL on chosen answers
+    shared_prompt: bool = True                # one row per pair, the prompt run once for both answers
 
     def __post_init__(self):
         _choice("loss_type", self.loss_type, LOSS_TYPES)

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpo.data import TokenizedPair, collate_pairs, eval_batches
+from dpo import distributed
+from dpo.data import TokenizedPair, eval_batches
 
 
 def model_hash(model: torch.nn.Module) -> str:
@@ -39,23 +40,23 @@ def pairs_hash(pairs: Sequence[TokenizedPair]) -> str:
 
 
 @torch.no_grad()
-def compute_reference_logprobs(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, pad_id: int,
-                               batch_size: int, device: torch.device, logprob_fn, autocast_ctx,
-                               progress: bool = True) -> torch.Tensor:
-    """``(N, 2)`` float32: column 0 the chosen answers' summed log-probs, column 1 the rejected."""
+def compute_reference_logprobs(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, batch_size: int,
+                               pair_logprobs_fn, autocast_ctx, progress: bool = True) -> torch.Tensor:
+    """``(N, 2)`` float32: column 0 the chosen answers' summed log-probs, column 1 the rejected.
+    ``pair_logprobs_fn(model, pairs) -> (chosen (B,), rejected (B,))`` is the trainer's own.
+    Under torchrun each rank computes a share of the batches and every rank gets all rows."""
     from tqdm import tqdm
 
     was_training = model.training
     model.eval()
     out = torch.empty(len(pairs), 2, dtype=torch.float32)
-    batches = eval_batches([p.length for p in pairs], batch_size)
+    batches = distributed.shard(eval_batches([p.length for p in pairs], batch_size))
     for idx in tqdm(batches, desc="reference log-probs", disable=not progress, leave=False):
-        ids, mask = collate_pairs([pairs[i] for i in idx], pad_id)
         with autocast_ctx():
-            lp = logprob_fn(model, ids.to(device), mask.to(device)).float().cpu()
-        out[idx, 0], out[idx, 1] = lp[:len(idx)], lp[len(idx):]
+            chosen, rejected = pair_logprobs_fn(model, [pairs[i] for i in idx])
+        out[idx, 0], out[idx, 1] = chosen.float().cpu(), rejected.float().cpu()
     model.train(was_training)
-    return out
+    return distributed.gather_rows(out, [i for idx in batches for i in idx])
 
 
 def cached_reference_logprobs(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_dir: Path,
@@ -66,16 +67,21 @@ def cached_reference_logprobs(model: torch.nn.Module, pairs: Sequence[TokenizedP
     key = hashlib.sha256("|".join([model_hash(model), pairs_hash(pairs), tokenizer_hash, settings])
                          .encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"ref-logps-{key}.safetensors"
+    logps = None
     if path.is_file():
         try:
             logps = load_file(path)["logps"]
-            if logps.shape == (len(pairs), 2):
-                return logps, path, True
+            if logps.shape != (len(pairs), 2):
+                logps = None
         except Exception:  # a damaged cache file is recomputed, never trusted
-            pass
+            logps = None
+    if distributed.all_ranks(logps is not None):   # ranks compute together or not at all
+        return logps, path, True
     logps = compute_reference_logprobs(model, pairs, **compute_kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    save_file({"logps": logps}, tmp)
-    os.replace(tmp, path)
+    if distributed.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        save_file({"logps": logps}, tmp)
+        os.replace(tmp, path)
+    distributed.barrier()
     return logps, path, False

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
+from dpo import distributed
 from dpo.checkpoint import load_checkpoint
 from dpo.config import SFTConfig, SFTDatasetConfig, TrainingConfig, load_config, to_dict
 from dpo.data import TokenizedSFT, collate_sft, eval_batches, load_sft_data
 from dpo.metrics import RunLogger
 from dpo.model import GPT, PRESETS, GPTConfig, config_from_preset
 from dpo.tokenizer import Tokenizer
-from dpo.train import _checkpoint_step, prepare_run_dir, resolve_tokenizer
+from dpo.train import _checkpoint_step, join_ranks, prepare_run_dir, resolve_tokenizer
 from dpo.trainer import Task, Trainer, resolve_device, resolve_precision, sequence_logprobs
 
 
@@ -45,6 +46,9 @@ class SFTTask(Task):
 
     def val_batches(self):
         return self._val_batches
+
+    def bind_policy(self, policy):
+        self.model = policy
 
     def loss(self, idx, norm, train=True):
         ids, mask = collate_sft([self._items(train)[i] for i in idx], self.pad_id)
@@ -81,6 +85,7 @@ def run_sft(init_checkpoint: str | Path | GPTConfig, train_config: TrainingConfi
     model) on answer tokens; returns the final checkpoint directory."""
     tok = resolve_tokenizer(tokenizer, None if _is_fresh(init_checkpoint) else Path(init_checkpoint),
                             train_config)
+    train_config = join_ranks(train_config, "examples")
     resume_path = prepare_run_dir(train_config, resume)
     torch.manual_seed(train_config.seed)
     device = resolve_device(train_config.device)
@@ -93,7 +98,8 @@ def run_sft(init_checkpoint: str | Path | GPTConfig, train_config: TrainingConfi
     config = {"train": to_dict(train_config), "sft": to_dict(sft_config), "data": to_dict(dataset_config),
               "init": str(init_checkpoint)}
     logger = RunLogger(train_config.run_dir, mode=train_config.wandb, project=train_config.wandb_project,
-                       name=train_config.run_name, config=config, resume_step=_checkpoint_step(resume_path))
+                       name=train_config.run_name, config=config,
+                       resume_step=_checkpoint_step(resume_path)) if distributed.is_main() else None
     try:
         task = SFTTask(model, train, val, pad_id=tok.pad_id, device=device, kernel=train_config.kernel,
                        backend=train_config.kernel_backend, eval_batch_size=2 * train_config.micro_batch_size)
@@ -107,7 +113,8 @@ def run_sft(init_checkpoint: str | Path | GPTConfig, train_config: TrainingConfi
         trainer.train()
         final = trainer.finish()
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
     say(f"saved {final} after {trainer.state.step} steps", flush=True)
     return final
 

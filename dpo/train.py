@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
+import kernels
+from dpo import distributed
 from dpo.checkpoint import load_checkpoint, load_tokenizer
 from dpo.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig, load_config, to_dict
-from dpo.data import TokenizedPair, collate_pairs, eval_batches, load_preference_data
+from dpo.data import TokenizedPair, collate_packed_pairs, collate_pairs, eval_batches, load_preference_data
 from dpo.losses import dpo_losses
 from dpo.metrics import RunLogger
 from dpo.refcache import cached_reference_logprobs
@@ -35,6 +37,31 @@ from dpo.trainer import (
 )
 
 
+def pair_logprobs(model, pairs: Sequence[TokenizedPair], *, pad_id: int, device: torch.device,
+                  kernel: str = "fused", backend: str = "auto",
+                  shared_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed answer log-probs ``(chosen (B,), rejected (B,))`` of a micro-batch, in one forward.
+
+    ``shared_prompt``: one packed row per pair (``collate_packed_pairs``), the prompt computed
+    once. Otherwise the seed's layout: chosen rows then rejected rows on the batch dimension (also
+    used for a DDP/FSDP-wrapped policy, whose forward takes that layout)."""
+    if not shared_prompt or distributed.is_wrapped_policy(model):
+        ids, mask = collate_pairs(pairs, pad_id)
+        lp = sequence_logprobs(model, ids.to(device), mask.to(device), kernel, backend).float()
+        return lp[:len(pairs)], lp[len(pairs):]
+    b = collate_packed_pairs(pairs, pad_id).to(device)
+    if kernel == "reference":
+        logits = model(b.ids, pos=b.pos, attn_mask=b.attn_mask)
+        return (kernels.reference.sequence_logprobs(logits, b.ids, b.chosen_mask),
+                kernels.reference.sequence_logprobs(logits, b.ids, b.rejected_mask))
+    hidden = model.hidden_states(b.ids, pos=b.pos, attn_mask=b.attn_mask)
+    # two calls, each sending only its own answer's rows through the lm_head
+    weight = model.lm_head_weight
+    chosen, rejected = (kernels.linear_sequence_logprobs(hidden, weight, b.ids, m, backend=backend)
+                        for m in (b.chosen_mask, b.rejected_mask))
+    return chosen.float(), rejected.float()
+
+
 class DPOTask(Task):
     def __init__(self, policy, train: Sequence[TokenizedPair], val: Sequence[TokenizedPair], cfg: DPOConfig,
                  *,
@@ -45,8 +72,9 @@ class DPOTask(Task):
         self.pad_id, self.device, self.kernel, self.backend = pad_id, device, kernel, backend
         self.ref_train, self.ref_val, self.ref_model = ref_train, ref_val, ref_model
         self.n_train, self.n_val = len(self.train), len(self.val)
-        self.lengths = [p.length for p in self.train]
-        self._val_batches = eval_batches([p.length for p in self.val], eval_batch_size)
+        length = (lambda p: p.packed_length) if cfg.shared_prompt else (lambda p: p.length)
+        self.lengths = [length(p) for p in self.train]
+        self._val_batches = eval_batches([length(p) for p in self.val], eval_batch_size)
 
     def _pairs(self, train: bool):
         return self.train if train else self.val
@@ -63,22 +91,26 @@ class DPOTask(Task):
     def val_batches(self):
         return self._val_batches
 
-    def reference_logprobs(self, idx, ids, mask, train):
+    def bind_policy(self, policy):
+        self.policy = policy
+
+    def logprobs(self, model, pairs):
+        return pair_logprobs(model, pairs, pad_id=self.pad_id, device=self.device, kernel=self.kernel,
+                             backend=self.backend, shared_prompt=self.cfg.shared_prompt)
+
+    def reference_logprobs(self, idx, pairs, train):
         if self.cfg.reference == "none":
             return None, None
         if self.ref_model is not None:
             with torch.no_grad():
-                lp = sequence_logprobs(self.ref_model, ids, mask, self.kernel, self.backend).float()
-            return lp[:len(idx)], lp[len(idx):]
+                return self.logprobs(self.ref_model, pairs)
         ref = (self.ref_train if train else self.ref_val)[idx].to(self.device)
         return ref[:, 0], ref[:, 1]
 
     def loss(self, idx, norm, train=True):
-        ids, mask = collate_pairs([self._pairs(train)[i] for i in idx], self.pad_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        lp = sequence_logprobs(self.policy, ids, mask, self.kernel, self.backend).float()
-        pc, pr = lp[:len(idx)], lp[len(idx):]
-        rc, rr = self.reference_logprobs(idx, ids, mask, train)
+        pairs = [self._pairs(train)[i] for i in idx]
+        pc, pr = self.logprobs(self.policy, pairs)
+        rc, rr = self.reference_logprobs(idx, pairs, train)
         losses, rew_c, rew_r = dpo_losses(pc, pr, rc, rr, self.cfg.beta, self.cfg.loss_type,
                                           self.cfg.label_smoothing)
         loss = losses.sum() / norm["pairs"]
@@ -130,11 +162,15 @@ def prepare_dpo(policy: torch.nn.Module, train: Sequence[TokenizedPair], val: Se
             p.requires_grad_(False)
     if mode == "cached":
         cache_dir = dpo_cfg.reference_cache_dir or train_cfg.output_dir / "ref_cache"
-        settings = f"{precision}|{train_cfg.kernel}|{train_cfg.kernel_backend}"
+        settings = f"{precision}|{train_cfg.kernel}|{train_cfg.kernel_backend}|shared={dpo_cfg.shared_prompt}"
+
+        def ref_logprobs(model, pairs):
+            return pair_logprobs(model, pairs, pad_id=pad_id, device=device, kernel=train_cfg.kernel,
+                                 backend=train_cfg.kernel_backend, shared_prompt=dpo_cfg.shared_prompt)
+
         logps, path, hit = cached_reference_logprobs(
             ref_model, [*train, *val], cache_dir=cache_dir, tokenizer_hash=tokenizer_hash, settings=settings,
-            pad_id=pad_id, batch_size=2 * train_cfg.micro_batch_size, device=device,
-            logprob_fn=lambda m, i, k: sequence_logprobs(m, i, k, train_cfg.kernel, train_cfg.kernel_backend),
+            batch_size=2 * train_cfg.micro_batch_size, pair_logprobs_fn=ref_logprobs,
             autocast_ctx=lambda: autocast(device, precision), progress=train_cfg.progress)
         ref_train, ref_val = logps[:len(train)], logps[len(train):]
         if train_cfg.progress:
@@ -160,7 +196,12 @@ def resolve_tokenizer(tokenizer, checkpoint: Path | None, train_cfg: TrainingCon
 
 
 def prepare_run_dir(train_cfg: TrainingConfig, resume) -> Path | None:
-    """The checkpoint to resume from (or None); refuses to silently overwrite an earlier run."""
+    """The checkpoint to resume from (or None); refuses to silently overwrite an earlier run.
+    Under torchrun rank 0 decides (and cleans up) and every rank resumes from its answer."""
+    return distributed.run_on_main(_prepare_run_dir, train_cfg, resume)
+
+
+def _prepare_run_dir(train_cfg: TrainingConfig, resume) -> Path | None:
     run_dir = train_cfg.run_dir
     if resume:
         path = Path(resume) if isinstance(resume, (str, Path)) else latest_checkpoint(run_dir)
@@ -189,6 +230,7 @@ def run_dpo(sft_checkpoint: str | Path, train_config: TrainingConfig, dpo_config
     checkpoint directory), restoring weights, optimizer, RNG and data position."""
     sft_checkpoint = Path(sft_checkpoint)
     tok = resolve_tokenizer(tokenizer, sft_checkpoint, train_config)
+    train_config = join_ranks(train_config, "pairs")
     resume_path = prepare_run_dir(train_config, resume)
     torch.manual_seed(train_config.seed)
     device = resolve_device(train_config.device)
@@ -207,7 +249,7 @@ def run_dpo(sft_checkpoint: str | Path, train_config: TrainingConfig, dpo_config
               "sft_checkpoint": str(sft_checkpoint)}
     logger = RunLogger(train_config.run_dir, mode=train_config.wandb, project=train_config.wandb_project,
                        name=train_config.run_name, config=config,
-                       resume_step=_checkpoint_step(resume_path))
+                       resume_step=_checkpoint_step(resume_path)) if distributed.is_main() else None
     try:
         trainer = prepare_dpo(policy, train, val, train_config, dpo_config, pad_id=tok.pad_id,
                               tokenizer_hash=tok.hash, reference=reference, tokenizer=tok,
@@ -219,9 +261,22 @@ def run_dpo(sft_checkpoint: str | Path, train_config: TrainingConfig, dpo_config
         trainer.train()
         final = trainer.finish()
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
     say(f"saved {final} after {trainer.state.step} steps", flush=True)
     return final
+
+
+def join_ranks(train_config: TrainingConfig, unit: str) -> TrainingConfig:
+    """Join torchrun's process group when launched by it. Only rank 0 talks (console, progress
+    bars, metrics, W&B, checkpoints); the others run quietly."""
+    if not distributed.init_from_env():
+        return train_config
+    if distributed.is_main() and train_config.progress:
+        w, b = distributed.world_size(), train_config.batch_size
+        print(f"distributed: {w} ranks x {b} {unit} = {w * b} {unit} per optimizer step "
+              f"({train_config.parallel})", flush=True)
+    return train_config if distributed.is_main() else dataclasses.replace(train_config, progress=False)
 
 
 def _checkpoint_step(path: Path | None) -> int | None:
@@ -267,7 +322,8 @@ def run_sweep(sft_checkpoint, train_config: TrainingConfig, dpo_config: DPOConfi
         rows.append({**dict(zip(keys, values)), "run": configs["train"].run_name, "checkpoint": str(final),
                      **{f"train/{k}": v for k, v in last_train.items() if k not in ("step", "split")},
                      **{f"val/{k}": v for k, v in last_val.items() if k not in ("step", "split")}})
-    print(format_sweep_table(rows, keys))
+    if distributed.is_main():
+        print(format_sweep_table(rows, keys))
     return rows
 
 
@@ -308,11 +364,27 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--wandb", choices=["auto", "disabled", "offline", "online"], help="W&B mode")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="train one run per value (e.g. beta=0.05,0.1,0.5) sharing cached reference log-probs")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N processes (N GPUs, or N CPU processes): re-launches this command "
+                        "under torchrun; train.batch_size is per process")
     p.set_defaults(func=_cli)
+
+
+def _relaunch_argv(args) -> list[str]:
+    argv = ["train", *(["--config", str(args.config)] if args.config else [])]
+    for flag, value in (("--sft-checkpoint", args.sft_checkpoint), ("--tokenizer", args.tokenizer),
+                        ("--wandb", args.wandb)):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += [x for o in args.overrides for x in ("--set", o)]
+    argv += [x for o in args.sweep for x in ("--sweep", o)]
+    return argv + (["--resume"] if args.resume else [])
 
 
 def _cli(args) -> int:
     import yaml
+    if args.nproc is not None and args.nproc > 1:
+        return distributed.relaunch(args.nproc, "dpo.cli", _relaunch_argv(args))
     overrides = list(args.overrides)
     if args.wandb:
         overrides.append(f"train.wandb={args.wandb}")

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import kernels
+from dpo import distributed
 from dpo.checkpoint import load_checkpoint, read_config, save_checkpoint
 from dpo.config import TrainingConfig
 from dpo.data import epoch_batches
@@ -43,8 +44,8 @@ class TrainingDiverged(ValueError):
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return distributed.local_device(device)   # under torchrun, "cuda" is this process's GPU
 
 
 def resolve_precision(mixed_precision: str, device: torch.device) -> str:
@@ -69,6 +70,8 @@ def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, kernel: str 
 
     ``fused``: hidden states -> ``kernels.linear_sequence_logprobs`` (the (B, T, V) logits never
     exist at once). ``reference``: full logits -> the naive float32 oracle, for comparison."""
+    if distributed.is_wrapped_policy(model):
+        return model(ids, mask, kernel, backend)   # DDP/FSDP2 hooks run around forward() only
     if kernel == "reference":
         return kernels.reference.sequence_logprobs(model(ids), ids, mask)
     hidden = model.hidden_states(ids)
@@ -122,6 +125,10 @@ class Task:
     def val_batches(self) -> list[list[int]]:
         return []
 
+    def bind_policy(self, policy: torch.nn.Module) -> None:
+        """Run the trained model's forwards through ``policy``, its DDP/FSDP2 wrapper."""
+        raise NotImplementedError(f"{type(self).__name__} does not support multi-process training")
+
 
 @dataclass
 class TrainState:
@@ -144,11 +151,18 @@ class Trainer:
         self.precision = precision or resolve_precision(cfg.mixed_precision, self.device)
         self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
         self.tokenizer, self.meta, self.logger, self.on_step = tokenizer, meta or {}, logger, on_step
+        # Under torchrun: DDP or FSDP2 (which turns parameters into shards: before the optimizer).
+        self.world = distributed.world_size()
+        self.parallel = distributed.parallelize(model, cfg.parallel, self.device) if self.world > 1 else None
+        if self.parallel is not None:
+            task.bind_policy(self.parallel)
         self.optimizer = make_optimizer(model, cfg)
-        self.steps_per_epoch = (task.n_train // cfg.micro_batch_size) // cfg.gradient_accumulation_steps
+        self.steps_per_epoch = ((task.n_train // cfg.micro_batch_size)
+                                // (cfg.gradient_accumulation_steps * self.world))
         if self.steps_per_epoch == 0:
             raise ValueError(f"{task.n_train} training examples are fewer than one optimizer step "
-                             f"(batch_size {cfg.batch_size}); lower batch_size or add data")
+                             f"(batch_size {cfg.batch_size} x {self.world} ranks); lower batch_size "
+                             f"or add data")
         total = cfg.max_steps or math.ceil(cfg.epochs * self.steps_per_epoch)
         self.state = TrainState(step=0, total_steps=total)
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
@@ -161,8 +175,14 @@ class Trainer:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             self._epoch_cache = (epoch, epoch_batches(self.task.lengths, self.cfg.micro_batch_size,
                                                       self.cfg.seed, epoch))
-        accum = self.cfg.gradient_accumulation_steps
+        accum = self.cfg.gradient_accumulation_steps * self.world
         return self._epoch_cache[1][k * accum:(k + 1) * accum]
+
+    def rank_micro_batches(self, step: int) -> list[list[int]]:
+        """This rank's share of the step: the r-th run of ``gradient_accumulation_steps``
+        micro-batches of the global step (all of them in a single process)."""
+        accum, r = self.cfg.gradient_accumulation_steps, distributed.rank()
+        return self.micro_batches(step)[r * accum:(r + 1) * accum]
 
     # -- one optimizer step --------------------------------------------------------------
     def train_step(self, sums: dict) -> torch.Tensor:
@@ -171,17 +191,23 @@ class Trainer:
         step = self.state.step
         micro = self.micro_batches(step)
         norm = self.task.step_norm(micro)
+        if self.parallel is not None:
+            # Normalizers of the global step / world: the ranks' gradients, averaged by DDP/FSDP2,
+            # are then the gradient of the global batch's loss, as in one process.
+            micro = self.rank_micro_batches(step)
+            norm = {k: v / self.world for k, v in norm.items()}
         self.model.train()
         step_loss = torch.zeros((), device=self.device)
-        for idx in micro:
-            with autocast(self.device, self.precision):
-                loss, stats = self.task.loss(idx, norm)
-            loss.backward()
+        for i, idx in enumerate(micro):
+            with distributed.no_sync(self.parallel, skip=i + 1 < len(micro)):
+                with autocast(self.device, self.precision):
+                    loss, stats = self.task.loss(idx, norm)
+                loss.backward()
             step_loss += loss.detach()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0) + v
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
+        grad_norm = distributed.plain(torch.nn.utils.clip_grad_norm_(self._params, max_norm))
         # The check costs a device sync; on CUDA it runs at log steps only (the weights may then
         # take a few bad updates, but no checkpoint is ever written from them: see _save).
         if self.device.type == "cpu" or (step + 1) % max(1, self.cfg.log_every) == 0:
@@ -237,7 +263,7 @@ class Trainer:
                         self._prune()
                     if self.on_step is not None:
                         self.on_step(self, step)
-                    if self._stop_requested:
+                    if distributed.any_rank(self._stop_requested):   # all ranks stop at one step
                         path = self.run_dir / f"step-{step:06d}"
                         if not saved:
                             self._save(path)
@@ -274,6 +300,7 @@ class Trainer:
         return metrics
 
     def _log_train(self, sums: dict, seconds: float) -> None:
+        sums = distributed.all_reduce_sums(sums, keep=("grad_norm", "steps"))
         metrics = self.task.summarize(sums)
         metrics["lr"] = self._last_lr
         metrics["grad_norm"] = float(sums["grad_norm"]) / sums["steps"]
@@ -301,20 +328,41 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
     def _save(self, path: Path) -> Path:
+        if self.parallel is not None:
+            return self._save_distributed(path)
         # Never persist weights that may hold a bad update (the CUDA path checks lazily).
         for p in self._params:
             if not torch.isfinite(p).all():
                 raise TrainingDiverged(f"non-finite weights at step {self.state.step}; not saving {path}; "
                                        f"the last good checkpoint is {latest_checkpoint(self.run_dir)}")
-        state = {"optimizer": self.optimizer.state_dict(), "step": self.state.step,
-                 "total_steps": self.state.total_steps, "rng": torch.get_rng_state()}
+        return self._write_checkpoint(path, self.model, self.optimizer.state_dict())
+
+    def _save_distributed(self, path: Path) -> Path:
+        """Every rank joins the gather (FSDP2 shards, RNG states); rank 0 writes; all wait for it."""
+        model, optim = distributed.gather_for_save(self.model, self.optimizer, self.parallel)
+        rngs = distributed.all_gather_object(torch.get_rng_state())
+        finite = distributed.is_main() and all(bool(torch.isfinite(v).all())
+                                               for v in model.state_dict().values())
+        if not distributed.broadcast_object(finite):
+            raise TrainingDiverged(f"non-finite weights at step {self.state.step}; not saving {path}; "
+                                   f"the last good checkpoint is {latest_checkpoint(self.run_dir)}")
+        if distributed.is_main():
+            self._write_checkpoint(path, model, optim, rng_per_rank=rngs)
+        distributed.barrier()
+        return path
+
+    def _write_checkpoint(self, path: Path, model, optimizer_state: dict, **extra) -> Path:
+        state = {"optimizer": optimizer_state, "step": self.state.step,
+                 "total_steps": self.state.total_steps, "rng": torch.get_rng_state(), **extra}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         meta = {**self.meta, "step": self.state.step}
-        return save_checkpoint(path, self.model, step=self.state.step, tokenizer=self.tokenizer, meta=meta,
+        return save_checkpoint(path, model, step=self.state.step, tokenizer=self.tokenizer, meta=meta,
                                extra_files={STATE_FILE: lambda f: torch.save(state, f)})
 
     def _prune(self, keep: int | None = None) -> None:
+        if not distributed.is_main():
+            return
         keep = self.cfg.keep_checkpoints if keep is None else keep
         steps = sorted(_step_dirs(self.run_dir))
         for _, path in steps[:max(0, len(steps) - keep)]:
@@ -324,15 +372,23 @@ class Trainer:
         """Restore weights, optimizer, RNG and the step (= data position and lr schedule)."""
         path = Path(path)
         model, _ = load_checkpoint(path, map_location=self.device)
-        with torch.no_grad():
-            for p, q in zip(self.model.state_dict().values(), model.state_dict().values()):
-                p.copy_(q)
         state_file = path / STATE_FILE
-        if not state_file.is_file():
-            raise ValueError(f"{path}: no {STATE_FILE}; it is not a resumable training checkpoint")
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        if distributed.is_fsdp(self.parallel):   # every rank reads the full checkpoint, keeps its shard
+            if not state_file.is_file():
+                raise ValueError(f"{path}: no {STATE_FILE}; it is not a resumable training checkpoint")
+            state = torch.load(state_file, map_location="cpu", weights_only=True)
+            distributed.load_full_state(self.model, self.optimizer, self.parallel, model.state_dict(),
+                                        state["optimizer"])
+        else:
+            with torch.no_grad():
+                for p, q in zip(self.model.state_dict().values(), model.state_dict().values()):
+                    p.copy_(q)
+            if not state_file.is_file():
+                raise ValueError(f"{path}: no {STATE_FILE}; it is not a resumable training checkpoint")
+            state = torch.load(state_file, map_location="cpu", weights_only=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+        rngs = state.get("rng_per_rank")
+        torch.set_rng_state(rngs[distributed.rank()] if rngs and len(rngs) == self.world else state["rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.state.step = int(state["step"])

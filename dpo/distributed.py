@@ -1,0 +1,321 @@
+"""Several processes, one run: torch.distributed as launched by ``torchrun``.
+
+``torchrun --nproc_per_node=N -m dpo.cli train ...`` (or ``fastdpo train --nproc N``) starts N copies
+of the same command; each reads its place from the environment torchrun sets (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Without those variables every function here is a no-op
+for a world of one, so the single-process code path is the plain one.
+
+What is split across ranks, and how:
+- training: each optimizer step's global batch is the ``world_size * accumulation`` micro-batches
+  the single-process loop would take for a batch ``world_size`` times larger; rank r takes the
+  r-th run of ``accumulation`` of them. Loss normalizers are computed over the global step and
+  divided by the world size, so DDP's (and FSDP2's) gradient averaging gives exactly the
+  single-process gradient of the same global batch;
+- the policy runs through ``PolicyForward`` wrapped in DistributedDataParallel, or sharded with
+  FSDP2 (``fully_shard`` on every block and on the root) when it does not fit one device;
+  checkpoints are always gathered into the one-file format a single process writes;
+- reference log-probs and mining: whole batches are dealt round-robin to ranks and gathered.
+
+Failure. A rank that dies or raises exits non-zero; torchrun's elastic agent then stops the
+others (SIGTERM, SIGKILL after a grace period). Without an agent a gloo peer sees the closed
+connection at its next collective, and every collective has a finite timeout
+(``FASTDPO_DIST_TIMEOUT`` seconds, default 300) as the last resort, so no rank waits forever.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 300.0
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+# --------------------------------------------------------------------------- process group
+
+
+def init_from_env(timeout_s: float | None = None) -> bool:
+    """Join the process group torchrun describes in the environment. Returns whether this is a
+    multi-process run. Idempotent; a no-op (False) without WORLD_SIZE or with WORLD_SIZE=1.
+
+    Backend: gloo for CPU tensors, plus nccl for CUDA tensors on a CUDA machine (each process then
+    owns ``cuda:LOCAL_RANK``)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return False
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun "
+                         f"(or fastdpo train --nproc {world})")
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("FASTDPO_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        # A failed NCCL collective tears the process down instead of leaving it blocked.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    atexit.register(shutdown)
+    return True
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0")) if is_distributed() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_device(device: torch.device | str) -> torch.device:
+    """``cuda`` without an index means this process's own GPU (``cuda:LOCAL_RANK``)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and is_distributed():
+        return torch.device("cuda", local_rank())
+    return device
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def shard(seq: Sequence) -> list:
+    """This rank's share of ``seq``: items ``rank, rank + world, ...`` (round-robin, so items
+    sorted by cost are spread evenly)."""
+    return list(seq)[rank()::world_size()]
+
+
+def all_gather_object(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on some rank (e.g. a Ctrl-C seen by one process)."""
+    if not is_distributed():
+        return flag
+    return any(all_gather_object(bool(flag)))
+
+
+def all_ranks(flag: bool) -> bool:
+    if not is_distributed():
+        return flag
+    return all(all_gather_object(bool(flag)))
+
+
+def run_on_main(fn: Callable, *args, **kwargs):
+    """Run ``fn`` on rank 0 only (e.g. file-system decisions) and hand its result to every rank.
+    A ValueError/OSError on rank 0 is raised on every rank, so none is left waiting for the others."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn(*args, **kwargs)
+        except (ValueError, OSError) as e:
+            error = e
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return result
+    result, message = broadcast_object((result, None if error is None else (type(error), str(error))))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise message[0](message[1])
+    return result
+
+
+def gather_rows(out: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """``out`` holds valid values only in ``rows`` (this rank's share); every rank gets them all."""
+    if not is_distributed():
+        return out
+    rows = list(rows)
+    full = out.clone()
+    for got_rows, values in all_gather_object((rows, out[rows].cpu())):
+        full[got_rows] = values.to(full.device)
+    return full
+
+
+def all_reduce_sums(sums: dict, keep: Sequence[str] = ()) -> dict:
+    """Sum each value of a statistics dict over ranks (keys in ``keep`` are already global)."""
+    if not is_distributed():
+        return sums
+    keys = sorted(k for k in sums if k not in keep)
+    vec = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(vec)
+    return {**sums, **{k: v for k, v in zip(keys, vec.tolist())}}
+
+
+# --------------------------------------------------------------------------- the policy across ranks
+
+
+class PolicyForward(torch.nn.Module):
+    """The trained model's answer log-probs as a ``forward``. DDP synchronizes gradients, and
+    FSDP2 gathers the root's parameters, only in hooks around ``forward``: the trainer's
+    ``model.hidden_states`` + fused kernel path would bypass them on the bare GPT."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, kernel: str = "fused",
+                backend: str = "auto") -> torch.Tensor:
+        from dpo.trainer import sequence_logprobs
+        return sequence_logprobs(self.model, ids, mask, kernel, backend)
+
+
+def is_wrapped_policy(model) -> bool:
+    return isinstance(model, (PolicyForward, torch.nn.parallel.DistributedDataParallel))
+
+
+def parallelize(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
+    """Wrap ``model`` (a GPT) for multi-process training; returns the module to run forwards on.
+
+    ``ddp``: every rank holds the whole model, gradients are all-reduced (averaged) in buckets
+    during backward. ``fsdp``: FSDP2 shards parameters, gradients and optimizer state over the
+    ranks; each block is gathered just before it runs. Parameters of ``model`` become DTensors,
+    so build the optimizer after this call."""
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {list(PARALLEL_MODES)}, got {mode!r}")
+    wrapper = PolicyForward(model)
+    if mode == "ddp":
+        # forward_sync_buffers=False: the GPT has no buffers that change, and a broadcast per forward
+        # would force every rank to run the same number of forwards even in evaluation.
+        return torch.nn.parallel.DistributedDataParallel(
+            wrapper, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+    from torch.distributed.fsdp import fully_shard
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(wrapper)
+    return wrapper
+
+
+def is_fsdp(wrapped) -> bool:
+    return wrapped is not None and not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+
+
+def no_sync(wrapped, skip: bool):
+    """DDP: skip the gradient all-reduce of a micro-batch that is not the step's last (gradients
+    keep accumulating locally; the last backward reduces their sum)."""
+    if skip and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        return wrapped.no_sync()
+    return contextlib.nullcontext()
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2's parameters, gradient norms) as an ordinary full tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class FullModel:
+    """What ``dpo.checkpoint.save_checkpoint`` needs of a model (``config``, ``state_dict()``),
+    over a gathered full state dict: an FSDP2 run writes the same single-file checkpoint."""
+
+    def __init__(self, config, state: dict[str, torch.Tensor]):
+        self.config, self._state = config, state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+def _fqns(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def gather_for_save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, wrapped):
+    """Collective: every rank calls it. Returns ``(model to save, optimizer state dict)`` on rank 0
+    (``(None, None)`` elsewhere). The optimizer state is in the single-process format (parameters
+    numbered in order), so any run, sharded or not, can resume from the checkpoint."""
+    if not is_fsdp(wrapped):
+        return (model, optimizer.state_dict()) if is_main() else (None, None)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=opts)
+    optim = get_optimizer_state_dict(model, optimizer, options=opts)
+    if not is_main():
+        return None, None
+    index = {name: i for i, name in enumerate(_fqns(model, optimizer))}
+    optim = {"state": {index[k]: v for k, v in optim["state"].items()},
+             "param_groups": [{**g, "params": [index[k] for k in g["params"]]}
+                              for g in optim["param_groups"]]}
+    return FullModel(model.config, state), optim
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, wrapped,
+                    state: dict[str, torch.Tensor], optim_state: dict) -> None:
+    """Every rank loads the same full checkpoint; FSDP2 keeps its own shard of it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state, options=opts)
+    names = _fqns(model, optimizer)
+    optim = {"state": {names[int(k)]: v for k, v in optim_state["state"].items()},
+             "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
+                              for g in optim_state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, optim, options=opts)
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def relaunch(nproc: int, module: str, argv: Sequence[str]) -> int:
+    """Run ``python -m <module> <argv>`` as ``nproc`` processes through torchrun's own module
+    (``torch.distributed.run --standalone``: a private rendezvous on a free local port).
+    Returns the launcher's exit code (non-zero when any rank failed)."""
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--nproc given inside a torchrun launch; drop one of them")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", module, *argv]
+    return subprocess.call(cmd)

@@ -1,0 +1,270 @@
+"""Multi-process training and mining (torch.distributed, gloo on CPU, 2 processes).
+
+The distributed runs are real ``torch.distributed.run`` launches of this file's ``__main__`` worker
+(or of ``fastdpo``) as subprocesses with timeouts; each uses a 2-layer, 32-wide model for a few
+steps. The single-process runs they are compared with run in the test process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpo import distributed
+from dpo.checkpoint import load_checkpoint, save_checkpoint
+from dpo.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
+from dpo.model import GPT, GPTConfig
+from dpo.tokenizer import Tokenizer
+
+HERE = Path(__file__).resolve()
+STEPS = 4
+LAUNCH_TIMEOUT = 240
+
+
+# --------------------------------------------------------------------------- world size 1
+
+
+def test_single_process_helpers_are_identities(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.init_from_env() is False and not distributed.is_distributed()
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert distributed.shard(range(5)) == [0, 1, 2, 3, 4]
+    assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert distributed.broadcast_object(7) == 7
+    assert distributed.any_rank(False) is False and distributed.all_ranks(True) is True
+    t = torch.arange(6.0).reshape(3, 2)
+    assert distributed.gather_rows(t, [0]) is t
+    sums = {"loss": torch.tensor(1.5), "n": 3}
+    assert distributed.all_reduce_sums(sums) is sums
+    assert distributed.local_device("cuda") == torch.device("cuda")
+    assert distributed.run_on_main(lambda x: x + 1, 1) == 2
+    distributed.barrier()
+
+
+def test_run_on_main_raises_rank0_error_and_env_is_checked(monkeypatch):
+    def bad():
+        raise ValueError("runs/x already holds checkpoints")
+
+    with pytest.raises(ValueError, match="already holds"):
+        distributed.run_on_main(bad)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ValueError, match="MASTER_ADDR.*torchrun"):
+        distributed.init_from_env()
+    with pytest.raises(ValueError, match="inside a torchrun launch"):
+        distributed.relaunch(2, "dpo.cli", ["train"])
+
+
+def test_shard_deals_round_robin():
+    # what rank r of 3 would get: the shards are disjoint and cover everything
+    items = list(range(10))
+    shards = [items[r::3] for r in range(3)]
+    assert sorted(sum(shards, [])) == items and shards[1] == [1, 4, 7]
+
+
+# --------------------------------------------------------------------------- launching helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1",
+            **extra}
+
+
+def torchrun(args: list[str], timeout: float = LAUNCH_TIMEOUT, **extra_env) -> subprocess.CompletedProcess:
+    # --standalone: torchrun binds a free port itself (no window for another process to take it)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env(**extra_env), timeout=timeout)
+
+
+def worker(mode: str, spec: dict, **kw) -> subprocess.CompletedProcess:
+    return torchrun([str(HERE), mode, json.dumps(spec)], **kw)
+
+
+# --------------------------------------------------------------------------- training fixtures
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    tok = Tokenizer.train(["what is plus the answer yes no good bad 0123456789 + = ?"] * 30, vocab_size=320)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=32))
+    save_checkpoint(d / "sft", model, tokenizer=tok)
+    rows = [{"prompt": f"what is {a}+{b}?", "chosen": f"{a + b}", "rejected": f"{a + b} bad" * (1 + b % 2)}
+            for a in range(10, 30) for b in range(3)]
+    (d / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def spec(work: Path, run: str, **train) -> dict:
+    """One run's configuration; ``batch_size`` is per process."""
+    t = dict(run_name=run, output_dir=str(work / "runs"), batch_size=4, micro_batch_size=2,
+             learning_rate=3e-3, max_steps=STEPS, log_every=1, mixed_precision="fp32", wandb="disabled",
+             progress=True, seed=3, device="cpu")
+    return {"sft": str(work / "sft"), "train": {**t, **train},
+            "dpo": {"beta": 0.3, "rpo_alpha": 0.5, "reference": "cached"},
+            "data": {"path": [str(work / "pairs.jsonl")], "val_size": 6}}
+
+
+def run_spec(s: dict, resume: bool = False, on_step=None) -> Path:
+    from dpo.train import run_dpo
+    return run_dpo(s["sft"], TrainingConfig(**s["train"]), DPOConfig(**s["dpo"]),
+                   PreferenceDatasetConfig(**s["data"]), resume=resume, on_step=on_step)
+
+
+def metrics(run_dir: Path, split: str = "train") -> list[dict]:
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+def weights(path: Path) -> dict:
+    return load_checkpoint(path)[0].state_dict()
+
+
+def assert_same_run(run_dir: Path, ref_dir: Path, atol: float = 1e-5) -> None:
+    got, want = metrics(run_dir), metrics(ref_dir)
+    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, STEPS + 1))
+    for g, w in zip(got, want):
+        for key in ("loss", "loss/dpo", "rewards/margins", "grad_norm"):
+            assert g[key] == pytest.approx(w[key], abs=atol), (g["step"], key)
+    (gv,), (wv,) = metrics(run_dir, "val"), metrics(ref_dir, "val")
+    assert gv["loss"] == pytest.approx(wv["loss"], abs=atol)
+    a, b = weights(run_dir / "final"), weights(ref_dir / "final")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), k
+
+
+@pytest.fixture(scope="module")
+def single(work):
+    """The one-process run with twice the per-process batch (micro-batches of 2, accumulation 4)."""
+    s = spec(work, "single", batch_size=8, progress=False)
+    run_spec(s)
+    return Path(s["train"]["output_dir"]) / "single"
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_ddp_two_ranks_match_one_process_with_twice_the_batch(work, single):
+    """``fastdpo train --nproc 2`` (torchrun underneath): per-rank batch 4 == one process, batch 8."""
+    s = spec(work, "ddp")
+    cfg = work / "ddp.yaml"
+    cfg.write_text(json.dumps({"sft_checkpoint": s["sft"], **{k: s[k] for k in ("train", "dpo", "data")}}))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "dpo.cli", "train", "--nproc", "2", "--config", str(cfg)],
+                          capture_output=True, text=True, env=env(), timeout=LAUNCH_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    print(f"ddp launch {time.perf_counter() - t0:.1f}s")
+    run_dir = work / "runs" / "ddp"
+    assert_same_run(run_dir, single)
+    out = proc.stdout
+    assert "distributed: 2 ranks x 4 pairs = 8 pairs per optimizer step (ddp)" in out
+    assert out.count("step=1 loss=") == 1 and out.count("data: ") == 1   # rank 0 talks, rank 1 does not
+    assert len(list((work / "runs" / "ref_cache").glob("ref-logps-*.safetensors"))) == 1   # shared cache
+
+
+def test_fsdp2_two_ranks_match_one_process_and_save_one_file(work, single):
+    s = spec(work, "fsdp", parallel="fsdp", save_every=2)
+    proc = worker("train", s)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    run_dir = work / "runs" / "fsdp"
+    assert_same_run(run_dir, single)
+    # the sharded run's checkpoints are the ordinary single-file ones, loadable by any process
+    for ckpt in (run_dir / "step-000002", run_dir / "final"):
+        files = sorted(p.name for p in ckpt.iterdir())
+        assert files == ["config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"]
+    state = torch.load(run_dir / "final" / "trainer_state.pt", weights_only=True)
+    assert sorted(state["optimizer"]["state"]) == list(range(len(weights(run_dir / "final"))))
+    assert len(state["rng_per_rank"]) == 2
+
+
+def test_killed_rank_ends_the_others_and_two_ranks_resume(work, single):
+    """SIGKILL rank 1 right after step 3 (the step-2 checkpoint exists): rank 0 is blocked in the
+    next collective; torchrun must end it with an error. Then resume on 2 ranks from step 2."""
+    s = spec(work, "killed", save_every=2)
+    stamp = work / "killed-at"
+    t0 = time.perf_counter()
+    proc = worker("train", {**s, "kill": [1, 3], "stamp": str(stamp)})
+    end = time.time()
+    assert proc.returncode != 0
+    assert "exitcode  : -9" in proc.stderr and "(SIGKILL)" in proc.stderr, proc.stderr[-3000:]
+    exit_after_kill = end - float(stamp.read_text())
+    print(f"killed run: {time.perf_counter() - t0:.1f}s, others gone {exit_after_kill:.2f}s after the kill")
+    assert exit_after_kill < 30
+    run_dir = work / "runs" / "killed"
+    assert (run_dir / "step-000002").is_dir() and not (run_dir / "final").exists()
+
+    proc = worker("train", {**s, "resume": True})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert_same_run(run_dir, single)
+    assert [m["step"] for m in metrics(run_dir)] == list(range(1, STEPS + 1))   # no duplicated steps
+
+
+def test_without_an_agent_a_dead_peer_is_an_error_not_a_hang(tmp_path):
+    """Two processes started by hand (no torchrun agent to reap them): rank 1 dies mid-run and
+    rank 0's next collective fails within seconds on the closed gloo connection."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(HERE), "collective", json.dumps({"stamp": str(tmp_path)})],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                      MASTER_PORT=port, FASTDPO_DIST_TIMEOUT="20"))
+             for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    end = time.time()
+    assert procs[1].returncode == -signal.SIGKILL
+    assert procs[0].returncode not in (0, None), outs[0]
+    assert "peer" in outs[0][1].lower() or "connection" in outs[0][1].lower(), outs[0][1][-2000:]
+    waited = end - float((tmp_path / "killed-at").read_text())
+    print(f"no agent: rank 0 failed {waited:.2f}s after rank 1 died")
+    assert waited < 30
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def _train(s: dict) -> None:
+    kill = s.get("kill")
+
+    def on_step(trainer, step):
+        if kill and distributed.rank() == kill[0] and step == kill[1]:
+            Path(s["stamp"]).write_text(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    run_spec(s, resume=s.get("resume", False), on_step=on_step)
+
+
+def _collective(s: dict) -> None:
+    distributed.init_from_env()
+    x = torch.ones(4)
+    for i in range(1000):
+        torch.distributed.all_reduce(x)
+        x.fill_(1)
+        if i == 20 and distributed.rank() == 1:
+            (Path(s["stamp"]) / "killed-at").write_text(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.01)
+
+
+if __name__ == "__main__":
+    {"train": _train, "collective": _collective}[sys.argv[1]](json.loads(sys.argv[2]))
