@@ -15,7 +15,7 @@ import sys
 from dpo import __version__
 
 SUBCOMMAND_MODULES: list[str] = [
-    "dpo.pairs", "dpo.evaluate", "dpo.serve", "dpo.sft", "dpo.train",
+    "dpo.pairs", "dpo.evaluate", "dpo.serve", "dpo.sft", "dpo.train", "dpo.demo",
 ]
 
 
