@@ -129,7 +129,8 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                temps: Sequence[float] = DEFAULT_TEMPS, max_new_tokens: int = 128, top_k: int = 50,
                min_gap: int = 2, min_best: int = 6, batch_size: int = 16, seed: int = 0,
                max_prompt_tokens: int | None = None, n_prompts: int | None = None,
-               dtype: torch.dtype | None = None, progress: bool = True) -> MiningStats:
+               dtype: torch.dtype | None = None, progress: bool = True,
+               shard: tuple[int, int] | None = None) -> MiningStats:
     """Mine preference pairs into ``out_path`` (JSONL, appended as it goes; resumable).
 
     ``prompts`` is a JSONL path (see ``load_prompts``) or a list of instructions. Prompts whose
@@ -137,6 +138,9 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
     ``max_new_tokens``) are dropped and counted. Each output line holds ``prompt``, ``chosen``,
     ``rejected``, ``score_chosen``, ``score_rejected``, and ``scores`` (one per temperature).
     ``dtype`` is the sampler's autocast dtype (``torch.bfloat16`` is ~2x faster on recent CPUs).
+    ``shard=(rank, world)`` mines only batches ``rank, rank + world, ...`` into ``out_path`` (see
+    ``shard_path``, ``merge_shards``): each batch keeps its seed, so the shards hold exactly the
+    pairs of the unsharded run, and each shard resumes on its own.
     """
     from dpo.sampler import sample
 
@@ -168,6 +172,10 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
         "prompts": hashlib.sha256(json.dumps(instructions).encode()).hexdigest()}, sort_keys=True).encode()
     ).hexdigest()[:16]
 
+    my_batches = range(n_batches) if shard is None else range(shard[0], n_batches, shard[1])
+    if shard is not None:   # the shard's own identity; merge_shards recovers the run's from it
+        fingerprint = f"{fingerprint}:shard{shard[0]}of{shard[1]}"
+        settings = {**settings, "shard": list(shard)}
     out_path = Path(out_path)
     log = _ProgressLog(out_path, fingerprint, settings)
     start_batch, saved = log.resume()
@@ -188,7 +196,9 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
     def produce():
         try:
             with torch.inference_mode():
-                for b in range(start_batch, n_batches):
+                for b in my_batches:
+                    if b < start_batch:
+                        continue
                     if stop.is_set():
                         return
                     idx = batch_prompts(b)
@@ -203,8 +213,8 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
             _put(ready, e, stop)
 
     from tqdm import tqdm
-    bar = tqdm(total=len(keep), initial=stats.prompts_done, unit="prompt", desc="pairs",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(len(batch_prompts(b)) for b in my_batches), initial=stats.prompts_done,
+               unit="prompt", desc="pairs", disable=not progress, dynamic_ncols=True)
     bar.set_postfix(kept=stats.pairs_kept)
     t_start = time.perf_counter()
     worker = threading.Thread(target=produce, name="fastdpo-sampler", daemon=True)
@@ -379,6 +389,87 @@ class _ProgressLog:
             self._f = None
 
 
+def shard_path(out_path: str | Path, rank: int, world: int) -> Path:
+    out_path = Path(out_path)
+    return out_path.with_name(f"{out_path.name}.shard-{rank}-of-{world}")
+
+
+_COUNTS = ("prompts_done", "samples_judged", "invalid_scores", "pairs_kept")
+
+
+def merge_shards(out_path: str | Path, world: int) -> dict:
+    """Interleave the ``world`` finished shards of a sharded run back into batch order: writes
+    ``out_path`` and its progress file exactly as the unsharded run would have (so the merged
+    file also resumes, and reruns, as an unsharded run). Returns the final cumulative statistics.
+    The shards stay: they are what a rerun of the sharded command resumes from."""
+    out_path = Path(out_path)
+    parts, base = [], None
+    for r in range(world):
+        path = shard_path(out_path, r, world)
+        log = _ProgressLog(path, "", {})
+        if not log.path.is_file():
+            raise ValueError(f"{log.path}: missing; shard {r} of {world} never started")
+        _, records = log._read_records()
+        fp, _, tag = records[0].get("fingerprint", "").partition(":") if records else ("", "", "")
+        if tag != f"shard{r}of{world}" or (base is not None and fp != base[0]):
+            raise ValueError(f"{log.path}: not shard {r} of {world} of the same run ({records[:1]})")
+        base = base or (fp, {k: v for k, v in records[0]["settings"].items() if k != "shard"})
+        data, end, prev = path.read_bytes(), 0, {k: 0 for k in _COUNTS} | {"score_hist": {}}
+        for rec in records[1:]:
+            delta = {k: rec["stats"][k] - prev[k] for k in _COUNTS}
+            hist = rec["stats"]["score_hist"]
+            delta["score_hist"] = {s: n - prev["score_hist"].get(s, 0) for s, n in hist.items()}
+            parts.append((rec["batch"], data[end:rec["out_bytes"]], delta))
+            end, prev = rec["out_bytes"], rec["stats"]
+    parts.sort(key=lambda p: p[0])
+    if [p[0] for p in parts] != list(range(len(parts))):
+        raise ValueError(f"{out_path}: the shards are incomplete (batches {[p[0] for p in parts]}); "
+                         "rerun the sharded command to finish them")
+    log = _ProgressLog(out_path, base[0], base[1])
+    if log.path.is_file():
+        _, records = log._read_records()
+        if not records or records[0].get("fingerprint") != base[0]:
+            raise ValueError(f"{log.path}: written by a different run; use another --out")
+    elif out_path.exists() and out_path.stat().st_size > 0:
+        raise ValueError(f"{out_path}: exists without its progress file {log.path.name}; refusing to "
+                         "overwrite pairs from an unknown run (move it or pick another --out)")
+    header = {"fastdpo_pairs_progress": PROGRESS_VERSION, "fingerprint": base[0], "settings": base[1]}
+    lines, out = [json.dumps(header, sort_keys=True)], b""
+    total = {k: 0 for k in _COUNTS} | {"score_hist": {}}
+    for b, data, delta in parts:
+        out += data
+        for k in _COUNTS:
+            total[k] += delta[k]
+        for sc, n in delta["score_hist"].items():
+            total["score_hist"][sc] = total["score_hist"].get(sc, 0) + n
+        total["score_hist"] = {sc: n for sc, n in total["score_hist"].items() if n}
+        lines.append(json.dumps({"batch": b, "out_bytes": len(out), "stats": total}, sort_keys=True))
+    _atomic_write(out_path, out)
+    _atomic_write(log.path, "".join(ln + "\n" for ln in lines).encode())
+    return total
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def combine_stats(parts: Sequence[MiningStats]) -> MiningStats:
+    """The statistics of a sharded run from its ranks' own."""
+    out = MiningStats(prompts_total=parts[0].prompts_total, prompts_dropped=parts[0].prompts_dropped)
+    for p in parts:
+        for k in (*_COUNTS, "resumed_at", "resumed_pairs", "sample_s", "judge_s"):
+            setattr(out, k, getattr(out, k) + getattr(p, k))
+        for sc, n in p.score_hist.items():
+            out.score_hist[sc] = out.score_hist.get(sc, 0) + n
+        out.elapsed_s = max(out.elapsed_s, p.elapsed_s)
+    return out
+
+
 def format_stats(stats: MiningStats, out_path: str | Path | None = None) -> str:
     """The end-of-run summary: kept %, score histogram, throughput."""
     hist = stats.score_hist
@@ -466,17 +557,33 @@ def add_subcommand(sub) -> None:
 
 
 def _cli(args) -> int:
+    from dpo import distributed
+    sharded = distributed.init_from_env()   # under torchrun: one shard of the batches per rank
+    rank, world = distributed.rank(), distributed.world_size()
     judge = judge_from_args(args)
-    model, tok = load_policy(args.ckpt, args.tokenizer, args.device)
-    print(f"fastdpo pairs: judge {judge.describe()}", flush=True)
+    model, tok = load_policy(args.ckpt, args.tokenizer, str(distributed.local_device(args.device)))
+    if distributed.is_main():
+        shards = f", {world} shards" if sharded else ""
+        print(f"fastdpo pairs: judge {judge.describe()}{shards}", flush=True)
     try:
-        stats = mine_pairs(model, tok, args.prompts, judge, args.out, temps=_parse_temps(args.temps),
+        stats = mine_pairs(model, tok, args.prompts, judge,
+                           shard_path(args.out, rank, world) if sharded else args.out,
+                           temps=_parse_temps(args.temps),
                            max_new_tokens=args.max_new_tokens, top_k=args.top_k, min_gap=args.min_gap,
                            min_best=args.min_best, batch_size=args.batch_size, seed=args.seed,
                            max_prompt_tokens=args.max_prompt_tokens, n_prompts=args.n_prompts,
-                           dtype=DTYPES[args.dtype], progress=not args.no_progress)
+                           dtype=DTYPES[args.dtype], progress=not args.no_progress and distributed.is_main(),
+                           shard=(rank, world) if sharded else None)
     finally:
         judge.close()
+    if sharded:
+        every = distributed.all_gather_object(stats)   # also: every shard is complete
+        if distributed.is_main():
+            merge_shards(args.out, world)
+        distributed.barrier()
+        if not distributed.is_main():
+            return 0
+        stats = combine_stats(every)
     print(format_stats(stats, args.out))
     if judge.stats.rejected or judge.stats.retries:
         print(f"judge: {judge.stats.as_dict()}")

@@ -240,6 +240,57 @@ def test_without_an_agent_a_dead_peer_is_an_error_not_a_hang(tmp_path):
     assert waited < 30
 
 
+# --------------------------------------------------------------------------- mining
+
+TOY_JUDGE = '''
+def score(instruction, response):
+    return 1 + (len(response) * 7 + len(instruction)) % 10
+'''
+
+
+def test_sharded_mining_equals_unsharded_and_resumes_after_a_killed_rank(tmp_path):
+    """``torchrun -m dpo.cli pairs`` on 2 ranks: rank 1 is SIGKILLed after writing batch 1's pairs
+    but before recording them; the rerun resumes both shards and merges them into the same bytes
+    (pairs and progress file) as one process mining everything."""
+    from bench.judge import make_tiny_checkpoint
+    from dpo.judge import make_judge
+    from dpo.pairs import load_policy, mine_pairs
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", block_size=96)
+    (tmp_path / "toyjudge.py").write_text(TOY_JUDGE)
+    words = "fox dog elk gnu hen ink jam kit owl pig".split()
+    rows = [f"Reverse the words: {w} cat {i}" for i, w in enumerate(words)]
+    rows.insert(5, "word " * 200)   # too long: dropped by every rank alike
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
+    settings = {"batch_size": 3, "max_new_tokens": 12, "seed": 5}
+    sys.path.insert(0, str(tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as the ranks (torchrun sets OMP_NUM_THREADS=1)
+    try:
+        model, tok = load_policy(ckpt)
+        ref = tmp_path / "unsharded.jsonl"
+        want = mine_pairs(model, tok, prompts, make_judge("toyjudge:score"), ref, progress=False, **settings)
+    finally:
+        torch.set_num_threads(threads)
+        sys.path.remove(str(tmp_path))
+    out = tmp_path / "sharded.jsonl"
+    args = ["-m", "dpo.cli", "pairs", "--ckpt", str(ckpt), "--prompts", str(prompts), "--out", str(out),
+            "--judge", "toyjudge:score", "--no-progress", *[x for k, v in settings.items()
+                                                             for x in (f"--{k.replace('_', '-')}", str(v))]]
+    pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    killed = torchrun(args, PYTHONPATH=pythonpath, FASTDPO_TEST_KILL_PAIRS="1:pairs")
+    assert killed.returncode != 0 and "(SIGKILL)" in killed.stderr, killed.stderr[-3000:]
+    assert not out.exists() and (tmp_path / "sharded.jsonl.shard-1-of-2").is_file()
+    done = torchrun(args, PYTHONPATH=pythonpath)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
+    assert want.pairs_kept > 0 and out.read_bytes() == ref.read_bytes()
+    progress = [tmp_path / f"{name}.jsonl.progress.jsonl" for name in ("sharded", "unsharded")]
+    assert progress[0].read_bytes() == progress[1].read_bytes()
+    assert f"pairs kept: {want.pairs_kept}" in done.stdout and "2 shards" in done.stdout
+    assert done.stdout.count("pairs kept") == 1
+
+
 # --------------------------------------------------------------------------- the worker
 
 
