@@ -2,10 +2,15 @@
 
     python -m bench.train [--preset tiny|gpt2-124m|all] [--rounds N] [--steps K] [--json out.json]
 
-- fast:  policy log-probs through ``kernels.linear_sequence_logprobs`` (no (2B, T, V) logits)
-         and reference log-probs precomputed once and cached (no reference model in memory).
-- naive: full logits + the float32 oracle ``kernels.reference.sequence_logprobs``, and a frozen
-         reference model run forward every step (the seed's ``train_dpo.py`` recipe).
+- fast:  one packed row per pair (the prompt computed once for both answers), policy log-probs
+         through ``kernels.linear_sequence_logprobs`` (no (2B, T, V) logits), and reference
+         log-probs precomputed once and cached (no reference model in memory).
+- naive: the seed's ``train_dpo.py`` recipe: chosen and rejected as separate rows, full logits +
+         the float32 oracle ``kernels.reference.sequence_logprobs``, and a frozen reference model
+         run forward every step.
+
+tokens/s counts each pair's logical tokens (prompt + chosen, prompt + rejected) for both variants,
+so the ratio is pairs per second.
 
 Both train the same model from the same initial weights on the same synthetic pairs in the same
 order, in the same precision, timed *interleaved* in one process (rounds alternate fast / naive:
@@ -74,7 +79,8 @@ def run_train_bench(preset: str = "tiny", rounds: int = 3, steps: int = 2, preci
     for name, kernel, reference in (("fast", "fused", "cached"), ("naive", "reference", "model")):
         tc = TrainingConfig(run_name=f"bench-{name}", kernel=kernel, **common)
         t0 = time.perf_counter()
-        dc = DPOConfig(reference=reference, reference_cache_dir=None)
+        # naive = the seed's recipe: chosen and rejected as separate rows (prompt run twice)
+        dc = DPOConfig(reference=reference, shared_prompt=name == "fast")
         trainer = prepare_dpo(copy.deepcopy(base), pairs, [], tc, dc, pad_id=0, tokenizer_hash="synthetic")
         setup = time.perf_counter() - t0
         task = trainer.task

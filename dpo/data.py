@@ -66,6 +66,10 @@ class TokenizedPair:
     def length(self) -> int:              # padded length of the pair's rows in a batch
         return len(self.prompt) + max(len(self.chosen), len(self.rejected))
 
+    @property
+    def packed_length(self) -> int:       # its one row in a prompt-sharing batch
+        return len(self.prompt) + len(self.chosen) + 1 + len(self.rejected)
+
 
 @dataclass
 class TokenizedSFT:
@@ -366,6 +370,52 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> tuple[torch.Te
     policy runs a single forward per micro-batch. ``mask`` is 1 on answer tokens."""
     rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
     return _collate(rows, pad_id)
+
+
+@dataclass
+class PackedPairs:
+    ids: torch.Tensor          # (B, T) prompt | chosen | copy of the prompt's last token | rejected | pad
+    pos: torch.Tensor          # (B, T) positions: the rejected branch restarts where the prompt ends
+    attn_mask: torch.Tensor    # (B, 1, T, T) bool: causal, and neither answer sees the other
+    chosen_mask: torch.Tensor  # (B, T) bool, 1 on chosen-answer tokens
+    rejected_mask: torch.Tensor
+
+    def to(self, device) -> PackedPairs:
+        return PackedPairs(*(t.to(device) for t in (self.ids, self.pos, self.attn_mask, self.chosen_mask,
+                                                     self.rejected_mask)))
+
+
+def collate_packed_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> PackedPairs:
+    """Each pair as ONE row whose prompt is computed once for both answers.
+
+    Row: ``prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected``. The chosen branch sees the
+    shared prompt and itself; the rejected branch sees ``prompt[:-1]``, a copy of the prompt's last
+    token at that token's position, and itself. Every token therefore has exactly the context and
+    position it has in the separate ``prompt + answer`` row, so the log-probs are the same (up to
+    float rounding) while the prompt's tokens are run once instead of twice. The copy is needed
+    because the prompt's last position predicts the first token of *each* answer."""
+    rows = []
+    for p in pairs:
+        P, C, R = len(p.prompt), len(p.chosen), len(p.rejected)
+        seq = p.prompt + p.chosen + p.prompt[-1:] + p.rejected
+        pos = [*range(P + C), P - 1, *range(P, P + R)]
+        # segment of each token: 0 shared prompt, 1 chosen branch, 2 rejected branch
+        seg = [0] * (P - 1) + [1] * (C + 1) + [2] * (R + 1)
+        rows.append((seq, pos, seg, P, C, R))
+    B, T = len(rows), max(len(r[0]) for r in rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    seg = torch.full((B, T), 3, dtype=torch.long)      # padding: its own segment
+    chosen = torch.zeros(B, T, dtype=torch.bool)
+    rejected = torch.zeros(B, T, dtype=torch.bool)
+    for i, (s, ps, sg, P, C, _) in enumerate(rows):
+        n = len(s)
+        ids[i, :n], pos[i, :n], seg[i, :n] = torch.tensor(s), torch.tensor(ps), torch.tensor(sg)
+        chosen[i, P:P + C] = True
+        rejected[i, P + C + 1:n] = True
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    visible = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])
+    return PackedPairs(ids, pos, (causal & visible).unsqueeze(1), chosen, rejected)
 
 
 def collate_sft(items: Sequence[TokenizedSFT], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from dpo.data import DataStats, collate_pairs, load_examples, tokenize_pairs
 from dpo.model import GPT, GPTConfig
 from dpo.refcache import cached_reference_logprobs, compute_reference_logprobs
 from dpo.tokenizer import Tokenizer
-from dpo.train import DPOTask, prepare_dpo, run_dpo, run_sweep
+from dpo.train import DPOTask, pair_logprobs, prepare_dpo, run_dpo, run_sweep
 from dpo.trainer import TrainingDiverged, sequence_logprobs
 
 
@@ -74,14 +74,15 @@ def test_step0_loss_is_ln2_and_separable_set_is_learned(workdir, tok, reference)
     assert cfg["step"] == 16 and cfg["kind"] == "dpo" and cfg["config"]["dpo"]["beta"] == 0.5
 
 
-def test_fused_and_reference_kernels_give_same_loss_and_grads(workdir, tok):
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_fused_and_reference_kernels_give_same_loss_and_grads(workdir, tok, shared_prompt):
     pairs = tokenize_pairs(load_examples([workdir / "pairs.jsonl"]), tok, 32, 32, 48, DataStats())[:8]
     results = []
     ref = torch.randn(len(pairs), 2, generator=torch.Generator().manual_seed(0)) - 20   # differs from policy
     for kernel in ("fused", "reference"):
         model = load_checkpoint(workdir / "sft")[0]
-        task = DPOTask(model, pairs, [], DPOConfig(beta=0.3, rpo_alpha=0.5), pad_id=tok.pad_id,
-                       device=torch.device("cpu"), kernel=kernel, ref_train=ref)
+        task = DPOTask(model, pairs, [], DPOConfig(beta=0.3, rpo_alpha=0.5, shared_prompt=shared_prompt),
+                       pad_id=tok.pad_id, device=torch.device("cpu"), kernel=kernel, ref_train=ref)
         idx = list(range(8))
         loss, _ = task.loss(idx, task.step_norm([idx]))
         loss.backward()
@@ -90,6 +91,26 @@ def test_fused_and_reference_kernels_give_same_loss_and_grads(workdir, tok):
     assert torch.allclose(l1, l2, rtol=1e-5, atol=1e-6)
     for name in g1:
         assert torch.allclose(g1[name], g2[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_shared_prompt_rows_equal_separate_rows(workdir, tok):
+    """The packed layout (prompt once, both answers behind it) gives the seed layout's log-probs
+    and gradients: same contexts, same positions, only fewer tokens."""
+    pairs = tokenize_pairs(load_examples([workdir / "pairs.jsonl"]), tok, 32, 32, 48, DataStats())
+    pairs = [pairs[0], pairs[5], pairs[-1]]
+    pairs.append(type(pairs[0])(pairs[0].prompt[:1], pairs[0].chosen, pairs[0].rejected))   # 1-token prompt
+    out = []
+    for shared in (True, False):
+        model = load_checkpoint(workdir / "sft")[0]
+        c, r = pair_logprobs(model, pairs, pad_id=tok.pad_id, device="cpu", shared_prompt=shared)
+        (c.sum() - 2 * r.sum()).backward()
+        out.append((c.detach(), r.detach(), [p.grad for p in model.parameters()]))
+    (c1, r1, g1), (c2, r2, g2) = out
+    assert torch.allclose(c1, c2, atol=1e-4) and torch.allclose(r1, r2, atol=1e-4)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    packed = sum(p.packed_length for p in pairs)
+    assert packed < sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
 
 
 def test_rpo_alpha_adds_mean_token_nll_of_chosen(workdir, tok):
@@ -165,8 +186,10 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(workdir, tok):
 def test_cached_reference_logprobs_equal_recomputed(workdir, tok, tmp_path):
     pairs = tokenize_pairs(load_examples([workdir / "pairs.jsonl"]), tok, 32, 32, 48, DataStats())
     model = load_checkpoint(workdir / "sft")[0]
-    kw = dict(pad_id=tok.pad_id, batch_size=8, device=torch.device("cpu"), logprob_fn=sequence_logprobs,
-              autocast_ctx=torch.no_grad)
+    def fn(m, batch):
+        return pair_logprobs(m, batch, pad_id=tok.pad_id, device=torch.device("cpu"))
+
+    kw = dict(batch_size=8, pair_logprobs_fn=fn, autocast_ctx=torch.no_grad)
     first, path, hit = cached_reference_logprobs(model, pairs, cache_dir=tmp_path, tokenizer_hash=tok.hash,
                                                  settings="fp32", **kw)
     again, path2, hit2 = cached_reference_logprobs(model, pairs, cache_dir=tmp_path, tokenizer_hash=tok.hash,
