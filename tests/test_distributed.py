@@ -135,7 +135,9 @@ def weights(path: Path) -> dict:
     return load_checkpoint(path)[0].state_dict()
 
 
-def assert_same_run(run_dir: Path, ref_dir: Path, atol: float = 1e-5) -> None:
+def assert_same_run(run_dir: Path, ref_dir: Path, atol: float = 1e-5, weight_atol: float = 3e-5) -> None:
+    """Per-step losses within ``atol`` (float32 reduction order differs); weights within
+    ``weight_atol``: AdamW divides by sqrt(v), so gradients near zero amplify rounding a little."""
     got, want = metrics(run_dir), metrics(ref_dir)
     assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, STEPS + 1))
     for g, w in zip(got, want):
@@ -145,8 +147,11 @@ def assert_same_run(run_dir: Path, ref_dir: Path, atol: float = 1e-5) -> None:
     assert gv["loss"] == pytest.approx(wv["loss"], abs=atol)
     a, b = weights(run_dir / "final"), weights(ref_dir / "final")
     assert a.keys() == b.keys()
+    loss_diff = max(abs(g["loss"] - w["loss"]) for g, w in zip(got, want))
+    print(f"{run_dir.name}: max |loss diff| {loss_diff:.2e}, "
+          f"max |weight diff| {max(float((a[k] - b[k]).abs().max()) for k in a):.2e}")
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), k
+        assert torch.allclose(a[k], b[k], atol=weight_atol, rtol=0), k
 
 
 @pytest.fixture(scope="module")
