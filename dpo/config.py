@@ -63,6 +63,9 @@ class TrainingConfig:
     wandb_project: str = "fastdpo"
     overwrite: bool = False                   # a fresh run may replace an existing run directory
     progress: bool = True                     # tqdm bar
+    # Rows of similar length share a batch: sorted within windows of this many micro-batches.
+    # 1 = plain shuffle (needed when length tracks content, as in the demo task).
+    length_bucket: int = 64
     # Seed-API names kept for compatibility: local paths, no hub.
     dataset_name: str | None = None
     tokenizer_name: str | None = None
@@ -77,6 +80,8 @@ class TrainingConfig:
         for name in ("learning_rate", "epochs"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainingConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.length_bucket < 1:
+            raise ValueError(f"TrainingConfig.length_bucket must be >= 1, got {self.length_bucket}")
         for name in ("warmup_steps", "save_every", "log_every", "eval_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainingConfig.{name} must be >= 0, got {getattr(self, name)}")

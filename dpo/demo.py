@@ -236,7 +236,8 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
             min_lr_ratio=float(section.get("min_lr_ratio", 0.0)),
             weight_decay=float(section.get("weight_decay", 0.0)), log_every=int(section.get("log_every", 10)),
             eval_every=0, save_every=0, keep_checkpoints=0, mixed_precision=precision, seed=seed,
-            kernel="fused", wandb="disabled", overwrite=True, progress=progress)
+            kernel="fused", wandb="disabled", overwrite=True, progress=progress,
+            length_bucket=int(section.get("length_bucket", 1)))
 
     # 3. SFT ------------------------------------------------------------------------------------
     mcfg = dict(cfg["model"])

@@ -174,7 +174,7 @@ class Trainer:
         epoch, k = divmod(step, self.steps_per_epoch)
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             self._epoch_cache = (epoch, epoch_batches(self.task.lengths, self.cfg.micro_batch_size,
-                                                      self.cfg.seed, epoch))
+                                                      self.cfg.seed, epoch, bucket=self.cfg.length_bucket))
         accum = self.cfg.gradient_accumulation_steps * self.world
         return self._epoch_cache[1][k * accum:(k + 1) * accum]
 
