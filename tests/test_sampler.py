@@ -144,6 +144,7 @@ def test_seed_makes_sampling_reproducible():
     run = lambda seed: sample(m, prompts, [1.5] * 6, 16, None, None, seed)  # noqa: E731
     assert run(0) == run(0)
     assert run(0) != run(1)
+    assert sample(m, prompts, [1.5] * 6, 16, None, None, 0, progress=True) == run(0)  # tqdm bar on
 
 
 def test_choose_tokens_follows_the_top_k_distribution():
