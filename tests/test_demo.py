@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dpo.demo import load_demo_config, run_demo
+from dpo.demo import load_demo_config
 
 PHASES = ["task", "tokenizer", "sft", "mine", "sft_chosen", "dpo", "dpo_nll", "eval", "report"]
 
@@ -16,13 +16,15 @@ def quick(tmp_path_factory):
     old = os.environ.get("WANDB_MODE")
     os.environ["WANDB_MODE"] = "offline"
     try:
-        summary = run_demo(quick=True, out=out, progress=False)
+        # The CI smoke test is the real command line, in-process.
+        from dpo.cli import main
+        assert main(["demo", "--quick", "--out", str(out)]) == 0
     finally:
         if old is None:
             os.environ.pop("WANDB_MODE", None)
         else:
             os.environ["WANDB_MODE"] = old
-    return out, summary
+    return out, json.loads((out / "summary.json").read_text())
 
 
 def test_every_phase_ran_and_is_reported(quick):
