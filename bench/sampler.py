@@ -17,8 +17,8 @@ How each row is timed (the ``method`` column):
   and profiled show how good the estimate is (``profile_error``).
 Fast path, oracle and generate run interleaved in one process; compare ratios, not absolute times.
 
-    python -m bench.sampler --preset tiny
-    python -m bench.sampler --preset gpt2-124m --max-new 64 128 256 512 --oracle-max-new 256
+    python -m bench.sampler --preset tiny --threads 1 --hf-max-new 64 256
+    python -m bench.sampler --preset gpt2-124m --threads 1          # ~15 min on two busy cores
 """
 from __future__ import annotations
 
@@ -34,6 +34,12 @@ from dpo.model import GPT, KVCache, config_from_preset
 from dpo.sampler import TEMPS, choose_tokens, decode_step, sample, sample_reforward
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Full runs up to measure_max_new; step-cost profiles at `points` lengths; the oracle profiled on
+# `oracle_rows` rows (0 = all) and scaled up.
+PRESET_DEFAULTS = {
+    "tiny": dict(measure_max_new=64, points=3, oracle_rows=0),
+    "gpt2-124m": dict(measure_max_new=64, points=2, oracle_rows=8),
+}
 
 
 def make_workload(preset: str, n_prompts: int, k: int, prompt_lens: tuple[int, int], max_new: int,
@@ -156,13 +162,19 @@ def run_sampler_bench(preset: str = "tiny", n_prompts: int = 16, k: int = 4,
                       prompt_lens: tuple[int, int] = (20, 200),
                       max_new_tokens: tuple[int, ...] = (64, 128, 256, 512),
                       dtypes: tuple[str, ...] = ("float32", "bfloat16"), top_k: int = 50,
-                      measure_max_new: int = 128, points: int = 3, oracle: bool = True,
+                      measure_max_new: int | None = None, points: int | None = None, oracle: bool = True,
                       oracle_rows: int | None = None, hf: bool = True, hf_max_new: tuple[int, ...] = (64,),
                       threads: int | None = None, seed: int = 0, verbose: bool = True) -> list[dict]:
     """One dict per (implementation, dtype, max_new_tokens, method): tokens/s and seconds; oracle
     and generate rows carry the fast path's speed-up over them (``fast_speedup``, same method for
     the fast path when it has one, else its profile). Full runs for max_new_tokens <=
-    ``measure_max_new`` (fast path and oracle) and in ``hf_max_new`` (generate); profiles for all."""
+    ``measure_max_new`` (fast path and oracle) and in ``hf_max_new`` (generate); profiles for all.
+    ``measure_max_new``, ``points`` and ``oracle_rows`` default per preset (PRESET_DEFAULTS) so that
+    the 124M shape finishes in ~15 minutes on two busy cores."""
+    defaults = PRESET_DEFAULTS.get(preset, PRESET_DEFAULTS["tiny"])
+    measure_max_new = defaults["measure_max_new"] if measure_max_new is None else measure_max_new
+    points = defaults["points"] if points is None else points
+    oracle_rows = defaults["oracle_rows"] if oracle_rows is None else oracle_rows or None
     for d in dtypes:
         if d not in DTYPES:
             raise ValueError(f"unknown dtype {d!r}; choose from {sorted(DTYPES)}")
@@ -253,12 +265,12 @@ def main(argv=None) -> None:
     ap.add_argument("--k", type=int, default=4, help="rows (samples) per prompt")
     ap.add_argument("--max-new", type=int, nargs="+", default=[64, 128, 256, 512])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
-    ap.add_argument("--measure-max-new", type=int, default=128,
+    ap.add_argument("--measure-max-new", type=int, default=None,
                     help="also time full runs (fast path, oracle) up to this max_new_tokens")
-    ap.add_argument("--points", type=int, default=3, help="lengths at which step costs are profiled")
+    ap.add_argument("--points", type=int, default=None, help="lengths at which step costs are profiled")
     ap.add_argument("--no-oracle", action="store_true")
     ap.add_argument("--oracle-rows", type=int, default=None,
-                    help="profile the oracle on this many rows and scale up (for the 124M shape)")
+                    help="profile the oracle on this many rows (0 = all) and scale up")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     ap.add_argument("--hf-max-new", type=int, nargs="*", default=[64], help="generate only at these")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
