@@ -107,7 +107,7 @@ def run_train_bench(preset: str = "tiny", rounds: int = 3, steps: int = 2, preci
     for name in trainers:
         tps = statistics.median(t / s for t, s in zip(tokens[name], times[name]))
         peak = max(peaks[name]) if peaks[name][0] is not None else None
-        rows.append({"phase": "train", "preset": preset, "variant": name,
+        rows.append({"phase": "train", "preset": preset, "variant": name, "threads": torch.get_num_threads(),
                      "precision": info[name]["precision"],
                      "micro_batch_pairs": mb, "tokens_per_step": tokens_per_step, "rounds": rounds,
                      "steps_per_round": steps, "tokens_per_s": tps,
@@ -145,8 +145,13 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None, help="steps per round (default: 4 tiny, 1 gpt2-124m)")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (1 is steadier on a shared machine: no thread waits on a "
+                         "descheduled peer)")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for preset in (SHAPES if args.preset == "all" else [args.preset]):
         steps = args.steps or (4 if preset == "tiny" else 1)

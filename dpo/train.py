@@ -55,11 +55,13 @@ def pair_logprobs(model, pairs: Sequence[TokenizedPair], *, pad_id: int, device:
         return (kernels.reference.sequence_logprobs(logits, b.ids, b.chosen_mask),
                 kernels.reference.sequence_logprobs(logits, b.ids, b.rejected_mask))
     hidden = model.hidden_states(b.ids, pos=b.pos, attn_mask=b.attn_mask)
-    # two calls, each sending only its own answer's rows through the lm_head
-    weight = model.lm_head_weight
-    chosen, rejected = (kernels.linear_sequence_logprobs(hidden, weight, b.ids, m, backend=backend)
-                        for m in (b.chosen_mask, b.rejected_mask))
-    return chosen.float(), rejected.float()
+    # ONE kernel call over [rows with the chosen mask; the same rows with the rejected mask]: the
+    # kernel only sends masked rows through the lm_head, and its cost per call includes passes over
+    # the whole (V, C) weight, so two calls would pay those twice. The (2B, T, C) copy is small.
+    masks = torch.cat([b.chosen_mask, b.rejected_mask])
+    lp = kernels.linear_sequence_logprobs(torch.cat([hidden, hidden]), model.lm_head_weight,
+                                          torch.cat([b.ids, b.ids]), masks, backend=backend).float()
+    return lp[:len(pairs)], lp[len(pairs):]
 
 
 class DPOTask(Task):
