@@ -6,11 +6,15 @@ Each case times forward + backward of every implementation *interleaved* in one 
 machine is shared: absolute times swing, ratios measured side by side hold up) and reports
 median time ratios against the oracle, with each implementation's spread (max - min) / median.
 
-Threads: ``--threads 1`` is the default. On this 2-core machine shared by several engineers (load
-average 5-8), a 2-thread OpenMP region stalls at its closing barrier whenever the partner thread is
-descheduled, and that cost is paid per *op*: the oracle runs a handful of huge ops, the chunked
-paths hundreds of small ones, so 2-thread ratios measure the machine's load more than the code
-(profiled: ``amax`` 83 -> 551 ms, ``exp_`` 54 -> 280 ms for the same work at 1 vs 2 threads).
+Threads and OpenMP: on this 2-core machine shared by several engineers (load average 5-8), libgomp's
+default barrier *spins* before it sleeps. The chunked paths run hundreds of small parallel ops and
+each one ends in a barrier whose spinning thread burns the core its descheduled partner (or another
+process) needs; the oracle runs a handful of huge ops and barely notices. Measured, 8x512x32768 bf16
+fwd+bwd, 2 threads: fused 8.2 s with OMP_WAIT_POLICY=ACTIVE, ~2.7-5.5 s with the default, 0.90 s with
+PASSIVE (1 thread: 1.45 s); profiled at the default policy, ``amax`` 83 -> 551 ms and ``exp_``
+54 -> 280 ms for the same work at 1 vs 2 threads. So this module sets OMP_WAIT_POLICY=PASSIVE
+(unless already set) *before* importing torch, since libgomp reads it once when torch loads it; the
+header line says whether that worked. ``--threads`` defaults to torch's own choice (all cores).
 
 Peak memory: tracemalloc does not see torch's allocations, so this reads the kernel's own counter:
 before each run the process' peak-RSS mark is reset (``echo 5 > /proc/self/clear_refs``), glibc is
@@ -30,18 +34,29 @@ import ctypes
 import json
 import os
 import statistics
+import sys
 import time
 
-import torch
-import torch.nn.functional as F
+# before torch (and with it libgomp) is loaded; a process that imported torch earlier keeps its policy
+_OMP_POLICY_APPLIED = "torch" not in sys.modules or "OMP_WAIT_POLICY" in os.environ
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import kernels
-from kernels import reference
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import reference  # noqa: E402
 
 _M_MMAP_THRESHOLD = -3
 # Implementations timed in the first round only: torch's chunked linear cross-entropy with
 # reduction="none" takes tens of seconds per call at the full shapes on this CPU.
 ONE_ROUND = {"torch_lce"}
+
+
+def _omp_policy() -> str:
+    if _OMP_POLICY_APPLIED:
+        return os.environ["OMP_WAIT_POLICY"]
+    return "default (torch was loaded before bench.kernels: export OMP_WAIT_POLICY=PASSIVE before start)"
 
 
 def _libc():
@@ -209,7 +224,8 @@ def run_kernel_bench(quick: bool = False, reps: int | None = None, aot: bool = T
             t = statistics.median(times[name])
             p = max(peaks[name]) if peaks[name][0] is not None else None
             row = {"op": op, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "impl": name,
-                   "threads": threads, "reps": len(times[name]), "seconds": t,
+                   "threads": threads, "omp_wait_policy": _omp_policy(), "reps": len(times[name]),
+                   "seconds": t,
                    "spread": (max(times[name]) - min(times[name])) / t, "speedup_vs_oracle": t_or / t,
                    "peak_extra_MB": p, "mem_vs_oracle": (p / p_or) if (p is not None and p_or) else None,
                    "required_outputs_MB": required[name], **info}
@@ -261,14 +277,17 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, seconds instead of minutes")
     ap.add_argument("--reps", type=int, default=None, help="rounds per case (default 3; torch_lce: 1)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see the module doc)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's choice; see the module doc)")
     ap.add_argument("--only", default=None, help="run ops whose name contains this")
     ap.add_argument("--no-aot", action="store_true")
     ap.add_argument("--json", default="bench_kernels.json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(f"torch threads: {torch.get_num_threads()}; x = oracle time / impl time (median over rounds, "
-          "interleaved), ± = (max - min) / median of the impl's own times\n"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}, OMP_WAIT_POLICY={_omp_policy()}\n"
+          "x = oracle time / impl time (median over rounds, interleaved), "
+          "± = (max - min) / median of the impl's own times\n"
           "peak+ = peak extra resident memory of one fwd+bwd (VmHWM reset per run, mmap'd allocations), "
           "including returned gradients; 'w/o grads' subtracts the returned gradients (required outputs "
           "of every implementation; none for in-place); f32-logits = B*T*V*4 bytes")
