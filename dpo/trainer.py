@@ -245,16 +245,18 @@ class Trainer:
         bar = tqdm(total=self.state.total_steps, initial=self.state.step, disable=not cfg.progress,
                    desc=self.run_dir.name, dynamic_ncols=True, leave=False)
         sums: dict = {}
-        t0 = time.perf_counter()
+        seconds = 0.0   # training time only: evaluation and checkpoint writes do not count in tokens/s
         with self._sigint_saves():
             try:
                 while self.state.step < end:
+                    t0 = time.perf_counter()
                     self.train_step(sums)
+                    seconds += time.perf_counter() - t0
                     step = self.state.step
                     bar.update(1)
                     if cfg.log_every and step % cfg.log_every == 0:
-                        self._log_train(sums, time.perf_counter() - t0)
-                        sums, t0 = {}, time.perf_counter()
+                        self._log_train(sums, seconds)
+                        sums, seconds = {}, 0.0
                     if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                         self.evaluate()
                     saved = cfg.save_every and step % cfg.save_every == 0 and step < total
@@ -272,7 +274,7 @@ class Trainer:
             finally:
                 bar.close()
         if sums.get("steps"):
-            self._log_train(sums, time.perf_counter() - t0)
+            self._log_train(sums, seconds)
         return self.state
 
     def finish(self) -> Path:
@@ -280,7 +282,7 @@ class Trainer:
         if self.task.n_val:
             self.evaluate()
         path = self._save(self.run_dir / FINAL)
-        self._prune(keep=0 if self.cfg.keep_checkpoints == 0 else self.cfg.keep_checkpoints)
+        self._prune()
         return path
 
     @torch.no_grad()

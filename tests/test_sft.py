@@ -12,6 +12,15 @@ from dpo.sft import SFTTask, init_model, run_sft
 from dpo.tokenizer import Tokenizer
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes: one thread is as fast, and two stall each other on a busy shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer.train(["what is plus the answer 0123456789 + = ?"] * 30, vocab_size=300)

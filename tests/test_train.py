@@ -17,6 +17,15 @@ from dpo.train import DPOTask, pair_logprobs, prepare_dpo, run_dpo, run_sweep
 from dpo.trainer import TrainingDiverged, sequence_logprobs
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes: one thread is as fast, and two stall each other on a busy shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok():
     words = "what is plus the answer yes no good bad maybe 0123456789 + = ?"
