@@ -31,9 +31,13 @@ import os
 import statistics
 import time
 
-import torch
+# libgomp's spinning barriers stall 2-thread torch on a busy machine (see bench/kernels.py); the
+# policy must be set before torch loads, which importing bench.kernels first also does.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from bench.kernels import measure
+import torch  # noqa: E402
+
+from bench.kernels import measure  # noqa: E402
 from dpo.config import DPOConfig, TrainingConfig
 from dpo.data import TokenizedPair
 from dpo.model import GPT, config_from_preset
@@ -108,6 +112,7 @@ def run_train_bench(preset: str = "tiny", rounds: int = 3, steps: int = 2, preci
         tps = statistics.median(t / s for t, s in zip(tokens[name], times[name]))
         peak = max(peaks[name]) if peaks[name][0] is not None else None
         rows.append({"phase": "train", "preset": preset, "variant": name, "threads": torch.get_num_threads(),
+                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                      "precision": info[name]["precision"],
                      "micro_batch_pairs": mb, "tokens_per_step": tokens_per_step, "rounds": rounds,
                      "steps_per_round": steps, "tokens_per_s": tps,
