@@ -88,13 +88,19 @@ def lr_at(step: int, cfg: TrainingConfig, total_steps: int) -> float:
     return cfg.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases and norm gains (1-D parameters), as in nanoGPT."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases and norm gains (1-D parameters), as in nanoGPT.
+
+    ``fused``: torch's single-kernel AdamW where every parameter is a plain float tensor on CPU or
+    CUDA (measured on the tiny preset: 2-18 ms instead of 37 ms per step, no temporaries);
+    otherwise (e.g. FSDP2 shards) the default implementation."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.adam_betas)
+    fused = fused and all(type(p.data) is torch.Tensor and p.is_floating_point()
+                          and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.adam_betas, fused=fused or None)
 
 
 # --------------------------------------------------------------------------- task interface
@@ -156,7 +162,7 @@ class Trainer:
         self.parallel = distributed.parallelize(model, cfg.parallel, self.device) if self.world > 1 else None
         if self.parallel is not None:
             task.bind_policy(self.parallel)
-        self.optimizer = make_optimizer(model, cfg)
+        self.optimizer = make_optimizer(model, cfg, fused=self.parallel is None)
         self.steps_per_epoch = ((task.n_train // cfg.micro_batch_size)
                                 // (cfg.gradient_accumulation_steps * self.world))
         if self.steps_per_epoch == 0:
