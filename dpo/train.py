@@ -1,11 +1,13 @@
 """DPO training: ``run_dpo`` (the Python API), ``run_sweep`` (β sweeps) and ``fastdpo train``.
 
-One micro-batch is one forward: the chosen and rejected rows of its pairs are concatenated along
-the batch dimension (``dpo.data.collate_pairs``), and the policy's answer log-probs come from
-``kernels.linear_sequence_logprobs`` on the final hidden states, so the (2B, T, V) logits are never
-materialized. The reference log-probs are, by default, computed once up front and cached on disk
-(``dpo.refcache``); ``reference: model`` keeps a frozen copy and runs it every step instead,
-``reference: none`` trains reference-free.
+One micro-batch is one forward. By default each pair is one packed row whose prompt is computed
+once for both answers (``dpo.data.collate_packed_pairs``; ``shared_prompt: false`` gives the seed's
+layout, chosen rows and rejected rows concatenated on the batch dimension). The answers' log-probs
+come from ``kernels.linear_sequence_logprobs`` on the final hidden states, so the (B, T, V) logits
+are never materialized (``kernel: reference`` uses the naive oracle instead). The reference
+log-probs are, by default, computed once up front and cached on disk (``dpo.refcache``);
+``reference: model`` keeps a frozen copy and runs it every step, ``reference: none`` trains
+reference-free.
 """
 from __future__ import annotations
 
@@ -66,8 +68,7 @@ def pair_logprobs(model, pairs: Sequence[TokenizedPair], *, pad_id: int, device:
 
 class DPOTask(Task):
     def __init__(self, policy, train: Sequence[TokenizedPair], val: Sequence[TokenizedPair], cfg: DPOConfig,
-                 *,
-                 pad_id: int, device: torch.device, kernel: str = "fused", backend: str = "auto",
+                 *, pad_id: int, device: torch.device, kernel: str = "fused", backend: str = "auto",
                  ref_train: torch.Tensor | None = None, ref_val: torch.Tensor | None = None,
                  ref_model: torch.nn.Module | None = None, eval_batch_size: int = 8):
         self.policy, self.train, self.val, self.cfg = policy, list(train), list(val), cfg
