@@ -66,11 +66,14 @@ def _mb(tensors) -> float:
 
 
 def run_train_bench(preset: str = "tiny", rounds: int = 3, steps: int = 2, precision: str = "auto",
-                    micro_batch_size: int | None = None, seed: int = 0, verbose: bool = True) -> list[dict]:
-    """One row per variant (fast, naive) with tokens/s and memory, the fast row carrying the ratios."""
+                    micro_batch_size: int | None = None, prompt: tuple[int, int] | None = None,
+                    answer: tuple[int, int] | None = None, seed: int = 0, verbose: bool = True) -> list[dict]:
+    """One row per variant (fast, naive) with tokens/s and memory, the fast row carrying the ratios.
+    ``prompt``/``answer`` override the preset's (min, max) token lengths of the synthetic pairs."""
     shape = dict(SHAPES[preset])
-    if micro_batch_size:
-        shape["micro_batch_size"] = micro_batch_size
+    for key, value in (("micro_batch_size", micro_batch_size), ("prompt", prompt), ("answer", answer)):
+        if value:
+            shape[key] = value
     mb = shape["micro_batch_size"]
     n_pairs = mb * steps * (rounds + 1)
     pairs = synthetic_pairs(n_pairs, shape["vocab_size"], shape["prompt"], shape["answer"], seed)
@@ -115,6 +118,8 @@ def run_train_bench(preset: str = "tiny", rounds: int = 3, steps: int = 2, preci
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                      "precision": info[name]["precision"],
                      "micro_batch_pairs": mb, "tokens_per_step": tokens_per_step, "rounds": rounds,
+                     "vocab_size": shape["vocab_size"], "prompt_tokens": list(shape["prompt"]),
+                     "answer_tokens": list(shape["answer"]),
                      "steps_per_round": steps, "tokens_per_s": tps,
                      "step_s": statistics.median(times[name]) / steps, "step_peak_MB": peak,
                      "resident_MB": info[name]["resident_MB"],
