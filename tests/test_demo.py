@@ -1,6 +1,7 @@
 """``fastdpo demo --quick``: every phase runs and leaves a well-formed artifact (no accuracy claims:
 the quick model is barely trained)."""
 import json
+import math
 
 import pytest
 
@@ -64,11 +65,16 @@ def test_checkpoints_load_and_pairs_are_well_formed(quick):
 
 
 def test_dpo_started_at_ln2_and_logged_curves(quick):
-    out, _ = quick
+    out, summary = quick
     for arm in ("dpo", "dpo_nll"):
         rows = [json.loads(ln) for ln in (out / arm / "metrics.jsonl").read_text().splitlines()]
         train = [r for r in rows if r["split"] == "train"]
         assert train and all(k in train[0] for k in ("loss", "rewards/margins", "rewards/accuracies"))
+        first = train[0]
+        assert first["step"] == 1   # quick mode logs every step: this is the policy == reference step
+        assert abs(first["loss/dpo"] - math.log(2)) < 1e-3
+        alpha = summary["config"]["arms"][arm].get("rpo_alpha", 0.0)
+        assert first["loss"] == pytest.approx(first["loss/dpo"] + alpha * first["loss/nll_chosen"], rel=1e-6)
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
