@@ -277,11 +277,8 @@ def run_peer_bench(preset: str = "tiny", quick: bool = False) -> list[dict]:
     for e in errors:
         rows.append(dict(impl=e.split(":")[0], rate=None, unit="", note=f"skipped: {e}"))
     for r in rows:
-        print(
-            f"  {r['impl']:<32} {r['rate'] or float('nan'):10.2f} {r['unit']:<10} "
-            "" if r.get("speedup") is None else f"fastdpo x{r['speedup']:.2f}",
-            flush=True,
-        )
+        speedup = "" if r.get("speedup") is None else f"fastdpo x{r['speedup']:.2f}"
+        print(f"  {r['impl']:<32} {r['rate'] or float('nan'):10.2f} {r['unit']:<10} {speedup}", flush=True)
     return rows
 
 

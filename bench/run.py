@@ -67,7 +67,7 @@ def bench_sample(preset, quick, peaks, peers, out):
         k=4,
         max_new_tokens=max_new,
         dtypes=("float32", "bfloat16"),
-        measure_max_new=64 if quick else 128,
+        measure_max_new=32 if quick else None,  # None: the preset's default (bench.sampler)
         hf=peers,
         hf_max_new=(max_new[0],),
         verbose=True,
@@ -75,22 +75,23 @@ def bench_sample(preset, quick, peaks, peers, out):
     out["raw"]["sample"] = rows
     n_params, n_layer, n_embd = _model_flops(preset, 2048 if preset == "tiny" else 50304)
     headline = max_new[-2] if len(max_new) > 2 else max_new[-1]
+    # One row per (impl, dtype) in the table: the headline length, a full run where there is one
+    # (the profile estimate otherwise); generate is measured at its own, shorter length.
+    best: dict = {}
     for r in rows:
-        if r["max_new_tokens"] != headline and r["impl"] != "generate":
+        if r["impl"] != "hf_generate" and r["max_new_tokens"] != headline:
             continue
+        key = (r["impl"], r["dtype"])
+        if key not in best or (r["method"] == "measured" and best[key]["method"] != "measured"):
+            best[key] = r
+    for r in best.values():
         flops = 2 * n_params * r["tokens_per_s"]
         out["summary"].append(
             _summary(
-                "sample",
-                r["impl"],
-                r["tokens_per_s"],
-                "new tok/s",
-                preset=preset,
-                speedup=r.get("fast_speedup"),
-                peak_fraction=flops / peaks[r["dtype"]],
-                dtype=r["dtype"],
-                max_new_tokens=r["max_new_tokens"],
-                method=r["method"],
+                "sample", f"{r['impl']} @{r['max_new_tokens']} ({r['method']})", r["tokens_per_s"],
+                "new tok/s", preset=preset, speedup=r.get("fast_speedup"),
+                peak_fraction=flops / peaks[r["dtype"]], dtype=r["dtype"],
+                max_new_tokens=r["max_new_tokens"], method=r["method"],
             )
         )
     for r in rows:
@@ -154,8 +155,14 @@ def bench_train(preset, quick, peaks, peers, out):
             )
 
 
-def bench_judge(preset, quick, peaks, peers, out, mining_ckpt=None):
+def bench_judge(preset, quick, peaks, peers, out):
     from bench.judge import run_judge_bench
+
+    # Pairs/min only means something on a policy that can answer: the demo's SFT model if it exists.
+    mining_ckpt = out["settings"].get("mining_ckpt")
+    if mining_ckpt is None and Path("runs/demo/sft/final/config.json").is_file():
+        mining_ckpt = "runs/demo/sft/final"
+    out["settings"]["mining_ckpt_used"] = mining_ckpt
 
     rows = run_judge_bench(
         concurrencies=(1, 8, 32),
@@ -303,6 +310,7 @@ def run_bench(
     out_dir: str | Path = "runs/bench",
     peers: bool = True,
     threads: int | None = None,
+    mining_ckpt: str | Path | None = None,
 ) -> dict:
     """Run the phases, print the table, write ``bench.json`` and ``bench.png`` under ``out_dir``."""
     unknown = sorted(set(phases) - set(PHASES))
@@ -332,6 +340,7 @@ def run_bench(
         "scaling": [],
         "raw": {},
         "errors": {},
+        "settings": {"mining_ckpt": None if mining_ckpt is None else str(mining_ckpt)},
     }
     for phase in phases:
         if phase == "peers" and not peers:
@@ -424,12 +433,13 @@ def add_subcommand(sub) -> None:
     p.add_argument("--out", default="runs/bench", help="directory for bench.json and bench.png")
     p.add_argument("--no-peers", action="store_true", help="skip transformers/TRL/Liger rows")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--mining-ckpt", default=None,
+                   help="SFT checkpoint mined from in the judge phase (default: runs/demo/sft/final if any)")
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> int:
     phases = PHASES if args.phases == "all" else tuple(p.strip() for p in args.phases.split(",") if p.strip())
-    run_bench(
-        args.preset, phases, quick=args.quick, out_dir=args.out, peers=not args.no_peers, threads=args.threads
-    )
+    run_bench(args.preset, phases, quick=args.quick, out_dir=args.out, peers=not args.no_peers,
+              threads=args.threads, mining_ckpt=args.mining_ckpt)
     return 0
