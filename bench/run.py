@@ -212,10 +212,10 @@ def bench_eval(preset, quick, peaks, peers, out):
     torch.manual_seed(0)
     cfg = config_from_preset(preset, vocab_size=tok.vocab_size)
     a, b = GPT(cfg).eval(), GPT(cfg).eval()
-    n = 8 if quick else 32
+    n = 4 if quick else 32
     prompts = [f"Reverse the words: {' '.join(words[i % 7 : i % 7 + 3])}" for i in range(n)]
     judge = ProgrammaticJudge(lambda instruction, response: 1 + len(response) % 10, name="length-mod")
-    max_new = 32 if quick else 64
+    max_new = 16 if quick else 64
     res = {}
     for name, sampler in (("fast", sample), ("oracle", sample_reforward)):
         dt, peak = measure(
