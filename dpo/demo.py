@@ -34,7 +34,6 @@ from dpo import task as task_mod
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 ARM_KINDS = ("sft_chosen", "dpo")          # an arm is SFT on chosen answers, or a DPO run
-PHASES = ("task", "tokenizer", "sft", "mine", "eval")
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -224,7 +223,7 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
         tok_path = tok.save(out / "tokenizer.json")
         row["count"] = sum(len(ids) for ids in tok.encode_batch(data.corpus))
 
-    def train_config(run_name: str, section: dict, n_examples: int, pair: bool) -> TrainingConfig:
+    def train_config(run_name: str, section: dict, n_examples: int) -> TrainingConfig:
         batch = int(section["batch_size"])
         steps = section.get("steps")
         if steps is None:   # whole epochs over the examples, at least one step
@@ -243,7 +242,7 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
     mcfg = dict(cfg["model"])
     preset = mcfg.pop("preset", "tiny")
     gpt_config = config_from_preset(preset, vocab_size=tok.vocab_size, **mcfg)
-    sft_tc = train_config("sft", cfg["sft"], len(data.sft), pair=False)
+    sft_tc = train_config("sft", cfg["sft"], len(data.sft))
     sft_seq = sum(len(tok.render_prompt(ex["instruction"])) + len(tok.render_answer(ex["response"]))
                   for ex in data.sft) / max(1, len(data.sft))
     with log.phase("sft", "tokens") as row:
@@ -289,7 +288,7 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
     # 5. arms -----------------------------------------------------------------------------------
     arm_ckpts: dict[str, Path] = {}
     for name, arm in cfg["arms"].items():
-        tc = train_config(name, arm, len(pairs), pair=arm["kind"] == "dpo")
+        tc = train_config(name, arm, len(pairs))
         with log.phase(name, "tokens") as row:
             if arm["kind"] == "sft_chosen":
                 arm_ckpts[name] = run_sft(sft_ckpt, tc, SFTConfig(max_length=gpt_config.block_size,
