@@ -414,20 +414,30 @@ def format_summary(s: dict, log: PhaseLog) -> str:
                 if s["mining"]["topped_up_with_reference"] else ""),
              "", f"== before/after on {s['data']['eval']} held-out prompts (judge: task) ==",
              f"{'model':<14}{'acc@T0.7':>10}{'acc greedy':>12}{'content@0.7':>13}{'chatty@0.7':>12}"
-             f"{'win/tie/loss vs SFT':>22}{'win|decided':>13}"]
+             f"{'win/tie/loss vs SFT':>22}{'win-loss':>10}{'win|decided':>13}"]
     for name, v in r.items():
         wtl = f"{v['win']}/{v['tie']}/{v['loss']}" if "win" in v else "-"
         wd = f"{100 * v['win_rate_decided']:.1f}%" if v.get("win_rate_decided") is not None else "-"
+        wml = f"{100 * v['win_minus_loss']:+.1f}%" if "win_minus_loss" in v else "-"
         mark = " *" if name == s["headline"] else ""
         lines.append(f"{name + mark:<14}{100 * v['accuracy_t07']:>9.1f}%"
                      f"{100 * v['greedy']['accuracy']:>11.1f}%{100 * v['content_t07']:>12.1f}%"
-                     f"{100 * v['habit_t07']:>11.1f}%{wtl:>22}{wd:>13}")
+                     f"{100 * v['habit_t07']:>11.1f}%{wtl:>22}{wml:>10}{wd:>13}")
     h = s["headline_result"]
     lines += ["", f"headline ({s['headline']}): accuracy at T=0.7 {100 * h['accuracy_t07_sft']:.1f}% -> "
               f"{100 * h['accuracy_t07']:.1f}% ({h['accuracy_t07_gain_points']:+.1f} points); "
               f"win rate among decided {100 * (h['win_rate_decided'] or 0):.1f}% "
-              f"({h['win']} win / {h['tie']} tie / {h['loss']} loss)",
-              f"artifacts: {s['out']}/summary.json, {s['artifacts']['curves']}, "
+              f"({h['win']} win / {h['tie']} tie / {h['loss']} loss)"]
+    hv = r[s["headline"]]
+    for name, v in r.items():
+        if name not in ("sft", s["headline"]):
+            # The honest comparison: same SFT start, same pairs, one ingredient different.
+            d = {k: 100 * (hv[k] - v[k]) for k in ("accuracy_t07", "content_t07", "habit_t07",
+                                                   "win_minus_loss")}
+            lines.append(f"  {s['headline']} vs {name}: accuracy at T=0.7 {d['accuracy_t07']:+.1f} points, "
+                         f"content {d['content_t07']:+.1f}, chatty {d['habit_t07']:+.1f}, "
+                         f"win-loss vs SFT {d['win_minus_loss']:+.1f}")
+    lines += [f"artifacts: {s['out']}/summary.json, {s['artifacts']['curves']}, "
               f"W&B: {s['artifacts']['wandb']}",
               f"total {s['total_seconds']:.1f}s"]
     return "\n".join(lines)
