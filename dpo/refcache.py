@@ -2,13 +2,16 @@
 
 DPO's reference model is frozen, so its log-probs of every (prompt, answer) never change: computing
 them once removes a forward pass per training step and the reference model from memory. The cache
-key hashes what determines the numbers: the reference weights, the tokenized pairs (hence data,
-tokenizer and truncation), the tokenizer's own hash, and the precision and kernel used. A β sweep
+key hashes what determines the numbers: the reference weights and architecture (its config: the same
+weights under another ``n_head`` are another function), the tokenized pairs (hence data, tokenizer
+and truncation), the tokenizer's own hash, and the settings the caller passes (precision, kernel,
+resolved backend, device type, batch layout). A β sweep
 over the same data and reference therefore computes them once.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 from collections.abc import Sequence
@@ -23,6 +26,9 @@ from dpo.data import TokenizedPair, eval_batches
 
 def model_hash(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        h.update(json.dumps(config.to_dict(), sort_keys=True).encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(str(t.dtype).encode())
@@ -37,6 +43,12 @@ def pairs_hash(pairs: Sequence[TokenizedPair]) -> str:
             h.update(len(seq).to_bytes(4, "little"))
             h.update(b"".join(i.to_bytes(4, "little") for i in seq))
     return h.hexdigest()[:20]
+
+
+def cache_key(model: torch.nn.Module, pairs: Sequence[TokenizedPair], tokenizer_hash: str,
+              settings: str) -> str:
+    return hashlib.sha256("|".join([model_hash(model), pairs_hash(pairs), tokenizer_hash, settings])
+                          .encode()).hexdigest()[:24]
 
 
 @torch.no_grad()
@@ -64,9 +76,7 @@ def cached_reference_logprobs(model: torch.nn.Module, pairs: Sequence[TokenizedP
                               **compute_kwargs) -> tuple[torch.Tensor, Path, bool]:
     """Load ``(N, 2)`` reference log-probs from ``cache_dir`` or compute and store them.
     Returns ``(logps, cache file, hit)``."""
-    key = hashlib.sha256("|".join([model_hash(model), pairs_hash(pairs), tokenizer_hash, settings])
-                         .encode()).hexdigest()[:24]
-    path = Path(cache_dir) / f"ref-logps-{key}.safetensors"
+    path = Path(cache_dir) / f"ref-logps-{cache_key(model, pairs, tokenizer_hash, settings)}.safetensors"
     logps = None
     if path.is_file():
         try:

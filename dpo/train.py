@@ -165,7 +165,9 @@ def prepare_dpo(policy: torch.nn.Module, train: Sequence[TokenizedPair], val: Se
             p.requires_grad_(False)
     if mode == "cached":
         cache_dir = dpo_cfg.reference_cache_dir or train_cfg.output_dir / "ref_cache"
-        settings = f"{precision}|{train_cfg.kernel}|{train_cfg.kernel_backend}|shared={dpo_cfg.shared_prompt}"
+        # "auto" means other kernels on another device: key on what actually runs
+        backend = kernels.logprob.resolve_backend(train_cfg.kernel_backend, device)
+        settings = f"{precision}|{train_cfg.kernel}|{backend}|{device.type}|shared={dpo_cfg.shared_prompt}"
 
         def ref_logprobs(model, pairs):
             return pair_logprobs(model, pairs, pad_id=pad_id, device=device, kernel=train_cfg.kernel,

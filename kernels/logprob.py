@@ -53,6 +53,12 @@ MAX_BLOCK_V = 4096
 # --------------------------------------------------------------------------- validation, rows
 
 
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that ``backend`` means for tensors on ``device`` (``auto`` resolved); raises
+    ValueError for a backend that cannot run there."""
+    return _check_backend(backend, device)
+
+
 def _check_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

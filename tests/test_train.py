@@ -11,7 +11,7 @@ from dpo.checkpoint import load_checkpoint, save_checkpoint
 from dpo.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
 from dpo.data import DataStats, collate_pairs, load_examples, tokenize_pairs
 from dpo.model import GPT, GPTConfig
-from dpo.refcache import cached_reference_logprobs, compute_reference_logprobs
+from dpo.refcache import cache_key, cached_reference_logprobs, compute_reference_logprobs
 from dpo.tokenizer import Tokenizer
 from dpo.train import DPOTask, pair_logprobs, prepare_dpo, run_dpo, run_sweep
 from dpo.trainer import TrainingDiverged, sequence_logprobs
@@ -216,6 +216,26 @@ def test_cached_reference_logprobs_equal_recomputed(workdir, tok, tmp_path):
                                                settings="fp32", **kw)
     assert not hit3 and path3 != path
     assert torch.equal(compute_reference_logprobs(model, pairs, **kw), first)
+
+
+def test_reference_cache_key_includes_the_model_config(workdir, tok):
+    pairs = tokenize_pairs(load_examples([workdir / "pairs.jsonl"]), tok, 32, 32, 48, DataStats())
+    model = load_checkpoint(workdir / "sft")[0]
+    other = GPT(GPTConfig(**{**model.config.to_dict(), "n_head": 4}))   # same parameter shapes
+    other.load_state_dict(model.state_dict())
+    assert cache_key(model, pairs, tok.hash, "fp32") != cache_key(other, pairs, tok.hash, "fp32")
+
+
+def test_reference_cache_settings_hold_the_resolved_backend(workdir, tok):
+    """``auto`` and ``torch`` are the same kernels on CPU: one cache entry, not two (and ``auto``
+    on CUDA would be another entry, since the device type and resolved backend are in the key)."""
+    pairs = tokenize_pairs(load_examples([workdir / "pairs.jsonl"]), tok, 32, 32, 48, DataStats())
+    cache = workdir / "ref_cache_backend"
+    for backend in ("auto", "torch"):
+        tc = cfgs(workdir, f"refkey-{backend}", kernel_backend=backend)
+        prepare_dpo(load_checkpoint(workdir / "sft")[0], pairs, [], tc,
+                    DPOConfig(reference="cached", reference_cache_dir=cache), pad_id=tok.pad_id)
+    assert len(list(cache.glob("ref-logps-*.safetensors"))) == 1
 
 
 def test_beta_sweep_shares_reference_cache_and_prints_table(workdir, tok, capsys):
