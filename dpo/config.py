@@ -50,7 +50,8 @@ class TrainingConfig:
     adam_betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float = 1.0                # 0 disables clipping (the norm is still logged)
     save_every: int = 0                       # 0: only at the end
-    keep_checkpoints: int = 2                 # step checkpoints kept besides the final one
+    keep_checkpoints: int = 2                 # step checkpoints kept besides the final one (the
+    #                                           newest is kept until the final one is written)
     log_every: int = 10
     eval_every: int = 0                       # 0: only at the end (when there is a val split)
     mixed_precision: str = "auto"             # "bf16" | "fp32" | "auto" (bf16 where supported)

@@ -268,7 +268,9 @@ class Trainer:
                     saved = cfg.save_every and step % cfg.save_every == 0 and step < total
                     if saved:
                         self._save(self.run_dir / f"step-{step:06d}")
-                        self._prune()
+                        # the newest step checkpoint stays even with keep_checkpoints=0: until the
+                        # final one exists it is the only way back (and what Ctrl-C reports)
+                        self._prune(max(1, cfg.keep_checkpoints))
                     if self.on_step is not None:
                         self.on_step(self, step)
                     if distributed.any_rank(self._stop_requested):   # all ranks stop at one step

@@ -178,6 +178,24 @@ def test_ctrl_c_saves_and_resume_continues(workdir, tok):
     assert json.loads((final / "config.json").read_text())["step"] == 4
 
 
+def test_keep_checkpoints_0_keeps_the_newest_until_final_and_ctrl_c_reports_it(workdir, tok, capsys):
+    tc = cfgs(workdir, "keep0", save_every=2, keep_checkpoints=0, progress=True)
+    seen = {}
+
+    def record(trainer, step):
+        seen[step] = sorted(p.name for p in tc.run_dir.glob("step-*"))
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_dpo(workdir / "sft", tc, DPOConfig(), data_cfg(workdir), tok, on_step=record)
+    assert seen[2] == ["step-000002"] and seen[4] == ["step-000004"]
+    assert f"saved {tc.run_dir / 'step-000004'}" in capsys.readouterr().out
+    assert (tc.run_dir / "step-000004" / "trainer_state.pt").is_file()
+    final = run_dpo(workdir / "sft", tc, DPOConfig(), data_cfg(workdir), tok, resume=True)
+    assert final.is_dir() and not list(tc.run_dir.glob("step-*"))   # besides the final one: none
+
+
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(workdir, tok):
     tc = cfgs(workdir, "nan", save_every=2)
 
