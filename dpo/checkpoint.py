@@ -72,15 +72,31 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
     if not path.exists():
         tmp.rename(path)
         return
+    # Two renames, not one atomic exchange: a crash between them leaves only ``.NAME.old-*``,
+    # which restore_interrupted_swap puts back on the next lookup.
     old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
     path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def restore_interrupted_swap(path: str | Path) -> bool:
+    """If ``path`` is missing but one ``.NAME.old-*`` sibling exists (a save died between its two
+    renames), rename that previous checkpoint back into place. Returns whether it did."""
+    path = Path(path)
+    if path.exists() or not path.parent.is_dir():
+        return False
+    olds = [p for p in path.parent.glob(f".{path.name}.old-*") if p.is_dir()]
+    if len(olds) != 1:
+        return False
+    olds[0].rename(path)
+    return True
+
+
 def read_config(path: str | Path) -> dict:
     """The checkpoint's config.json, validated."""
     path = Path(path)
+    restore_interrupted_swap(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
     cfg_file = path / CONFIG

@@ -25,7 +25,7 @@ import torch
 
 import kernels
 from dpo import distributed
-from dpo.checkpoint import load_checkpoint, read_config, save_checkpoint
+from dpo.checkpoint import load_checkpoint, read_config, restore_interrupted_swap, save_checkpoint
 from dpo.config import TrainingConfig
 from dpo.data import epoch_batches
 from dpo.metrics import RunLogger
@@ -33,6 +33,7 @@ from dpo.metrics import RunLogger
 STATE_FILE = "trainer_state.pt"
 FINAL = "final"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_OLD_DIR = re.compile(r"^\.(.+)\.old-[0-9a-f]+$")
 
 
 class TrainingDiverged(ValueError):
@@ -435,6 +436,9 @@ def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest resumable checkpoint of a run: ``final`` if present, else the highest step."""
     run_dir = Path(run_dir)
+    if run_dir.is_dir():   # a save that died between its two renames: put the previous one back
+        for name in {m.group(1) for p in run_dir.glob(".*.old-*") if (m := _OLD_DIR.match(p.name))}:
+            restore_interrupted_swap(run_dir / name)
     candidates = [(s, p) for s, p in _step_dirs(run_dir) if (p / STATE_FILE).is_file()]
     final = run_dir / FINAL
     if (final / STATE_FILE).is_file():

@@ -1,10 +1,16 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from dpo.checkpoint import (CheckpointError, import_legacy_checkpoint, load_checkpoint, load_tokenizer,
-                            save_checkpoint)
+from dpo.checkpoint import (
+    CheckpointError,
+    import_legacy_checkpoint,
+    load_checkpoint,
+    load_tokenizer,
+    save_checkpoint,
+)
 from dpo.model import GPT, GPTConfig
 from dpo.tokenizer import Tokenizer
 
@@ -76,6 +82,41 @@ def test_shape_mismatch_is_an_error(tmp_path, tok):
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="shape"):
         load_checkpoint(tmp_path / "ck")
+
+
+def _die_between_the_two_renames(monkeypatch, name):
+    """The process dies after the old checkpoint was moved aside, before the new one moved in."""
+    rename = Path.rename
+
+    def crashing(self, target):
+        if self.name.startswith(f".{name}.tmp-"):
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crashing)
+
+
+def test_save_that_died_between_renames_is_restored_on_load(tmp_path, tok, monkeypatch):
+    save_checkpoint(tmp_path / "ck", make_model(tok, 0), step=1)
+    with monkeypatch.context() as m:
+        _die_between_the_two_renames(m, "ck")
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(tmp_path / "ck", make_model(tok, 1), step=2)
+    assert not (tmp_path / "ck").exists()   # only .ck.old-* is left
+    assert load_checkpoint(tmp_path / "ck")[1]["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_latest_checkpoint_restores_a_step_dir_left_mid_swap(tmp_path, tok, monkeypatch):
+    from dpo.trainer import STATE_FILE, latest_checkpoint
+
+    extra = {STATE_FILE: lambda f: torch.save({"step": 2}, f)}
+    save_checkpoint(tmp_path / "step-000002", make_model(tok, 0), step=2, extra_files=extra)
+    with monkeypatch.context() as m:
+        _die_between_the_two_renames(m, "step-000002")
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(tmp_path / "step-000002", make_model(tok, 1), step=2, extra_files=extra)
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-000002"
 
 
 def test_legacy_pt_import(tmp_path, tok):
