@@ -58,7 +58,7 @@ class TrainingConfig:
     seed: int = 1337
     device: str = "auto"                      # "auto" | "cpu" | "cuda" | "cuda:1" ...
     kernel: str = "fused"                     # "fused" (kernels.linear_sequence_logprobs) | "reference"
-    kernel_backend: str = "auto"              # passed to the kernels: auto | torch | triton
+    kernel_backend: str = "auto"              # passed to the kernels: auto | torch | triton | reference
     parallel: str = "ddp"                     # under torchrun: "ddp" (replicas) | "fsdp" (FSDP2 shards)
     wandb: str = "auto"                       # "auto" (online with an API key, else offline) | ...
     wandb_project: str = "fastdpo"
@@ -77,6 +77,8 @@ class TrainingConfig:
         _choice("mixed_precision", self.mixed_precision, ("bf16", "fp32", "auto"))
         _choice("kernel", self.kernel, ("fused", "reference"))
         _choice("parallel", self.parallel, ("ddp", "fsdp"))
+        from kernels import BACKENDS  # here, not at the top: kernels imports torch and triton
+        _choice("TrainingConfig.kernel_backend", self.kernel_backend, BACKENDS)
         _choice("wandb", self.wandb, ("auto", "disabled", "offline", "online"))
         for name in ("learning_rate", "epochs"):
             if not getattr(self, name) > 0:

@@ -60,20 +60,21 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _check_backend(backend: str, device: torch.device) -> str:
+    # ValueError, not RuntimeError: these are choices a user made (the CLI prints them as one line)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if (device.type == "cuda" and HAS_TRITON) else "torch"
     if backend == "triton":
         if not HAS_TRITON:
-            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+            raise ValueError("backend='triton' needs the triton package, which is not installed")
         if device.type == "cpu" and not interpreter_enabled():
-            raise RuntimeError(
+            raise ValueError(
                 "backend='triton' on CPU tensors runs only under the Triton interpreter: set "
                 "TRITON_INTERPRET=1 in the environment before triton is first imported (or use "
                 "backend='torch' / 'auto' on CPU)")
         if device.type not in ("cpu", "cuda"):
-            raise RuntimeError(f"backend='triton' supports cuda (and cpu via the interpreter), not {device}")
+            raise ValueError(f"backend='triton' supports cuda (and cpu via the interpreter), not {device}")
     return backend
 
 

@@ -178,6 +178,11 @@ def test_ctrl_c_saves_and_resume_continues(workdir, tok):
     assert json.loads((final / "config.json").read_text())["step"] == 4
 
 
+def test_kernel_backend_is_validated_with_the_field_name(workdir):
+    with pytest.raises(ValueError, match=r"TrainingConfig\.kernel_backend must be one of .*'cuda'"):
+        cfgs(workdir, "badbackend", kernel_backend="cuda")
+
+
 def test_keep_checkpoints_0_keeps_the_newest_until_final_and_ctrl_c_reports_it(workdir, tok, capsys):
     tc = cfgs(workdir, "keep0", save_every=2, keep_checkpoints=0, progress=True)
     seen = {}
