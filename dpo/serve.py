@@ -66,7 +66,10 @@ class Batcher:
         self.active = 0
         self._active_lock = threading.Lock()
         self._q: queue.Queue = queue.Queue()
-        self._closed = threading.Event()
+        # submit's check-and-put and close's flag-and-sentinel are one step each under this lock,
+        # so no job can land behind the sentinel and wait out its request timeout
+        self._lock = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="fastdpo-batcher", daemon=True)
         self._thread.start()
 
@@ -75,15 +78,29 @@ class Batcher:
             self.active += delta
 
     def submit(self, job: _Job) -> Future:
-        if self._closed.is_set():
-            raise RequestError(503, "server is shutting down")
-        self._q.put(job)
+        with self._lock:
+            if self._closed:
+                raise RequestError(503, "server is shutting down")
+            self._q.put(job)
         return job.future
 
-    def close(self) -> None:
-        self._closed.set()
-        self._q.put(None)
-        self._thread.join(timeout=30)
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish the jobs already queued (up to ``timeout``); any still waiting then fail with 503."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._q.put(None)
+        self._thread.join(timeout=timeout)
+        while True:
+            try:
+                job = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                continue
+            if not job.future.done():
+                job.future.set_exception(RequestError(503, "server is shutting down"))
+        self._q.put(None)   # a worker still finishing a batch stops after it
 
     def _collect(self) -> list[_Job] | None:
         first = self._q.get()
@@ -108,25 +125,34 @@ class Batcher:
 
         with torch.inference_mode():
             while (jobs := self._collect()) is not None:
-                groups: dict[tuple, list[_Job]] = {}
-                for job in jobs:  # one sample() call per sampling-filter setting
-                    groups.setdefault((job.top_k, job.top_p), []).append(job)
-                for (top_k, top_p), group in groups.items():
-                    try:
-                        out = sample(self.model, [p for j in group for p in j.prompts],
-                                     [t for j in group for t in j.temperatures],
-                                     [b for j in group for b in j.budgets], top_k, self.eos_id,
-                                     [s for j in group for s in j.seeds], top_p=top_p, dtype=self.dtype)
-                    except Exception as e:  # answer every waiting request, keep serving
-                        for j in group:
+                try:
+                    self._serve(jobs, sample)
+                except Exception as e:  # a bug here must fail these requests, not kill the worker
+                    for j in jobs:
+                        if not j.future.done():
                             j.future.set_exception(e)
-                        continue
-                    self.batches += 1
-                    self.rows += len(out)
-                    at = 0
-                    for j in group:
-                        j.future.set_result(out[at: at + len(j.prompts)])
-                        at += len(j.prompts)
+
+    def _serve(self, jobs: list[_Job], sample) -> None:
+        """Sample ``jobs`` (one sample() call per sampling-filter setting) and answer them."""
+        groups: dict[tuple, list[_Job]] = {}
+        for job in jobs:
+            groups.setdefault((job.top_k, job.top_p), []).append(job)
+        for (top_k, top_p), group in groups.items():
+            try:
+                out = sample(self.model, [p for j in group for p in j.prompts],
+                             [t for j in group for t in j.temperatures],
+                             [b for j in group for b in j.budgets], top_k, self.eos_id,
+                             [s for j in group for s in j.seeds], top_p=top_p, dtype=self.dtype)
+            except Exception as e:  # answer every waiting request, keep serving
+                for j in group:
+                    j.future.set_exception(e)
+                continue
+            self.batches += 1
+            self.rows += len(out)
+            at = 0
+            for j in group:
+                j.future.set_result(out[at: at + len(j.prompts)])
+                at += len(j.prompts)
 
 
 # -- request parsing ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import json
 import signal
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -11,9 +12,10 @@ import torch
 from openai import OpenAI
 
 from bench.judge import make_tiny_checkpoint, start_server
+from dpo import sampler
 from dpo.pairs import load_policy
 from dpo.sampler import sample
-from dpo.serve import ChatServer, RequestError, chat_turns
+from dpo.serve import Batcher, ChatServer, RequestError, _Job, chat_turns
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +165,63 @@ def test_cli_serve_port_zero_and_clean_shutdown(ckpt):
             proc.wait()
     with pytest.raises(urllib.error.URLError):  # the port is released: nothing answers any more
         urllib.request.urlopen(url + "/models", timeout=2)
+
+
+def _job(top_p=1.0):
+    return _Job([[1, 2]], [0.0], [2], [0], None, top_p)
+
+
+@pytest.fixture
+def fake_sample(monkeypatch):
+    """The batcher without a model: sample() answers [7] per row, after ``gate`` opens."""
+    gate = threading.Event()
+    gate.set()
+
+    def fake(model, prompts, *a, **k):
+        gate.wait(10)
+        return [[7] for _ in prompts]
+
+    monkeypatch.setattr(sampler, "sample", fake)
+    return gate
+
+
+def test_submit_racing_close_never_strands_a_job(fake_sample):
+    batcher = Batcher(None, eos_id=0, window_s=0.0)
+    put = batcher._q.put
+    closer = []
+
+    def put_while_closing(item):
+        if item is not None and not closer:   # close() runs between submit's check and its put
+            closer.append(threading.Thread(target=batcher.close))
+            closer[0].start()
+            time.sleep(0.2)
+        put(item)
+
+    batcher._q.put = put_while_closing
+    future = batcher.submit(_job())
+    closer[0].join(10)
+    assert future.result(timeout=5) == [[7]]   # before the sentinel, so served, not left waiting
+
+
+def test_close_fails_jobs_the_worker_never_reached(fake_sample):
+    batcher = Batcher(None, eos_id=0, window_s=0.0)
+    fake_sample.clear()                        # the worker is stuck in a long batch
+    first = batcher.submit(_job())
+    time.sleep(0.1)
+    second = batcher.submit(_job())
+    batcher.close(timeout=0.1)
+    with pytest.raises(RequestError, match="shutting down"):
+        second.result(timeout=5)
+    fake_sample.set()
+    assert first.result(timeout=5) == [[7]]
+    with pytest.raises(RequestError, match="shutting down"):
+        batcher.submit(_job())
+
+
+def test_a_bug_in_the_batcher_fails_the_batch_and_keeps_serving(fake_sample):
+    batcher = Batcher(None, eos_id=0, window_s=0.0)
+    with pytest.raises(TypeError):
+        batcher.submit(_job(top_p=[1.0])).result(timeout=5)   # unhashable: grouping itself fails
+    assert batcher.submit(_job()).result(timeout=5) == [[7]]
+    batcher.close()
+
