@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -304,7 +305,7 @@ class ChatServer(ThreadingHTTPServer):
                    self.top_k, top_p)
         try:
             out = self.batcher.submit(job).result(timeout=self.request_timeout)
-        except TimeoutError:
+        except FutureTimeout:
             raise RequestError(503, "generation timed out; the server is overloaded") from None
 
         choices, n_new = [], 0

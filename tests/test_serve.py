@@ -6,6 +6,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -225,3 +226,15 @@ def test_a_bug_in_the_batcher_fails_the_batch_and_keeps_serving(fake_sample):
     assert batcher.submit(_job()).result(timeout=5) == [[7]]
     batcher.close()
 
+
+def test_generation_timeout_is_a_503(ckpt, monkeypatch):
+    model, tok = load_policy(ckpt)
+    srv = ChatServer(model, tok, port=0, request_timeout=0.05)
+    try:
+        monkeypatch.setattr(srv.batcher, "submit", lambda job: Future())   # never answered
+        with pytest.raises(RequestError, match="timed out") as e:
+            srv.complete({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, chat=True)
+        assert e.value.status == 503
+    finally:
+        srv.batcher.close()
+        srv.server_close()
