@@ -158,7 +158,8 @@ def _torch_forward(x2: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor):
         lp = torch.log_softmax(xf, dim=-1)
         stats[s:e, 0] = xf.amax(-1)
         stats[s:e, 1] = lp.amax(-1).neg_()
-        tok[s:e] = lp.gather(1, labels[s:e, None]).squeeze(1) * coef[s:e]
+        c = coef[s:e]   # inactive rows inside a span may have a -inf label logit: -inf * 0 = nan
+        tok[s:e] = torch.where(c != 0, lp.gather(1, labels[s:e, None]).squeeze(1) * c, 0.0)
     return tok, stats
 
 

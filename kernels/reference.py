@@ -11,7 +11,9 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
     """mask * log_softmax(logits.float())[labels], no shift; shape of ``labels``, float32."""
     logp = F.log_softmax(logits.float(), dim=-1)
     picked = logp.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
-    return picked * mask.float()
+    # where, not a plain product: a masked position may hold a -inf label logit, and -inf * 0 = nan
+    mask = mask.float()
+    return torch.where(mask != 0, picked * mask, 0.0)
 
 
 def sequence_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -257,6 +257,29 @@ def test_linear_skips_prompt_rows(monkeypatch):
 # --------------------------------------------------------------------------- validation
 
 
+@pytest.mark.parametrize("fn", ["sequence", "token"])
+def test_minus_inf_label_logit_at_masked_position_is_not_nan(backend, fn):
+    logits, ids, mask = make_case(2, 5, 30)
+    mask = torch.ones_like(ids)
+    mask[0, 2] = 0                                  # position 1 predicts ids[0, 2] (shifted)...
+    logits = logits.detach().clone()
+    logits[0, 1, ids[0, 2]] = -float("inf")         # ...whose logit is -inf: a banned token
+    if fn == "sequence":
+        call = kernels.sequence_logprobs
+        want = reference.sequence_logprobs(logits, ids, mask)
+    else:
+        mask[0, 1], mask[0, 2] = 0, 1               # unshifted: position 1's label is ids[0, 1]
+        logits[0, 1, ids[0, 1]] = -float("inf")
+        call = kernels.token_logprobs
+        want = reference.token_logprobs(logits, ids, mask)
+    assert torch.isfinite(want).all()
+    x = logits.requires_grad_()
+    got = call(x, ids, mask, backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
 def test_errors_are_clear(monkeypatch):
     logits, ids, mask = make_case(2, 4, 10)
     bad = ids.clone()
