@@ -22,14 +22,40 @@ def wandb_mode(mode: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+def _read_rows(path: Path) -> list[tuple[str, dict]]:
+    """``(line, row)`` per log event. A torn last line (no newline: the process died while writing
+    it) is dropped; a bad line anywhere else is an error naming the file and line."""
+    text = path.read_text()
+    lines = text.split("\n")
+    torn = lines.pop() if lines else ""   # what follows the last newline: "" unless torn
+    rows = []
+    for n, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not a JSON metrics row ({e.msg}); fix or remove that line") from e
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append((ln, row))
+    if torn.strip():
+        try:
+            row = json.loads(torn)
+        except json.JSONDecodeError:
+            return rows   # the line being written when the process died
+        if isinstance(row, dict):
+            rows.append((torn, row))
+    return rows
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, *, mode: str = "auto", project: str = "fastdpo", name: str = "run",
                  config: dict | None = None, resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [ln for ln, row in _read_rows(self.path) if row.get("step", 0) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
         elif resume_step is None:
             self.path.write_text("")
