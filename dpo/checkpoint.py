@@ -191,6 +191,13 @@ def import_legacy_checkpoint(pt_file: str | Path) -> GPT:
         config = GPTConfig.from_dict(dict(blob["config"]))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{pt_file}: field 'config': {e}") from e
+    if not isinstance(blob["model"], dict):
+        raise CheckpointError(f"{pt_file}: field 'model' must be a state dict (parameter name -> tensor), "
+                              f"got {type(blob['model']).__name__}")
+    for k, v in blob["model"].items():
+        if not (isinstance(k, str) and isinstance(v, torch.Tensor)):
+            raise CheckpointError(f"{pt_file}: field 'model': entry {k!r} is a {type(v).__name__}, "
+                                  f"not a tensor")
     state = {k.removeprefix("_orig_mod."): v for k, v in blob["model"].items()}
     # nanoGPT keeps a tied lm_head copy and, without flash attention, a causal-mask buffer.
     lm_head = state.pop("lm_head.weight", None)

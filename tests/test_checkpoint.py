@@ -138,3 +138,11 @@ def test_legacy_import_refuses_pickled_objects(tmp_path):
     torch.save({"model": {}, "config": {}, "x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="weights-only"):
         import_legacy_checkpoint(tmp_path / "evil.pt")
+
+
+@pytest.mark.parametrize("model, needle", [([1, 2], "field 'model' must be a state dict .* got list"),
+                                           ({"w": 3}, "field 'model': entry 'w' is a int")])
+def test_legacy_import_names_a_bad_model_field(tmp_path, tok, model, needle):
+    torch.save({"model": model, "config": make_model(tok).config.to_dict()}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=rf"bad\.pt: {needle}"):
+        import_legacy_checkpoint(tmp_path / "bad.pt")
