@@ -1,8 +1,8 @@
 """Fused log-prob kernels vs the naive oracle in kernels/reference.py, forward and gradients.
 
-The Triton cases run the real kernels under the Triton interpreter on CPU tensors; the kernels
-pick interpreted or compiled execution per call, so TRITON_INTERPRET is set per test with
-monkeypatch and the rest of the suite never sees it.
+The Triton cases run the real kernels under the Triton interpreter on CPU tensors. Triton decides
+interpreted vs compiled when it is first imported, so tests/conftest.py sets TRITON_INTERPRET=1
+before anything imports it; setting it inside a test would change nothing.
 """
 import pytest
 import torch
@@ -22,7 +22,6 @@ def backend(request, monkeypatch):
     if request.param == "triton":
         if not kernels.HAS_TRITON:
             pytest.skip("triton not installed")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
         # a small block makes odd vocabularies span several blocks plus a ragged tail
         monkeypatch.setattr(logprob, "MAX_BLOCK_V", 64)
     else:
@@ -308,7 +307,6 @@ def test_errors_are_clear(monkeypatch):
 
 
 def test_auto_uses_torch_on_cpu_even_under_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert logprob._check_backend("auto", torch.device("cpu")) == "torch"
 
     def boom(*a, **k):
