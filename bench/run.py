@@ -136,7 +136,9 @@ def bench_train(preset, quick, peaks, peers, out):
                 memory_vs_naive=r.get("memory_vs_naive"),
             )
         )
-    lengths = (32, 64) if quick else (64, 128, 256)
+    # Answers of L tokens after prompts of L/2, up to what the preset's context holds.
+    lengths = {"tiny": (32, 64, 128), "gpt2-124m": (64, 128, 256, 512)}[preset]
+    lengths = lengths[:2] if quick else lengths
     for L in lengths:
         for r in run_train_bench(
             preset, rounds=1, steps=1, answer=(L, L), prompt=(L // 2, L // 2), verbose=False
