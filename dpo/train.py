@@ -74,6 +74,9 @@ class DPOTask(Task):
         self.policy, self.train, self.val, self.cfg = policy, list(train), list(val), cfg
         self.pad_id, self.device, self.kernel, self.backend = pad_id, device, kernel, backend
         self.ref_train, self.ref_val, self.ref_model = ref_train, ref_val, ref_model
+        # The layout the policy's forward actually takes; a wrapped (DDP/FSDP2) policy takes
+        # separate rows, and the reference must then be computed the same way.
+        self.shared_prompt = cfg.shared_prompt
         self.n_train, self.n_val = len(self.train), len(self.val)
         length = (lambda p: p.packed_length) if cfg.shared_prompt else (lambda p: p.length)
         self.lengths = [length(p) for p in self.train]
@@ -96,10 +99,11 @@ class DPOTask(Task):
 
     def bind_policy(self, policy):
         self.policy = policy
+        self.shared_prompt = False   # a wrapped policy's forward takes separate rows
 
     def logprobs(self, model, pairs):
         return pair_logprobs(model, pairs, pad_id=self.pad_id, device=self.device, kernel=self.kernel,
-                             backend=self.backend, shared_prompt=self.cfg.shared_prompt)
+                             backend=self.backend, shared_prompt=self.shared_prompt)
 
     def reference_logprobs(self, idx, pairs, train):
         if self.cfg.reference == "none":
@@ -139,6 +143,13 @@ class DPOTask(Task):
         return out
 
 
+def reference_layout_shared(dpo_cfg: DPOConfig) -> bool:
+    """Whether reference log-probs use the packed shared-prompt layout: only when the policy does,
+    i.e. in one process (under torchrun the DDP/FSDP2-wrapped policy takes separate rows, and
+    policy and reference log-probs must come from the same layout)."""
+    return dpo_cfg.shared_prompt and distributed.world_size() == 1
+
+
 def prepare_dpo(policy: torch.nn.Module, train: Sequence[TokenizedPair], val: Sequence[TokenizedPair],
                 train_cfg: TrainingConfig, dpo_cfg: DPOConfig, *, pad_id: int, tokenizer_hash: str = "",
                 reference: torch.nn.Module | None = None, tokenizer: Tokenizer | None = None,
@@ -167,11 +178,12 @@ def prepare_dpo(policy: torch.nn.Module, train: Sequence[TokenizedPair], val: Se
         cache_dir = dpo_cfg.reference_cache_dir or train_cfg.output_dir / "ref_cache"
         # "auto" means other kernels on another device: key on what actually runs
         backend = kernels.logprob.resolve_backend(train_cfg.kernel_backend, device)
-        settings = f"{precision}|{train_cfg.kernel}|{backend}|{device.type}|shared={dpo_cfg.shared_prompt}"
+        shared = reference_layout_shared(dpo_cfg)
+        settings = f"{precision}|{train_cfg.kernel}|{backend}|{device.type}|shared={shared}"
 
         def ref_logprobs(model, pairs):
             return pair_logprobs(model, pairs, pad_id=pad_id, device=device, kernel=train_cfg.kernel,
-                                 backend=train_cfg.kernel_backend, shared_prompt=dpo_cfg.shared_prompt)
+                                 backend=train_cfg.kernel_backend, shared_prompt=shared)
 
         logps, path, hit = cached_reference_logprobs(
             ref_model, [*train, *val], cache_dir=cache_dir, tokenizer_hash=tokenizer_hash, settings=settings,

@@ -180,7 +180,8 @@ def test_ddp_two_ranks_match_one_process_with_twice_the_batch(work, single):
     out = proc.stdout
     assert "distributed: 2 ranks x 4 pairs = 8 pairs per optimizer step (ddp)" in out
     assert out.count("step=1 loss=") == 1 and out.count("data: ") == 1   # rank 0 talks, rank 1 does not
-    assert len(list((work / "runs" / "ref_cache").glob("ref-logps-*.safetensors"))) == 1   # shared cache
+    # one cache entry per layout: the single run's packed rows, the ranks' shared separate-rows one
+    assert len(list((work / "runs" / "ref_cache").glob("ref-logps-*.safetensors"))) == 2
 
 
 def test_fsdp2_two_ranks_match_one_process_and_save_one_file(work, single):

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from dpo import distributed
 from dpo.checkpoint import load_checkpoint, save_checkpoint
 from dpo.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
 from dpo.data import DataStats, collate_pairs, load_examples, tokenize_pairs
 from dpo.model import GPT, GPTConfig
 from dpo.refcache import cache_key, cached_reference_logprobs, compute_reference_logprobs
 from dpo.tokenizer import Tokenizer
-from dpo.train import DPOTask, pair_logprobs, prepare_dpo, run_dpo, run_sweep
+from dpo.train import DPOTask, pair_logprobs, prepare_dpo, reference_layout_shared, run_dpo, run_sweep
 from dpo.trainer import TrainingDiverged, sequence_logprobs
 
 
@@ -120,6 +121,28 @@ def test_shared_prompt_rows_equal_separate_rows(workdir, tok):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
     packed = sum(p.packed_length for p in pairs)
     assert packed < sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+
+
+def test_multi_process_reference_uses_the_policys_separate_rows(workdir, tok, monkeypatch):
+    """Under torchrun the wrapped policy takes separate rows: the reference (per step, or cached and
+    keyed on its layout) must use the same layout, not the packed one."""
+    import dpo.train as train_module
+
+    pairs = tokenize_pairs(load_examples([workdir / "pairs.jsonl"]), tok, 32, 32, 48, DataStats())
+    model = load_checkpoint(workdir / "sft")[0]
+    task = DPOTask(model, pairs, [], DPOConfig(reference="model"), pad_id=tok.pad_id,
+                   device=torch.device("cpu"), ref_model=load_checkpoint(workdir / "sft")[0])
+    task.bind_policy(model)        # what the Trainer does with its DDP/FSDP2 wrapper
+    layouts = []
+    real = train_module.pair_logprobs
+    monkeypatch.setattr(train_module, "pair_logprobs",
+                        lambda *a, shared_prompt, **k: layouts.append(shared_prompt) or real(
+                            *a, shared_prompt=shared_prompt, **k))
+    task.loss([0, 1], task.step_norm([[0, 1]]))
+    assert layouts == [False, False]   # policy, reference
+    assert reference_layout_shared(DPOConfig())
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    assert not reference_layout_shared(DPOConfig())   # the cache is computed and keyed that way
 
 
 def test_rpo_alpha_adds_mean_token_nll_of_chosen(workdir, tok):
