@@ -396,7 +396,8 @@ def plot(out: dict, path: Path) -> Path | None:
     sp = [r for r in out["summary"] if r["speedup"] is not None]
     ax1.barh([f"{r['phase']}: {r['impl']}" for r in sp], [r["speedup"] for r in sp], color="tab:blue")
     ax1.axvline(1.0, color="k", lw=0.8)
-    ax1.set_xlabel("speed-up vs oracle (x)")
+    ax1.set_xscale("log")
+    ax1.set_xlabel("speed-up vs oracle (x, log scale)")
     ax1.set_title("fast path vs naive oracle")
     for ax, phase, xlabel in ((ax2, "sample", "max_new_tokens"), (ax3, "train", "answer tokens")):
         series: dict = {}
@@ -407,7 +408,8 @@ def plot(out: dict, path: Path) -> Path | None:
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(out["scaling"][0]["unit"] if series else "")
+        units = {r["unit"] for r in out["scaling"] if r["phase"] == phase}
+        ax.set_ylabel(units.pop() if len(units) == 1 else "")
         ax.set_title(f"{phase} scaling")
         if series:
             ax.legend(fontsize=7)
