@@ -65,7 +65,7 @@ class Judge:
 
     # -- to implement --------------------------------------------------------------------
     def _score(self, instruction: str, response: str) -> int | None:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must implement _score")
 
     def _compare(self, instruction: str, a: str, b: str) -> str | None:
         """Default: the higher score wins; equal or missing scores tie."""

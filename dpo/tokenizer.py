@@ -36,7 +36,7 @@ class Tokenizer:
     # -- construction -------------------------------------------------------------------
     @classmethod
     def train(cls, texts: Iterable[str] | Iterable[Path] | Path | str, vocab_size: int = 2048,
-              min_frequency: int = 2) -> "Tokenizer":
+              min_frequency: int = 2) -> Tokenizer:
         """Train on an iterator of strings, or on text files (a path or a list of paths)."""
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -55,7 +55,7 @@ class Tokenizer:
         return cls(hf)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"

@@ -10,6 +10,7 @@ uninterrupted one on the same machine.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 import re
@@ -107,34 +108,35 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig, fused: bool = Tr
 # --------------------------------------------------------------------------- task interface
 
 
-class Task:
-    """What a trainer trains on. Subclasses implement the three methods below."""
+class Task(abc.ABC):
+    """What a trainer trains on. Subclasses implement the abstract methods below."""
     n_train: int
     lengths: list[int]          # per training example, for length bucketing
     n_val: int = 0
 
+    @abc.abstractmethod
     def step_norm(self, micro_batches: list[list[int]], train: bool = True) -> dict:
         """Normalizers for one optimizer step (e.g. pairs or answer tokens in the whole step), so
         that accumulated micro-batch losses add up to the full-batch mean exactly."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, idx: list[int], norm: dict, train: bool = True) -> tuple[torch.Tensor, dict]:
         """``(loss contribution, {stat: summed tensor})`` for one micro-batch."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def summarize(self, sums: dict) -> dict:
         """Summed statistics -> logged metrics (floats)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def n_tokens(self, idx: list[int], train: bool = True) -> int:
-        raise NotImplementedError
+        """Real (unpadded) tokens in the micro-batch, for tokens/s."""
 
     def val_batches(self) -> list[list[int]]:
         return []
 
     def bind_policy(self, policy: torch.nn.Module) -> None:
         """Run the trained model's forwards through ``policy``, its DDP/FSDP2 wrapper."""
-        raise NotImplementedError(f"{type(self).__name__} does not support multi-process training")
+        raise TypeError(f"{type(self).__name__} does not support multi-process training")
 
 
 @dataclass
