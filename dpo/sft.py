@@ -12,14 +12,12 @@ from pathlib import Path
 
 import torch
 
-from dpo import distributed
 from dpo.checkpoint import load_checkpoint
 from dpo.config import SFTConfig, SFTDatasetConfig, TrainingConfig, load_config, to_dict
 from dpo.data import TokenizedSFT, collate_sft, eval_batches, load_sft_data
-from dpo.metrics import RunLogger
 from dpo.model import GPT, PRESETS, GPTConfig, config_from_preset
 from dpo.tokenizer import Tokenizer
-from dpo.train import _checkpoint_step, join_ranks, prepare_run_dir, resolve_tokenizer
+from dpo.train import join_ranks, prepare_run_dir, resolve_tokenizer, train_to_completion
 from dpo.trainer import Task, Trainer, resolve_device, resolve_precision, sequence_logprobs
 
 
@@ -97,26 +95,16 @@ def run_sft(init_checkpoint: str | Path | GPTConfig, train_config: TrainingConfi
     say(f"data: {len(train)} train / {len(val)} val examples ({stats.summary()})", flush=True)
     config = {"train": to_dict(train_config), "sft": to_dict(sft_config), "data": to_dict(dataset_config),
               "init": str(init_checkpoint)}
-    logger = RunLogger(train_config.run_dir, mode=train_config.wandb, project=train_config.wandb_project,
-                       name=train_config.run_name, config=config,
-                       resume_step=_checkpoint_step(resume_path)) if distributed.is_main() else None
-    try:
+
+    def build(logger):
         task = SFTTask(model, train, val, pad_id=tok.pad_id, device=device, kernel=train_config.kernel,
                        backend=train_config.kernel_backend, eval_batch_size=2 * train_config.micro_batch_size)
-        trainer = Trainer(model, task, train_config, tokenizer=tok, device=device,
-                          precision=resolve_precision(train_config.mixed_precision, device),
-                          meta={"kind": "sft", "run_name": train_config.run_name, "config": config},
-                          logger=logger, on_step=on_step)
-        if resume_path is not None:
-            trainer.resume_from(resume_path)
-            say(f"resumed from {resume_path} at step {trainer.state.step}", flush=True)
-        trainer.train()
-        final = trainer.finish()
-    finally:
-        if logger is not None:
-            logger.close()
-    say(f"saved {final} after {trainer.state.step} steps", flush=True)
-    return final
+        return Trainer(model, task, train_config, tokenizer=tok, device=device,
+                       precision=resolve_precision(train_config.mixed_precision, device),
+                       meta={"kind": "sft", "run_name": train_config.run_name, "config": config},
+                       logger=logger, on_step=on_step)
+
+    return train_to_completion(build, train_config, config, resume_path, say)
 
 
 def add_subcommand(subparsers) -> None:

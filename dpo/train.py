@@ -264,14 +264,23 @@ def run_dpo(sft_checkpoint: str | Path, train_config: TrainingConfig, dpo_config
         reference, _ = load_checkpoint(dpo_config.reference_checkpoint, tokenizer=tok, map_location=device)
     config = {"train": to_dict(train_config), "dpo": to_dict(dpo_config), "data": to_dict(preference_config),
               "sft_checkpoint": str(sft_checkpoint)}
+    return train_to_completion(
+        lambda logger: prepare_dpo(policy, train, val, train_config, dpo_config, pad_id=tok.pad_id,
+                                   tokenizer_hash=tok.hash, reference=reference, tokenizer=tok,
+                                   meta={"kind": "dpo", "run_name": train_config.run_name, "config": config},
+                                   logger=logger, on_step=on_step, device=device),
+        train_config, config, resume_path, say)
+
+
+def train_to_completion(build: Callable[[RunLogger | None], Trainer], train_config: TrainingConfig,
+                        config: dict, resume_path: Path | None, say) -> Path:
+    """The run shared by SFT and DPO: open the run's logger (rank 0 only), build the trainer with
+    it, resume if asked, train, write the final checkpoint, and always close the logger."""
     logger = RunLogger(train_config.run_dir, mode=train_config.wandb, project=train_config.wandb_project,
                        name=train_config.run_name, config=config,
                        resume_step=_checkpoint_step(resume_path)) if distributed.is_main() else None
     try:
-        trainer = prepare_dpo(policy, train, val, train_config, dpo_config, pad_id=tok.pad_id,
-                              tokenizer_hash=tok.hash, reference=reference, tokenizer=tok,
-                              meta={"kind": "dpo", "run_name": train_config.run_name, "config": config},
-                              logger=logger, on_step=on_step, device=device)
+        trainer = build(logger)
         if resume_path is not None:
             trainer.resume_from(resume_path)
             say(f"resumed from {resume_path} at step {trainer.state.step}", flush=True)
