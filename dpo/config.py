@@ -24,6 +24,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -159,10 +160,12 @@ class DPOConfig:
 
 
 @dataclass
-class PreferenceDatasetConfig:
+class _DatasetConfig:
+    """Where a dataset's rows come from; the subclasses differ only in the row formats they accept."""
+    FORMATS: ClassVar[tuple[str, ...]] = ()
     path: list[Path] = field(default_factory=list)   # JSONL / JSON-array files (or one path)
-    format: str = "auto"                      # auto | prompt | conversations | hh (per file when auto)
-    val_size: float = 0.0                     # fraction (< 1) or number of pairs held out
+    format: str = "auto"                      # "auto" detects per file; else one of FORMATS
+    val_size: float = 0.0                     # fraction (< 1) or number of rows held out
     on_error: str = "raise"                   # raise | skip (bad rows reported and counted)
     max_rows: int | None = None               # read at most this many good rows (quick runs)
     # Seed-API names: a local file, or a directory holding ``{split}.jsonl``.
@@ -170,7 +173,7 @@ class PreferenceDatasetConfig:
     split: str = "train"
 
     def __post_init__(self):
-        _choice("format", self.format, DATA_FORMATS)
+        _choice("format", self.format, self.FORMATS)
         _choice("on_error", self.on_error, ("raise", "skip"))
         self.path = _paths(self.path, self.dataset_name, self.split)
         _check_val_size(self.val_size)
@@ -178,6 +181,11 @@ class PreferenceDatasetConfig:
     @property
     def paths(self) -> list[Path]:
         return self.path
+
+
+@dataclass
+class PreferenceDatasetConfig(_DatasetConfig):
+    FORMATS: ClassVar[tuple[str, ...]] = DATA_FORMATS   # auto | prompt | conversations | hh
 
 
 @dataclass
@@ -192,24 +200,8 @@ class SFTConfig:
 
 
 @dataclass
-class SFTDatasetConfig:
-    path: list[Path] = field(default_factory=list)
-    format: str = "auto"                      # auto | prompt ({"prompt","response"}) | conversations
-    val_size: float = 0.0
-    on_error: str = "raise"
-    max_rows: int | None = None
-    dataset_name: str | None = None
-    split: str = "train"
-
-    def __post_init__(self):
-        _choice("format", self.format, SFT_FORMATS)
-        _choice("on_error", self.on_error, ("raise", "skip"))
-        self.path = _paths(self.path, self.dataset_name, self.split)
-        _check_val_size(self.val_size)
-
-    @property
-    def paths(self) -> list[Path]:
-        return self.path
+class SFTDatasetConfig(_DatasetConfig):
+    FORMATS: ClassVar[tuple[str, ...]] = SFT_FORMATS    # auto | prompt | conversations
 
 
 def _choice(name, value, allowed):
