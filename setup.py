@@ -14,7 +14,12 @@ setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["kernels", "kernels.*", "dpo", "dpo.*", "bench", "bench.*"]),
+    # One top-level import name: the repository's folders install as parts of ``fastdpo``.
+    package_dir={"fastdpo": "dpo", "fastdpo.kernels": "kernels", "fastdpo.bench": "bench",
+                 "fastdpo.configs": "configs"},
+    packages=["fastdpo", *(f"fastdpo.{p}" for p in find_packages("dpo")),
+              "fastdpo.kernels", "fastdpo.bench", "fastdpo.configs"],
+    package_data={"fastdpo.configs": ["*.yaml", "*.txt"]},
     install_requires=[
         # A range the CPU wheel 2.13.0 satisfies: install it first (see README) so pip
         # does not fetch a multi-GB CUDA build on machines without a GPU.
@@ -34,5 +39,5 @@ setup(
         "judge": ["vllm"],
         "peers": ["transformers", "trl", "liger-kernel"],
     },
-    entry_points={"console_scripts": ["fastdpo = dpo.cli:main"]},
+    entry_points={"console_scripts": ["fastdpo = fastdpo.cli:main"]},
 )

@@ -6,7 +6,7 @@ only the few tokens a verdict takes; on the GPU box the judge is vLLM and its ow
 The server runs as a separate process (as in real use), so client threads and the model do not
 share one interpreter lock.
 
-    python -m bench.judge [--ckpt DIR] [--requests 64] [--concurrency 1,8,32] [--json out.json]
+    python -m fastdpo.bench.judge [--ckpt DIR] [--requests 64] [--concurrency 1,8,32] [--json out.json]
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from dpo.checkpoint import save_checkpoint
-from dpo.judge import OpenAIJudge, ProgrammaticJudge
-from dpo.model import GPT, GPTConfig
-from dpo.tokenizer import Tokenizer
+from fastdpo.models.checkpoint import save_checkpoint
+from fastdpo.generation.judge import OpenAIJudge, ProgrammaticJudge
+from fastdpo.models.gpt import GPT, GPTConfig
+from fastdpo.models.tokenizer import Tokenizer
 
 _WORDS = ("ant bee cat dog elk fox gnu hen ink jam kit log map nut owl pig rat sun toy urn van wig yak zoo "
           "reverse sort count add the words digits alphabetically how many answer score better").split()
@@ -48,7 +48,7 @@ def start_server(ckpt: str | Path, *, extra_args: tuple[str, ...] = (), timeout:
                  env: dict | None = None):
     """``fastdpo serve --port 0`` as a subprocess; returns ``(process, base_url, model_name)``.
     ``env`` adds environment variables (tests pass OMP_NUM_THREADS=1)."""
-    cmd = [sys.executable, "-m", "dpo.cli", "serve", "--ckpt", str(ckpt), "--port", "0", *extra_args]
+    cmd = [sys.executable, "-m", "fastdpo.cli", "serve", "--ckpt", str(ckpt), "--port", "0", *extra_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     deadline = time.monotonic() + timeout
@@ -97,7 +97,7 @@ def _task_prompts(n: int) -> list[str] | None:
     try:
         import random
 
-        from dpo.task import FAMILIES, make_item
+        from fastdpo.demo.task import FAMILIES, make_item
     except ImportError:
         return None
     rng = random.Random(1)
@@ -111,12 +111,12 @@ def bench_mining(ckpt: str | Path, n_prompts: int = 64, batch_size: int = 16, ma
     ``judge="task"`` scores with the demo task's checker (real kept rate for a trained demo model);
     ``judge="spread"`` is a stand-in that spreads scores over 1-10 so a random model still yields
     pairs: it measures the pipeline's capacity, not a kept rate."""
-    from dpo.pairs import load_policy, mine_pairs
+    from fastdpo.generation.mining import load_policy, mine_pairs
     model, tok = load_policy(ckpt)
     prompts = _task_prompts(n_prompts) or [f"Reverse the words: {' '.join(_WORDS[i % 20: i % 20 + 3])}"
                                            for i in range(n_prompts)]
     if judge == "task":
-        from dpo.task import score
+        from fastdpo.demo.task import score
         j = ProgrammaticJudge(score, name="task")
     else:
         j = ProgrammaticJudge(lambda _i, r: 1 + (7 * len(r)) % 10, name="spread")
@@ -176,7 +176,7 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.judge", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fastdpo.bench.judge", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", default=None, help="checkpoint to serve (default: a tiny random model)")
     ap.add_argument("--mining-ckpt", default=None, help="policy to mine from (default: --ckpt)")
     ap.add_argument("--concurrency", default="1,8,32")

@@ -1,6 +1,6 @@
 """Fused log-prob kernels vs the naive oracle (and torch's chunked linear cross-entropy), on CPU.
 
-    python -m bench.kernels [--quick] [--reps N] [--threads N] [--json out.json]
+    python -m fastdpo.bench.kernels [--quick] [--reps N] [--threads N] [--json out.json]
 
 Each case times forward + backward of every implementation *interleaved* in one process (the
 machine is shared: absolute times swing, ratios measured side by side hold up) and reports
@@ -44,8 +44,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
+from fastdpo import kernels  # noqa: E402
+from fastdpo.kernels import reference  # noqa: E402
 
 _M_MMAP_THRESHOLD = -3
 # Implementations timed in the first round only: torch's chunked linear cross-entropy with
@@ -243,7 +243,7 @@ def run_kernel_bench(quick: bool = False, reps: int | None = None, aot: bool = T
         del impls, restore
     if aot:
         try:
-            from kernels import aot as aot_mod
+            from fastdpo.kernels import aot as aot_mod
 
             for r in aot_mod.report(ccs=(80, 89, 90), dtypes=("float32", "bfloat16")):
                 results.append({"op": "aot", **r})
@@ -294,7 +294,7 @@ def main(argv=None) -> None:
     rows = run_kernel_bench(args.quick, args.reps, not args.no_aot, args.only)
     aot_rows = [r for r in rows if r["op"] == "aot"]
     if aot_rows and "error" not in aot_rows[0]:
-        from kernels.aot import format_table
+        from fastdpo.kernels.aot import format_table
 
         print("\nAOT compile for sm_80/89/90 (ptxas -v):\n" + format_table(aot_rows))
     elif aot_rows:

@@ -11,7 +11,7 @@
 Installed with ``pip install -e .[peers]``; a missing peer raises ImportError (the caller reports
 "skipped"). Interleaved in one process; only the ratios are meaningful on a shared machine.
 
-    python -m bench.peers [--preset tiny] [--quick]
+    python -m fastdpo.bench.peers [--preset tiny] [--quick]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.kernels import dpo_mask, measure
+from fastdpo.bench.kernels import dpo_mask, measure
 
 # preset -> (C, V, pairs per batch, rows' length T for the loss bench)
 SHAPES = {
@@ -44,8 +44,8 @@ def _dpo_loss(logps: torch.Tensor, beta: float) -> torch.Tensor:
 def liger_rows(preset: str = "tiny", rounds: int = 3, dtype=torch.bfloat16) -> list[dict]:
     from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
-    from kernels import linear_sequence_logprobs
-    from kernels.reference import sequence_logprobs
+    from fastdpo.kernels import linear_sequence_logprobs
+    from fastdpo.kernels.reference import sequence_logprobs
 
     s = SHAPES[preset]
     B, T, C, V = 2 * s["pairs"], s["T"], s["n_embd"], s["vocab"]
@@ -138,11 +138,11 @@ def trl_rows(preset: str = "tiny", steps: int = 4) -> list[dict]:
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    from dpo.config import DPOConfig, TrainingConfig
-    from dpo.data import TokenizedPair
-    from dpo.model import GPT, config_from_preset
-    from dpo.tokenizer import Tokenizer
-    from dpo.train import prepare_dpo
+    from fastdpo.training.config import DPOConfig, TrainingConfig
+    from fastdpo.training.data import TokenizedPair
+    from fastdpo.models.gpt import GPT, config_from_preset
+    from fastdpo.models.tokenizer import Tokenizer
+    from fastdpo.training.dpo import prepare_dpo
 
     s = SHAPES[preset]
     batch = s["pairs"]

@@ -1,6 +1,6 @@
 """``fastdpo bench``: every phase of the preference loop, fast path vs the naive oracle, in one run.
 
-Phases (each a module of its own, callable alone with ``python -m bench.<phase>``):
+Phases (each a module of its own, callable alone with ``python -m fastdpo.bench.<phase>``):
 
 - ``sample``  KV-cached ragged sampler vs the re-forward oracle (``bench.sampler``), new tokens/s,
               plus its scaling with ``max_new_tokens`` and transformers' ``generate`` when installed;
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.peak import matmul_peaks
+from fastdpo.bench.peak import matmul_peaks
 
 PHASES = ("sample", "judge", "train", "eval", "kernels", "peers")
 DEFAULT_PHASES = ("sample", "judge", "train", "eval", "peers")
@@ -49,7 +49,7 @@ def _summary(phase, impl, rate, unit, *, preset, speedup=None, peak_MB=None, pea
 
 
 def _model_flops(preset: str, vocab: int) -> tuple[int, int, int]:
-    from dpo.model import GPT, config_from_preset
+    from fastdpo.models.gpt import GPT, config_from_preset
 
     cfg = config_from_preset(preset, vocab_size=vocab)
     with torch.device("meta"):
@@ -58,7 +58,7 @@ def _model_flops(preset: str, vocab: int) -> tuple[int, int, int]:
 
 
 def bench_sample(preset, quick, peaks, peers, out):
-    from bench.sampler import run_sampler_bench
+    from fastdpo.bench.sampler import run_sampler_bench
 
     max_new = (32, 64) if quick else (64, 128, 256, 512)
     rows = run_sampler_bench(
@@ -111,7 +111,7 @@ def bench_sample(preset, quick, peaks, peers, out):
 
 
 def bench_train(preset, quick, peaks, peers, out):
-    from bench.train import run_train_bench
+    from fastdpo.bench.train import run_train_bench
 
     rows = run_train_bench(preset, rounds=2 if quick else 3, steps=2 if preset == "tiny" else 1)
     out["raw"]["train"] = rows
@@ -158,7 +158,7 @@ def bench_train(preset, quick, peaks, peers, out):
 
 
 def bench_judge(preset, quick, peaks, peers, out):
-    from bench.judge import run_judge_bench
+    from fastdpo.bench.judge import run_judge_bench
 
     # Pairs/min only means something on a policy that can answer: the demo's SFT model if it exists.
     mining_ckpt = out["settings"].get("mining_ckpt")
@@ -202,12 +202,12 @@ def bench_judge(preset, quick, peaks, peers, out):
 
 def bench_eval(preset, quick, peaks, peers, out):
     """Prompts/s of a full position-swapped evaluation (two models answer, every pair judged twice)."""
-    from bench.kernels import measure
-    from dpo.evaluate import evaluate
-    from dpo.judge import ProgrammaticJudge
-    from dpo.model import GPT, config_from_preset
-    from dpo.sampler import sample, sample_reforward
-    from dpo.tokenizer import Tokenizer
+    from fastdpo.bench.kernels import measure
+    from fastdpo.generation.evaluate import evaluate
+    from fastdpo.generation.judge import ProgrammaticJudge
+    from fastdpo.models.gpt import GPT, config_from_preset
+    from fastdpo.generation.sampler import sample, sample_reforward
+    from fastdpo.models.tokenizer import Tokenizer
 
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
     tok = Tokenizer.train([" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20, vocab_size=300)
@@ -253,7 +253,7 @@ def bench_eval(preset, quick, peaks, peers, out):
 
 
 def bench_kernels(preset, quick, peaks, peers, out):
-    from bench.kernels import run_kernel_bench
+    from fastdpo.bench.kernels import run_kernel_bench
 
     rows = run_kernel_bench(quick=quick)
     out["raw"]["kernels"] = rows
@@ -276,7 +276,7 @@ def bench_kernels(preset, quick, peaks, peers, out):
 
 
 def bench_peers(preset, quick, peaks, peers, out):
-    from bench.peers import run_peer_bench
+    from fastdpo.bench.peers import run_peer_bench
 
     rows = run_peer_bench(preset, quick=quick)
     out["raw"]["peers"] = rows

@@ -17,8 +17,8 @@ How each row is timed (the ``method`` column):
   and profiled show how good the estimate is (``profile_error``).
 Fast path, oracle and generate run interleaved in one process; compare ratios, not absolute times.
 
-    python -m bench.sampler --preset tiny --threads 1 --hf-max-new 64 256
-    python -m bench.sampler --preset gpt2-124m --threads 1          # ~15 min on two busy cores
+    python -m fastdpo.bench.sampler --preset tiny --threads 1 --hf-max-new 64 256
+    python -m fastdpo.bench.sampler --preset gpt2-124m --threads 1          # ~15 min on two busy cores
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from dpo.model import GPT, KVCache, config_from_preset
-from dpo.sampler import TEMPS, choose_tokens, decode_step, sample, sample_reforward
+from fastdpo.models.gpt import GPT, KVCache, config_from_preset
+from fastdpo.generation.sampler import TEMPS, choose_tokens, decode_step, sample, sample_reforward
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Full runs up to measure_max_new; step-cost profiles at `points` lengths; the oracle profiled on

@@ -4,14 +4,14 @@
     FASTDPO_BENCH_QUICK=1 pytest bench/test_bench_kernels.py                  # small shapes
 
 pytest-benchmark reports times only; the memory ratios and the interleaved speed ratios live in
-``python -m bench.kernels`` (same case builders).
+``python -m fastdpo.bench.kernels`` (same case builders).
 """
 import os
 
 import pytest
 import torch
 
-from bench.kernels import _linear_impls, _seq_impls
+from fastdpo.bench.kernels import _linear_impls, _seq_impls
 
 QUICK = os.environ.get("FASTDPO_BENCH_QUICK") == "1"
 SEQ_SHAPES = [(2, 128, 4099)] if QUICK else [(8, 512, 32768), (8, 1024, 50304)]

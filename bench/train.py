@@ -1,6 +1,6 @@
 """DPO training-step throughput and memory: the fast path vs the naive reference path, on CPU.
 
-    python -m bench.train [--preset tiny|gpt2-124m|all] [--rounds N] [--steps K] [--json out.json]
+    python -m fastdpo.bench.train [--preset tiny|gpt2-124m|all] [--rounds N] [--steps K] [--json out.json]
 
 - fast:  one packed row per pair (the prompt computed once for both answers), policy log-probs
          through ``kernels.linear_sequence_logprobs`` (no (2B, T, V) logits), and reference
@@ -38,11 +38,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from bench.kernels import measure  # noqa: E402
-from dpo.config import DPOConfig, TrainingConfig
-from dpo.data import TokenizedPair
-from dpo.model import GPT, config_from_preset
-from dpo.train import prepare_dpo
+from fastdpo.bench.kernels import measure  # noqa: E402
+from fastdpo.training.config import DPOConfig, TrainingConfig
+from fastdpo.training.data import TokenizedPair
+from fastdpo.models.gpt import GPT, config_from_preset
+from fastdpo.training.dpo import prepare_dpo
 
 # preset -> (vocab, micro-batch pairs, prompt length range, answer length range)
 SHAPES = {

@@ -6,7 +6,7 @@ so the register and spill figures come from running Triton's bundled ``ptxas -v`
 produced (the same assembler, options and architecture Triton used for the cubin).
 
 A process that imported triton under ``TRITON_INTERPRET=1`` (the test suite) holds interpreted
-kernels that cannot be compiled, so ``report`` then runs ``python -m kernels.aot`` in a clean
+kernels that cannot be compiled, so ``report`` then runs ``python -m fastdpo.kernels.aot`` in a clean
 subprocess and reads its JSON.
 """
 import argparse
@@ -101,7 +101,7 @@ def report(ccs=(80, 89, 90), dtypes=("float32", "bfloat16"), V: int = 50304) -> 
             del r["compiled"]
         return rows
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "kernels.aot", "--json", "--V", str(V), "--cc", *map(str, ccs),
+    cmd = [sys.executable, "-m", "fastdpo.kernels.aot", "--json", "--V", str(V), "--cc", *map(str, ccs),
            "--dtype", *dtypes]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)

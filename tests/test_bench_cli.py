@@ -3,12 +3,12 @@ import json
 
 import torch
 
-from dpo.cli import main
+from fastdpo.cli import main
 
 
 def test_bench_quick_eval_phase_writes_json_and_png(tmp_path, monkeypatch):
-    from dpo import evaluate as evaluate_module
-    from dpo.sampler import sample, sample_reforward
+    from fastdpo.generation import evaluate as evaluate_module
+    from fastdpo.generation.sampler import sample, sample_reforward
 
     reports = {}   # sampler -> the evaluation report of its (first) timed run
     real = evaluate_module.evaluate

@@ -4,15 +4,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo.checkpoint import (
+from fastdpo.models.checkpoint import (
     CheckpointError,
     import_legacy_checkpoint,
     load_checkpoint,
     load_tokenizer,
     save_checkpoint,
 )
-from dpo.model import GPT, GPTConfig
-from dpo.tokenizer import Tokenizer
+from fastdpo.models.gpt import GPT, GPTConfig
+from fastdpo.models.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_save_that_died_between_renames_is_restored_on_load(tmp_path, tok, monke
 
 
 def test_latest_checkpoint_restores_a_step_dir_left_mid_swap(tmp_path, tok, monkeypatch):
-    from dpo.trainer import STATE_FILE, latest_checkpoint
+    from fastdpo.training.loop import STATE_FILE, latest_checkpoint
 
     extra = {STATE_FILE: lambda f: torch.save({"step": 2}, f)}
     save_checkpoint(tmp_path / "step-000002", make_model(tok, 0), step=2, extra_files=extra)

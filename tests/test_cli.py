@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo.cli import main
+from fastdpo.cli import main
 
 SUBCOMMANDS = ["demo", "sft", "pairs", "train", "eval", "bench", "serve"]   # DESIGN.md's contract
 
@@ -19,7 +19,7 @@ def test_help_and_version(capsys):
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "dpo.cli", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "fastdpo.cli", "--help"], capture_output=True, text=True,
                          check=True)
     assert "usage: fastdpo" in out.stdout
 

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from dpo.config import PreferenceDatasetConfig, load_config
-from dpo.data import (
+from fastdpo.training.config import PreferenceDatasetConfig, load_config
+from fastdpo.training.data import (
     DataError,
     DataStats,
     collate_pairs,
@@ -14,7 +14,7 @@ from dpo.data import (
     split_val,
     tokenize_pairs,
 )
-from dpo.tokenizer import Tokenizer
+from fastdpo.models.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

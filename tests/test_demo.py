@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from dpo.demo import load_demo_config
+from fastdpo.demo.pipeline import load_demo_config
 
 PHASES = ["task", "tokenizer", "sft", "mine", "sft_chosen", "dpo", "dpo_nll", "eval", "report"]
 
@@ -18,7 +18,7 @@ def quick(tmp_path_factory):
     os.environ["WANDB_MODE"] = "offline"
     try:
         # The CI smoke test is the real command line, in-process.
-        from dpo.cli import main
+        from fastdpo.cli import main
         assert main(["demo", "--quick", "--out", str(out)]) == 0
     finally:
         if old is None:
@@ -46,13 +46,13 @@ def test_data_and_tokenizer_artifacts(quick):
     ev_lines = (out / "data" / "eval_prompts.jsonl").read_text().splitlines()
     ev = [json.loads(ln)["instruction"] for ln in ev_lines]
     assert not set(ev) & {r["prompt"] for r in sft}
-    from dpo.tokenizer import Tokenizer
+    from fastdpo.models.tokenizer import Tokenizer
     assert Tokenizer.load(out / "tokenizer.json").vocab_size == summary["tokenizer"]["vocab_size"]
 
 
 def test_checkpoints_load_and_pairs_are_well_formed(quick):
     out, summary = quick
-    from dpo.checkpoint import load_checkpoint
+    from fastdpo.models.checkpoint import load_checkpoint
     for name in ["sft", "sft_chosen", "dpo", "dpo_nll"]:
         model, _ = load_checkpoint(summary["checkpoints"][name])
         assert model.config.vocab_size == summary["tokenizer"]["vocab_size"]
@@ -120,7 +120,7 @@ def test_config_errors_name_the_problem(tmp_path):
 
 
 def test_cli_help_lists_demo(capsys):
-    from dpo.cli import main
+    from fastdpo.cli import main
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     assert "--quick" in capsys.readouterr().out

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo import distributed
-from dpo.checkpoint import load_checkpoint, save_checkpoint
-from dpo.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
-from dpo.model import GPT, GPTConfig
-from dpo.tokenizer import Tokenizer
+from fastdpo import runtime as distributed
+from fastdpo.models.checkpoint import load_checkpoint, save_checkpoint
+from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
+from fastdpo.models.gpt import GPT, GPTConfig
+from fastdpo.models.tokenizer import Tokenizer
 
 HERE = Path(__file__).resolve()
 STEPS = 4
@@ -60,7 +60,7 @@ def test_run_on_main_raises_rank0_error_and_env_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="MASTER_ADDR.*torchrun"):
         distributed.init_from_env()
     with pytest.raises(ValueError, match="inside a torchrun launch"):
-        distributed.relaunch(2, "dpo.cli", ["train"])
+        distributed.relaunch(2, "fastdpo.cli", ["train"])
 
 
 def test_shard_deals_round_robin():
@@ -121,7 +121,7 @@ def spec(work: Path, run: str, **train) -> dict:
 
 
 def run_spec(s: dict, resume: bool = False, on_step=None) -> Path:
-    from dpo.train import run_dpo
+    from fastdpo.training.dpo import run_dpo
     return run_dpo(s["sft"], TrainingConfig(**s["train"]), DPOConfig(**s["dpo"]),
                    PreferenceDatasetConfig(**s["data"]), resume=resume, on_step=on_step)
 
@@ -171,7 +171,7 @@ def test_ddp_two_ranks_match_one_process_with_twice_the_batch(work, single):
     cfg = work / "ddp.yaml"
     cfg.write_text(json.dumps({"sft_checkpoint": s["sft"], **{k: s[k] for k in ("train", "dpo", "data")}}))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "dpo.cli", "train", "--nproc", "2", "--config", str(cfg)],
+    proc = subprocess.run([sys.executable, "-m", "fastdpo.cli", "train", "--nproc", "2", "--config", str(cfg)],
                           capture_output=True, text=True, env=env(), timeout=LAUNCH_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     print(f"ddp launch {time.perf_counter() - t0:.1f}s")
@@ -255,12 +255,12 @@ def score(instruction, response):
 
 
 def test_sharded_mining_equals_unsharded_and_resumes_after_a_killed_rank(tmp_path):
-    """``torchrun -m dpo.cli pairs`` on 2 ranks: rank 1 is SIGKILLed after writing batch 1's pairs
+    """``torchrun -m fastdpo.cli pairs`` on 2 ranks: rank 1 is SIGKILLed after writing batch 1's pairs
     but before recording them; the rerun resumes both shards and merges them into the same bytes
     (pairs and progress file) as one process mining everything."""
-    from bench.judge import make_tiny_checkpoint
-    from dpo.judge import make_judge
-    from dpo.pairs import load_policy, mine_pairs
+    from fastdpo.bench.judge import make_tiny_checkpoint
+    from fastdpo.generation.judge import make_judge
+    from fastdpo.generation.mining import load_policy, mine_pairs
 
     ckpt = make_tiny_checkpoint(tmp_path / "tiny", block_size=96)
     (tmp_path / "toyjudge.py").write_text(TOY_JUDGE)
@@ -281,7 +281,7 @@ def test_sharded_mining_equals_unsharded_and_resumes_after_a_killed_rank(tmp_pat
         torch.set_num_threads(threads)
         sys.path.remove(str(tmp_path))
     out = tmp_path / "sharded.jsonl"
-    args = ["-m", "dpo.cli", "pairs", "--ckpt", str(ckpt), "--prompts", str(prompts), "--out", str(out),
+    args = ["-m", "fastdpo.cli", "pairs", "--ckpt", str(ckpt), "--prompts", str(prompts), "--out", str(out),
             "--judge", "toyjudge:score", "--no-progress", *[x for k, v in settings.items()
                                                              for x in (f"--{k.replace('_', '-')}", str(v))]]
     pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from bench.judge import make_tiny_checkpoint
-from dpo.cli import main
-from dpo.evaluate import evaluate, format_report, position_swapped_outcome
-from dpo.judge import Judge, ProgrammaticJudge
-from dpo.pairs import load_policy
+from fastdpo.bench.judge import make_tiny_checkpoint
+from fastdpo.cli import main
+from fastdpo.generation.evaluate import evaluate, format_report, position_swapped_outcome
+from fastdpo.generation.judge import Judge, ProgrammaticJudge
+from fastdpo.generation.mining import load_policy
 
 PROMPTS = [f"Sort the words: {w} cat dog {i}"
            for i, w in enumerate("fox elk gnu hen ink jam kit owl".split())]

@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from bench.judge import make_tiny_checkpoint, start_server, stop_server
-from dpo.judge import (
+from fastdpo.bench.judge import make_tiny_checkpoint, start_server, stop_server
+from fastdpo.generation.judge import (
     SCORE_PROMPT,
     Judge,
     JudgeError,
@@ -118,8 +118,8 @@ def served(tmp_path_factory):
 
 def _expected_replies(ckpt, template_fill, max_tokens):
     """What the served model answers at temperature 0, computed without the server."""
-    from dpo.pairs import load_policy
-    from dpo.sampler import sample
+    from fastdpo.generation.mining import load_policy
+    from fastdpo.generation.sampler import sample
     model, tok = load_policy(ckpt)
     prompts = [tok.render_conversation([("user", t)]) for t in template_fill]
     with torch.inference_mode():

@@ -7,8 +7,8 @@ before anything imports it; setting it inside a test would change nothing.
 import pytest
 import torch
 
-import kernels
-from kernels import linear_logprob, logprob, reference
+from fastdpo import kernels
+from fastdpo.kernels import linear_logprob, logprob, reference
 
 # float32: both sides do the same float32 math in a different order. bf16 logits: the value is
 # still float32 math on identical inputs, but gradients are rounded to bf16 (8 bits of mantissa),

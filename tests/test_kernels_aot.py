@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from kernels import aot  # noqa: E402
+from fastdpo.kernels import aot  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from dpo.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
-from dpo.losses import dpo_losses
+from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
+from fastdpo.training.losses import dpo_losses
 
 # policy chosen / rejected, reference chosen / rejected (sequence log-probs)
 PC, PR, RC, RR = torch.tensor([-10.0, -3.0]), torch.tensor([-12.0, -2.0]), torch.tensor([-11.0, -4.0]), \

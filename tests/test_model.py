@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dpo.model import GPT, GPTConfig, config_from_preset
+from fastdpo.models.gpt import GPT, GPTConfig, config_from_preset
 
 
 def small_model(seed=0, **kw):

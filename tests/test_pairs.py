@@ -10,10 +10,10 @@ import threading
 import pytest
 import torch
 
-import dpo.sampler
-from bench.judge import make_tiny_checkpoint
-from dpo.judge import Judge, make_judge
-from dpo.pairs import MiningStats, format_stats, load_policy, load_prompts, mine_pairs, select_pair
+import fastdpo.generation.sampler
+from fastdpo.bench.judge import make_tiny_checkpoint
+from fastdpo.generation.judge import Judge, make_judge
+from fastdpo.generation.mining import MiningStats, format_stats, load_policy, load_prompts, mine_pairs, select_pair
 
 TOY_JUDGE = '''
 def score(instruction, response):
@@ -135,13 +135,13 @@ def test_resume_refuses_other_settings_and_foreign_files(setup, tmp_path):
 def test_sampling_overlaps_judging(setup, tmp_path, monkeypatch):
     """While batch 0 is being judged, the sampler thread is already sampling batch 1."""
     started = threading.Semaphore(0)
-    real = dpo.sampler.sample
+    real = fastdpo.generation.sampler.sample
 
     def counting_sample(*a, **kw):
         started.release()
         return real(*a, **kw)
 
-    monkeypatch.setattr(dpo.sampler, "sample", counting_sample)
+    monkeypatch.setattr(fastdpo.generation.sampler, "sample", counting_sample)
     seen = []
 
     class Waiting(Judge):
@@ -158,7 +158,7 @@ def test_sampling_overlaps_judging(setup, tmp_path, monkeypatch):
 
 
 def _run_cli(setup, out, env_extra=None):
-    cmd = [sys.executable, "-m", "dpo.cli", "pairs", "--ckpt", str(setup["ckpt"]),
+    cmd = [sys.executable, "-m", "fastdpo.cli", "pairs", "--ckpt", str(setup["ckpt"]),
            "--prompts", str(setup["prompts"]), "--out", str(out), "--judge", "toyjudge:score",
            "--no-progress", "--batch-size", str(SETTINGS["batch_size"]),
            "--max-new-tokens", str(SETTINGS["max_new_tokens"]), "--seed", str(SETTINGS["seed"])]

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from dpo.model import GPT, GPTConfig, KVCache
-from dpo.sampler import choose_tokens, sample, sample_k, sample_reforward
-from dpo.tokenizer import Tokenizer
+from fastdpo.models.gpt import GPT, GPTConfig, KVCache
+from fastdpo.generation.sampler import choose_tokens, sample, sample_k, sample_reforward
+from fastdpo.models.tokenizer import Tokenizer
 
 V = 97
 

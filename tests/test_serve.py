@@ -12,11 +12,11 @@ import pytest
 import torch
 from openai import OpenAI
 
-from bench.judge import make_tiny_checkpoint, start_server
-from dpo import sampler
-from dpo.pairs import load_policy
-from dpo.sampler import sample
-from dpo.serve import Batcher, ChatServer, RequestError, _Job, chat_turns
+from fastdpo.bench.judge import make_tiny_checkpoint, start_server
+from fastdpo.generation import sampler
+from fastdpo.generation.mining import load_policy
+from fastdpo.generation.sampler import sample
+from fastdpo.generation.serve import Batcher, ChatServer, RequestError, _Job, chat_turns
 
 
 @pytest.fixture(scope="module")

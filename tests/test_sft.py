@@ -3,13 +3,13 @@ import json
 import pytest
 import torch
 
-from dpo.checkpoint import load_checkpoint, save_checkpoint
-from dpo.cli import main as cli_main
-from dpo.config import SFTConfig, SFTDatasetConfig, TrainingConfig
-from dpo.data import DataError, DataStats, load_examples, tokenize_sft
-from dpo.model import GPT, GPTConfig
-from dpo.sft import SFTTask, init_model, run_sft
-from dpo.tokenizer import Tokenizer
+from fastdpo.models.checkpoint import load_checkpoint, save_checkpoint
+from fastdpo.cli import main as cli_main
+from fastdpo.training.config import SFTConfig, SFTDatasetConfig, TrainingConfig
+from fastdpo.training.data import DataError, DataStats, load_examples, tokenize_sft
+from fastdpo.models.gpt import GPT, GPTConfig
+from fastdpo.training.sft import SFTTask, init_model, run_sft
+from fastdpo.models.tokenizer import Tokenizer
 
 
 @pytest.fixture(autouse=True, scope="module")

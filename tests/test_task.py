@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from dpo import task
-from dpo.task import TaskConfig, build, parse, score
+from fastdpo.demo import task
+from fastdpo.demo.task import TaskConfig, build, parse, score
 
 SMALL = TaskConfig(n_sft=3000, n_mine=400, n_eval=300)
 
@@ -120,7 +120,7 @@ def test_bad_config_is_rejected():
 
 
 def test_registered_task_judge_uses_this_rubric():
-    from dpo.judge import make_judge
+    from fastdpo.generation.judge import make_judge
     judge = make_judge("task")
     assert judge.score("Reverse the words: cat sun fox", "fox sun cat") == 10
     assert judge.compare("Reverse the words: cat sun fox", "Sure! fox sun cat", "fox sun cat") == "B"

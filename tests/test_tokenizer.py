@@ -1,6 +1,6 @@
 import pytest
 
-from dpo.tokenizer import ASSISTANT, END, PAD, USER, Tokenizer
+from fastdpo.models.tokenizer import ASSISTANT, END, PAD, USER, Tokenizer
 
 CORPUS = [
     "What is 12 plus 30? The answer is 42.",

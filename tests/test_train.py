@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo import distributed
-from dpo.checkpoint import load_checkpoint, save_checkpoint
-from dpo.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
-from dpo.data import DataStats, collate_pairs, load_examples, tokenize_pairs
-from dpo.model import GPT, GPTConfig
-from dpo.refcache import cache_key, cached_reference_logprobs, compute_reference_logprobs
-from dpo.tokenizer import Tokenizer
-from dpo.train import DPOTask, pair_logprobs, prepare_dpo, reference_layout_shared, run_dpo, run_sweep
-from dpo.trainer import TrainingDiverged, sequence_logprobs
+from fastdpo import runtime as distributed
+from fastdpo.models.checkpoint import load_checkpoint, save_checkpoint
+from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
+from fastdpo.training.data import DataStats, collate_pairs, load_examples, tokenize_pairs
+from fastdpo.models.gpt import GPT, GPTConfig
+from fastdpo.training.reference_cache import cache_key, cached_reference_logprobs, compute_reference_logprobs
+from fastdpo.models.tokenizer import Tokenizer
+from fastdpo.training.dpo import DPOTask, pair_logprobs, prepare_dpo, reference_layout_shared, run_dpo, run_sweep
+from fastdpo.training.loop import TrainingDiverged, sequence_logprobs
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -126,7 +126,7 @@ def test_shared_prompt_rows_equal_separate_rows(workdir, tok):
 def test_multi_process_reference_uses_the_policys_separate_rows(workdir, tok, monkeypatch):
     """Under torchrun the wrapped policy takes separate rows: the reference (per step, or cached and
     keyed on its layout) must use the same layout, not the packed one."""
-    import dpo.train as train_module
+    import fastdpo.training.dpo as train_module
 
     pairs = tokenize_pairs(load_examples([workdir / "pairs.jsonl"]), tok, 32, 32, 48, DataStats())
     model = load_checkpoint(workdir / "sft")[0]

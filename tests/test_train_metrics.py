@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dpo.metrics import RunLogger
+from fastdpo.training.metrics import RunLogger
 
 
 def _write(path, rows, tail=""):

@@ -1,10 +1,10 @@
 """The training loop SFT and DPO share: AdamW, warmup + cosine, accumulation, clipping, autocast,
 logging, evaluation, checkpoints, ``--resume``, Ctrl-C and NaN handling.
 
-What is trained on is a *task* (``dpo.train.DPOTask``, ``dpo.sft.SFTTask``): it turns a list of
+What is trained on is a *task* (``fastdpo.training.dpo.DPOTask``, ``fastdpo.training.sft.SFTTask``): it turns a list of
 example indices into a loss and a dict of summed statistics. The loop only knows indices, which is
 what makes resuming exact: the micro-batches of step ``s`` are a pure function of ``(seed, s)``
-(see ``dpo.data.epoch_batches``), so a checkpoint needs the step number, the weights, the
+(see ``fastdpo.training.data.epoch_batches``), so a checkpoint needs the step number, the weights, the
 optimizer state and the RNG state, nothing else, and a resumed run is bit-identical to an
 uninterrupted one on the same machine.
 """
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-import kernels
-from dpo import distributed
-from dpo.checkpoint import load_checkpoint, read_config, restore_interrupted_swap, save_checkpoint
-from dpo.config import TrainingConfig
-from dpo.data import epoch_batches
-from dpo.metrics import RunLogger
+from fastdpo import kernels
+from fastdpo import runtime as distributed
+from fastdpo.models.checkpoint import load_checkpoint, read_config, restore_interrupted_swap, save_checkpoint
+from fastdpo.training.config import TrainingConfig
+from fastdpo.training.data import epoch_batches
+from fastdpo.training.metrics import RunLogger
 
 STATE_FILE = "trainer_state.pt"
 FINAL = "final"

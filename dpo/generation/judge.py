@@ -28,10 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fastdpo.configs import config_path
+
 VERDICTS = ("A", "B", "TIE")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-SCORE_PROMPT = CONFIG_DIR / "judge_score.txt"
-COMPARE_PROMPT = CONFIG_DIR / "judge_compare.txt"
+SCORE_PROMPT = config_path("judge_score.txt")
+COMPARE_PROMPT = config_path("judge_compare.txt")
 API_KEY_ENV = ("FASTDPO_JUDGE_API_KEY", "OPENAI_API_KEY")
 
 
@@ -273,7 +274,7 @@ def _brief(e: Exception) -> str:
 _REGISTRY: dict[str, Callable[..., Judge]] = {}
 # Modules that register judges when imported; looked up lazily so `fastdpo pairs --judge task`
 # works without judge.py importing the task (or the task existing at all).
-PLUGIN_MODULES = ("dpo.task",)
+PLUGIN_MODULES = ("fastdpo.demo.task",)
 
 
 def register_judge(name: str, factory: Callable[..., Judge]) -> None:
@@ -288,8 +289,8 @@ def _openai_factory(url: str | None = None, model: str | None = None, **kw) -> J
 
 
 def _task_factory(**_kw) -> Judge:
-    # The embedded demo task's checker; dpo.task may register a richer "task" judge, which wins.
-    from dpo.task import score
+    # The embedded demo task's checker; fastdpo.demo.task may register a richer "task" judge, which wins.
+    from fastdpo.demo.task import score
     return ProgrammaticJudge(score, name="task")
 
 

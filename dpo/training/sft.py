@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from dpo.checkpoint import load_checkpoint
-from dpo.config import SFTConfig, SFTDatasetConfig, TrainingConfig, load_config, to_dict
-from dpo.data import TokenizedSFT, collate_sft, eval_batches, load_sft_data
-from dpo.model import GPT, PRESETS, GPTConfig, config_from_preset
-from dpo.tokenizer import Tokenizer
-from dpo.train import join_ranks, prepare_run_dir, resolve_tokenizer, train_to_completion
-from dpo.trainer import Task, Trainer, resolve_device, resolve_precision, sequence_logprobs
+from fastdpo.models.checkpoint import load_checkpoint
+from fastdpo.training.config import SFTConfig, SFTDatasetConfig, TrainingConfig, load_config, to_dict
+from fastdpo.training.data import TokenizedSFT, collate_sft, eval_batches, load_sft_data
+from fastdpo.models.gpt import GPT, PRESETS, GPTConfig, config_from_preset
+from fastdpo.models.tokenizer import Tokenizer
+from fastdpo.training.dpo import join_ranks, prepare_run_dir, resolve_tokenizer, train_to_completion
+from fastdpo.training.loop import Task, Trainer, resolve_device, resolve_precision, sequence_logprobs
 
 
 class SFTTask(Task):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from dpo.judge import Judge
+from fastdpo.generation.judge import Judge
 
 DEFAULT_TEMPS = (0.7, 0.9, 1.1, 1.3)
 PROGRESS_SUFFIX = ".progress.jsonl"
@@ -142,7 +142,7 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
     ``shard_path``, ``merge_shards``): each batch keeps its seed, so the shards hold exactly the
     pairs of the unsharded run, and each shard resumes on its own.
     """
-    from dpo.sampler import sample
+    from fastdpo.generation.sampler import sample
 
     temps = [float(t) for t in temps]
     if len(temps) < 2:
@@ -507,7 +507,7 @@ def add_judge_args(p) -> None:
 
 
 def judge_from_args(args) -> Judge:
-    from dpo.judge import make_judge
+    from fastdpo.generation.judge import make_judge
     kw = {}
     if (args.judge or "openai") == "openai":
         kw = dict(concurrency=args.judge_concurrency, timeout=args.judge_timeout)
@@ -515,8 +515,8 @@ def judge_from_args(args) -> Judge:
 
 
 def load_policy(ckpt: str | Path, tokenizer_path: str | Path | None = None, device: str = "cpu"):
-    from dpo.checkpoint import load_checkpoint, load_tokenizer
-    from dpo.tokenizer import Tokenizer
+    from fastdpo.models.checkpoint import load_checkpoint, load_tokenizer
+    from fastdpo.models.tokenizer import Tokenizer
     tok = Tokenizer.load(tokenizer_path) if tokenizer_path else load_tokenizer(ckpt)
     model, _ = load_checkpoint(ckpt, tokenizer=tok, map_location=device)
     return model.eval(), tok
@@ -557,7 +557,7 @@ def add_subcommand(sub) -> None:
 
 
 def _cli(args) -> int:
-    from dpo import distributed
+    from fastdpo import runtime as distributed
     sharded = distributed.init_from_env()   # under torchrun: one shard of the batches per rank
     rank, world = distributed.rank(), distributed.world_size()
     judge = judge_from_args(args)
@@ -593,5 +593,5 @@ def _cli(args) -> int:
 if __name__ == "__main__":
     import sys
 
-    from dpo.cli import main
+    from fastdpo.cli import main
     sys.exit(main(["pairs", *sys.argv[1:]]))

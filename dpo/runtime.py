@@ -1,6 +1,6 @@
 """Several processes, one run: torch.distributed as launched by ``torchrun``.
 
-``torchrun --nproc_per_node=N -m dpo.cli train ...`` (or ``fastdpo train --nproc N``) starts N copies
+``torchrun --nproc_per_node=N -m fastdpo.cli train ...`` (or ``fastdpo train --nproc N``) starts N copies
 of the same command; each reads its place from the environment torchrun sets (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Without those variables every function here is a no-op
 for a world of one, so the single-process code path is the plain one.
@@ -202,7 +202,7 @@ class PolicyForward(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, kernel: str = "fused",
                 backend: str = "auto") -> torch.Tensor:
-        from dpo.trainer import sequence_logprobs
+        from fastdpo.training.loop import sequence_logprobs
         return sequence_logprobs(self.model, ids, mask, kernel, backend)
 
 
@@ -250,7 +250,7 @@ def plain(t: torch.Tensor) -> torch.Tensor:
 
 
 class FullModel:
-    """What ``dpo.checkpoint.save_checkpoint`` needs of a model (``config``, ``state_dict()``),
+    """What ``fastdpo.models.checkpoint.save_checkpoint`` needs of a model (``config``, ``state_dict()``),
     over a gathered full state dict: an FSDP2 run writes the same single-file checkpoint."""
 
     def __init__(self, config, state: dict[str, torch.Tensor]):

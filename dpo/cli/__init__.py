@@ -16,10 +16,11 @@ import sys
 # kernels 2-9x slower at 2 threads whenever another process shares the cores (bench.kernels).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from dpo import __version__  # noqa: E402
+from fastdpo import __version__  # noqa: E402
 
 SUBCOMMAND_MODULES: list[str] = [
-    "dpo.pairs", "dpo.evaluate", "dpo.serve", "dpo.sft", "dpo.train", "bench.run", "dpo.demo",
+    "fastdpo.generation.mining", "fastdpo.generation.evaluate", "fastdpo.generation.serve",
+    "fastdpo.training.sft", "fastdpo.training.dpo", "fastdpo.bench.run", "fastdpo.demo.pipeline",
 ]
 
 

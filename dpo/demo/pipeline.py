@@ -2,7 +2,7 @@
 
 Phases (each timed, with its throughput and the process's peak memory):
 
-1. ``task``      build the seeded task (``dpo.task``): SFT demonstrations, mining and eval prompts;
+1. ``task``      build the seeded task (``fastdpo.demo.task``): SFT demonstrations, mining and eval prompts;
 2. ``tokenizer`` train a byte-level BPE on the task's corpus;
 3. ``sft``       supervised fine-tuning of a fresh ``tiny`` GPT on the sloppy demonstrations;
 4. ``mine``      sample K answers per mining prompt (KV-cached sampler), judge them with the task's
@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from dpo import task as task_mod
+from fastdpo.configs import config_path
+from fastdpo.demo import task as task_mod
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEFAULT_CONFIG = config_path("demo.yaml")
 ARM_KINDS = ("sft_chosen", "dpo")          # an arm is SFT on chosen answers, or a DPO run
 
 
@@ -176,15 +177,15 @@ def _read_jsonl(path: Path) -> list[dict]:
 def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: str | Path = "runs/demo",
              seed: int | None = None, progress: bool = True) -> dict:
     """Run every phase; returns (and writes to ``out/summary.json``) the summary dict."""
-    from dpo.checkpoint import load_checkpoint
-    from dpo.config import DPOConfig, PreferenceDatasetConfig, SFTConfig, SFTDatasetConfig, TrainingConfig
-    from dpo.judge import ProgrammaticJudge
-    from dpo.model import config_from_preset
-    from dpo.pairs import mine_pairs
-    from dpo.sft import run_sft
-    from dpo.tokenizer import Tokenizer
-    from dpo.train import run_dpo
-    from dpo.trainer import resolve_device, resolve_precision
+    from fastdpo.models.checkpoint import load_checkpoint
+    from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, SFTConfig, SFTDatasetConfig, TrainingConfig
+    from fastdpo.generation.judge import ProgrammaticJudge
+    from fastdpo.models.gpt import config_from_preset
+    from fastdpo.generation.mining import mine_pairs
+    from fastdpo.training.sft import run_sft
+    from fastdpo.models.tokenizer import Tokenizer
+    from fastdpo.training.dpo import run_dpo
+    from fastdpo.training.loop import resolve_device, resolve_precision
 
     t_start = time.perf_counter()
     cfg = load_demo_config(config, quick)
@@ -343,7 +344,7 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
     summary["total_seconds"] = time.perf_counter() - t_start
     text = format_summary(summary, log)
     summary["report"] = text
-    from dpo.evaluate import write_json_atomic
+    from fastdpo.generation.evaluate import write_json_atomic
     write_json_atomic(out / "summary.json", summary)
     say(text, flush=True)
     return summary
@@ -353,8 +354,8 @@ def evaluate_arms(sft_model, arm_ckpts: dict, tok, items, judge, ec: dict, seed:
                   out: Path, progress: bool) -> tuple[dict, int]:
     """Each arm vs SFT at ``ec['temperature']`` (position-swapped compare + scores), plus greedy
     accuracy for every model. Returns (results per model, generated tokens)."""
-    from dpo.checkpoint import load_checkpoint
-    from dpo.evaluate import evaluate, generate
+    from fastdpo.models.checkpoint import load_checkpoint
+    from fastdpo.generation.evaluate import evaluate, generate
 
     instructions = [it.instruction for it in items]
     rendered = [tok.render_prompt(p) for p in instructions]

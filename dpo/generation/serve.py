@@ -6,7 +6,7 @@ continue the raw text. Non-streaming only (``stream: true`` is a clear 400).
 
 Concurrency: every HTTP connection gets a thread, but only one thread, the batcher, touches the
 model. Requests that arrive within ``batch_window_ms`` of each other (or while the previous batch
-is running) are sampled together in one ``dpo.sampler.sample`` call, each row with its own
+is running) are sampled together in one ``fastdpo.generation.sampler.sample`` call, each row with its own
 temperature, token budget and seed, so a request's answer does not depend on what it was
 batched with. A request with a ``seed`` is reproducible; temperature 0 is greedy.
 
@@ -122,7 +122,7 @@ class Batcher:
         return jobs
 
     def _run(self) -> None:
-        from dpo.sampler import sample
+        from fastdpo.generation.sampler import sample
 
         with torch.inference_mode():
             while (jobs := self._collect()) is not None:
@@ -404,7 +404,7 @@ def create_server(ckpt: str | Path, *, host: str = "127.0.0.1", port: int = 8000
                   model_name: str | None = None, tokenizer_path: str | Path | None = None,
                   device: str = "cpu", **kw) -> ChatServer:
     """Load a checkpoint and bind a ``ChatServer`` (not yet serving; see ``serve``)."""
-    from dpo.pairs import load_policy
+    from fastdpo.generation.mining import load_policy
     model, tok = load_policy(ckpt, tokenizer_path, device)
     name = model_name or Path(ckpt).resolve().name
     return ChatServer(model, tok, host=host, port=port, model_name=name, **kw)
@@ -440,7 +440,7 @@ def serve(ckpt: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model_
 
 
 def add_subcommand(sub) -> None:
-    from dpo.pairs import DTYPES
+    from fastdpo.generation.mining import DTYPES
     p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
     p.add_argument("--ckpt", required=True, help="checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to expose it)")
@@ -462,5 +462,5 @@ def add_subcommand(sub) -> None:
 
 
 if __name__ == "__main__":
-    from dpo.cli import main
+    from fastdpo.cli import main
     sys.exit(main(["serve", *sys.argv[1:]]))

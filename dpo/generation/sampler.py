@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dpo.model import GPT, KVCache
+from fastdpo.models.gpt import GPT, KVCache
 
 TEMPS = (0.7, 0.9, 1.1, 1.3)  # the seed's spread: a careful sample and a reckless one per prompt
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from dpo.judge import Judge
-from dpo.pairs import batch_seed, load_prompts
+from fastdpo.generation.judge import Judge
+from fastdpo.generation.mining import batch_seed, load_prompts
 
 MODES = ("compare", "score", "both")
 
@@ -29,10 +29,10 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, temperature:
              desc: str = "generate", sampler=None) -> list[list[int]]:
     """New token ids for every rendered prompt. Row i's seed depends only on (seed, i), so two
     models answering the same prompt list use the same random numbers. ``sampler`` defaults to
-    the KV-cached ``dpo.sampler.sample``; the bench passes the re-forward oracle."""
+    the KV-cached ``fastdpo.generation.sampler.sample``; the bench passes the re-forward oracle."""
     from tqdm import tqdm
 
-    from dpo.sampler import sample
+    from fastdpo.generation.sampler import sample
     sampler = sampler or sample
     out: list[list[int]] = []
     seeds = [batch_seed(seed, i) for i in range(len(prompts))]
@@ -211,7 +211,7 @@ def _num(x) -> str:
 
 # -- CLI ---------------------------------------------------------------------------------------
 def add_subcommand(sub) -> None:
-    from dpo.pairs import DTYPES, add_judge_args
+    from fastdpo.generation.mining import DTYPES, add_judge_args
     p = sub.add_parser("eval", help="win rate of checkpoint A vs B (position-swapped judging)")
     p.add_argument("--a", required=True, help="challenger checkpoint directory (e.g. the DPO model)")
     p.add_argument("--b", required=True, help="baseline checkpoint directory (e.g. the SFT model)")
@@ -233,7 +233,7 @@ def add_subcommand(sub) -> None:
 
 
 def _cli(args) -> int:
-    from dpo.pairs import DTYPES, judge_from_args, load_policy
+    from fastdpo.generation.mining import DTYPES, judge_from_args, load_policy
     judge = judge_from_args(args)
     model_a, tok = load_policy(args.a, args.tokenizer, args.device)
     model_b, _ = load_policy(args.b, args.tokenizer or (Path(args.a) / "tokenizer.json"), args.device)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from dpo.tokenizer import Tokenizer
+from fastdpo.models.tokenizer import Tokenizer
 
 
 class DataError(ValueError):

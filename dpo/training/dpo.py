@@ -1,11 +1,11 @@
 """DPO training: ``run_dpo`` (the Python API), ``run_sweep`` (β sweeps) and ``fastdpo train``.
 
 One micro-batch is one forward. By default each pair is one packed row whose prompt is computed
-once for both answers (``dpo.data.collate_packed_pairs``; ``shared_prompt: false`` gives the seed's
+once for both answers (``fastdpo.training.data.collate_packed_pairs``; ``shared_prompt: false`` gives the seed's
 layout, chosen rows and rejected rows concatenated on the batch dimension). The answers' log-probs
 come from ``kernels.linear_sequence_logprobs`` on the final hidden states, so the (B, T, V) logits
 are never materialized (``kernel: reference`` uses the naive oracle instead). The reference
-log-probs are, by default, computed once up front and cached on disk (``dpo.refcache``);
+log-probs are, by default, computed once up front and cached on disk (``fastdpo.training.reference_cache``);
 ``reference: model`` keeps a frozen copy and runs it every step, ``reference: none`` trains
 reference-free.
 """
@@ -19,16 +19,16 @@ from pathlib import Path
 
 import torch
 
-import kernels
-from dpo import distributed
-from dpo.checkpoint import load_checkpoint, load_tokenizer
-from dpo.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig, load_config, to_dict
-from dpo.data import TokenizedPair, collate_packed_pairs, collate_pairs, eval_batches, load_preference_data
-from dpo.losses import dpo_losses
-from dpo.metrics import RunLogger
-from dpo.refcache import cached_reference_logprobs
-from dpo.tokenizer import Tokenizer
-from dpo.trainer import (
+from fastdpo import kernels
+from fastdpo import runtime as distributed
+from fastdpo.models.checkpoint import load_checkpoint, load_tokenizer
+from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig, load_config, to_dict
+from fastdpo.training.data import TokenizedPair, collate_packed_pairs, collate_pairs, eval_batches, load_preference_data
+from fastdpo.training.losses import dpo_losses
+from fastdpo.training.metrics import RunLogger
+from fastdpo.training.reference_cache import cached_reference_logprobs
+from fastdpo.models.tokenizer import Tokenizer
+from fastdpo.training.loop import (
     Task,
     Trainer,
     autocast,
@@ -308,7 +308,7 @@ def join_ranks(train_config: TrainingConfig, unit: str) -> TrainingConfig:
 def _checkpoint_step(path: Path | None) -> int | None:
     if path is None:
         return None
-    from dpo.checkpoint import read_config
+    from fastdpo.models.checkpoint import read_config
     return int(read_config(path).get("step", 0))
 
 
@@ -410,7 +410,7 @@ def _relaunch_argv(args) -> list[str]:
 def _cli(args) -> int:
     import yaml
     if args.nproc is not None and args.nproc > 1:
-        return distributed.relaunch(args.nproc, "dpo.cli", _relaunch_argv(args))
+        return distributed.relaunch(args.nproc, "fastdpo.cli", _relaunch_argv(args))
     overrides = list(args.overrides)
     if args.wandb:
         overrides.append(f"train.wandb={args.wandb}")

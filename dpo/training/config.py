@@ -78,7 +78,7 @@ class TrainingConfig:
         _choice("mixed_precision", self.mixed_precision, ("bf16", "fp32", "auto"))
         _choice("kernel", self.kernel, ("fused", "reference"))
         _choice("parallel", self.parallel, ("ddp", "fsdp"))
-        from kernels import BACKENDS  # here, not at the top: kernels imports torch and triton
+        from fastdpo.kernels import BACKENDS  # here, not at the top: kernels imports torch and triton
         _choice("TrainingConfig.kernel_backend", self.kernel_backend, BACKENDS)
         _choice("wandb", self.wandb, ("auto", "disabled", "offline", "online"))
         for name in ("learning_rate", "epochs"):

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpo import distributed
-from dpo.data import TokenizedPair, eval_batches
+from fastdpo import runtime as distributed
+from fastdpo.training.data import TokenizedPair, eval_batches
 
 
 def model_hash(model: torch.nn.Module) -> str:

@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dpo.model import GPT, GPTConfig
-from dpo.tokenizer import Tokenizer
+from fastdpo.models.gpt import GPT, GPTConfig
+from fastdpo.models.tokenizer import Tokenizer
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 FORMAT = "fastdpo-checkpoint-v1"

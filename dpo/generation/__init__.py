@@ -1,0 +1,1 @@
+"""Generation and judging: the KV-cached sampler, judges, pair mining, evaluation, serving."""

@@ -1,0 +1,1 @@
+"""Models: the policy architectures, tokenizer and chat template, and checkpoints on disk."""

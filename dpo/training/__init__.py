@@ -1,0 +1,1 @@
+"""Training: configs, data, losses, cached reference log-probs, the shared loop, DPO and SFT."""
