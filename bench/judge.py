@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from fastdpo.models.checkpoint import save_checkpoint
 from fastdpo.generation.judge import OpenAIJudge, ProgrammaticJudge
+from fastdpo.models.checkpoint import save_checkpoint
 from fastdpo.models.gpt import GPT, GPTConfig
 from fastdpo.models.tokenizer import Tokenizer
 
@@ -111,7 +111,8 @@ def bench_mining(ckpt: str | Path, n_prompts: int = 64, batch_size: int = 16, ma
     ``judge="task"`` scores with the demo task's checker (real kept rate for a trained demo model);
     ``judge="spread"`` is a stand-in that spreads scores over 1-10 so a random model still yields
     pairs: it measures the pipeline's capacity, not a kept rate."""
-    from fastdpo.generation.mining import load_policy, mine_pairs
+    from fastdpo.generation.mining import mine_pairs
+    from fastdpo.models.checkpoint import load_policy
     model, tok = load_policy(ckpt)
     prompts = _task_prompts(n_prompts) or [f"Reverse the words: {' '.join(_WORDS[i % 20: i % 20 + 3])}"
                                            for i in range(n_prompts)]

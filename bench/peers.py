@@ -138,10 +138,10 @@ def trl_rows(preset: str = "tiny", steps: int = 4) -> list[dict]:
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    from fastdpo.training.config import DPOConfig, TrainingConfig
-    from fastdpo.training.data import TokenizedPair
     from fastdpo.models.gpt import GPT, config_from_preset
     from fastdpo.models.tokenizer import Tokenizer
+    from fastdpo.training.config import DPOConfig, TrainingConfig
+    from fastdpo.training.data import TokenizedPair
     from fastdpo.training.dpo import prepare_dpo
 
     s = SHAPES[preset]

@@ -205,8 +205,8 @@ def bench_eval(preset, quick, peaks, peers, out):
     from fastdpo.bench.kernels import measure
     from fastdpo.generation.evaluate import evaluate
     from fastdpo.generation.judge import ProgrammaticJudge
-    from fastdpo.models.gpt import GPT, config_from_preset
     from fastdpo.generation.sampler import sample, sample_reforward
+    from fastdpo.models.gpt import GPT, config_from_preset
     from fastdpo.models.tokenizer import Tokenizer
 
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
@@ -419,31 +419,3 @@ def plot(out: dict, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def add_subcommand(sub) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="per-phase throughput: fast paths vs naive oracles (table, JSON, PNG)",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("--preset", default="tiny", choices=["tiny", "gpt2-124m"])
-    p.add_argument(
-        "--phases",
-        default=",".join(DEFAULT_PHASES),
-        help=f"comma-separated subset of {','.join(PHASES)} (or 'all')",
-    )
-    p.add_argument("--quick", action="store_true", help="small shapes: a smoke run in about a minute")
-    p.add_argument("--out", default="runs/bench", help="directory for bench.json and bench.png")
-    p.add_argument("--no-peers", action="store_true", help="skip transformers/TRL/Liger rows")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--mining-ckpt", default=None,
-                   help="SFT checkpoint mined from in the judge phase (default: runs/demo/sft/final if any)")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    phases = PHASES if args.phases == "all" else tuple(p.strip() for p in args.phases.split(",") if p.strip())
-    run_bench(args.preset, phases, quick=args.quick, out_dir=args.out, peers=not args.no_peers,
-              threads=args.threads, mining_ckpt=args.mining_ckpt)
-    return 0

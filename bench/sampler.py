@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from fastdpo.models.gpt import GPT, KVCache, config_from_preset
 from fastdpo.generation.sampler import TEMPS, choose_tokens, decode_step, sample, sample_reforward
+from fastdpo.models.gpt import GPT, KVCache, config_from_preset
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Full runs up to measure_max_new; step-cost profiles at `points` lengths; the oracle profiled on

@@ -39,9 +39,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from fastdpo.bench.kernels import measure  # noqa: E402
+from fastdpo.models.gpt import GPT, config_from_preset
 from fastdpo.training.config import DPOConfig, TrainingConfig
 from fastdpo.training.data import TokenizedPair
-from fastdpo.models.gpt import GPT, config_from_preset
 from fastdpo.training.dpo import prepare_dpo
 
 # preset -> (vocab, micro-batch pairs, prompt length range, answer length range)
@@ -86,7 +86,7 @@ def run_train_bench(preset: str = "tiny", rounds: int = 3, steps: int = 2, preci
                   max_steps=10**6, log_every=0, mixed_precision=precision, wandb="disabled", progress=False,
                   device="cpu", seed=seed, length_bucket=1)
     trainers, info = {}, {}
-    for name, kernel, reference in (("fast", "fused", "cached"), ("naive", "reference", "model")):
+    for name, kernel, reference in (("fast", "auto", "cached"), ("naive", "oracle", "model")):
         tc = TrainingConfig(run_name=f"bench-{name}", kernel=kernel, **common)
         t0 = time.perf_counter()
         # naive = the seed's recipe: chosen and rejected as separate rows (prompt run twice)

@@ -1,4 +1,4 @@
-"""Several processes, one run: torch.distributed as launched by ``torchrun``.
+"""Where the code runs: devices, precision, and several processes as launched by ``torchrun``.
 
 ``torchrun --nproc_per_node=N -m fastdpo.cli train ...`` (or ``fastdpo train --nproc N``) starts N copies
 of the same command; each reads its place from the environment torchrun sets (RANK, WORLD_SIZE,
@@ -11,9 +11,9 @@ What is split across ranks, and how:
   r-th run of ``accumulation`` of them. Loss normalizers are computed over the global step and
   divided by the world size, so DDP's (and FSDP2's) gradient averaging gives exactly the
   single-process gradient of the same global batch;
-- the policy runs through ``PolicyForward`` wrapped in DistributedDataParallel, or sharded with
-  FSDP2 (``fully_shard`` on every block and on the root) when it does not fit one device;
-  checkpoints are always gathered into the one-file format a single process writes;
+- the policy runs wrapped in DistributedDataParallel, or sharded with FSDP2, when it does not fit
+  one device (``fastdpo.training.parallel``); checkpoints are always gathered into the one-file
+  format a single process writes;
 - reference log-probs and mining: whole batches are dealt round-robin to ranks and gathered.
 
 Failure. A rank that dies or raises exits non-zero; torchrun's elastic agent then stops the
@@ -35,7 +35,6 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
-PARALLEL_MODES = ("ddp", "fsdp")
 
 
 # --------------------------------------------------------------------------- process group
@@ -100,6 +99,31 @@ def local_device(device: torch.device | str) -> torch.device:
     if device.type == "cuda" and device.index is None and is_distributed():
         return torch.device("cuda", local_rank())
     return device
+
+
+# --------------------------------------------------------------------------- devices and precision
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return local_device(device)   # under torchrun, "cuda" is this process's GPU
+
+
+def resolve_precision(mixed_precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the hardware has it (CUDA bf16, or a CPU with AVX512-BF16/AMX)."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return "bf16" if device.type == "cpu" and has_bf16 else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- collectives
@@ -186,123 +210,6 @@ def all_reduce_sums(sums: dict, keep: Sequence[str] = ()) -> dict:
     vec = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
     dist.all_reduce(vec)
     return {**sums, **{k: v for k, v in zip(keys, vec.tolist())}}
-
-
-# --------------------------------------------------------------------------- the policy across ranks
-
-
-class PolicyForward(torch.nn.Module):
-    """The trained model's answer log-probs as a ``forward``. DDP synchronizes gradients, and
-    FSDP2 gathers the root's parameters, only in hooks around ``forward``: the trainer's
-    ``model.hidden_states`` + fused kernel path would bypass them on the bare GPT."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, kernel: str = "fused",
-                backend: str = "auto") -> torch.Tensor:
-        from fastdpo.training.loop import sequence_logprobs
-        return sequence_logprobs(self.model, ids, mask, kernel, backend)
-
-
-def is_wrapped_policy(model) -> bool:
-    return isinstance(model, (PolicyForward, torch.nn.parallel.DistributedDataParallel))
-
-
-def parallelize(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
-    """Wrap ``model`` (a GPT) for multi-process training; returns the module to run forwards on.
-
-    ``ddp``: every rank holds the whole model, gradients are all-reduced (averaged) in buckets
-    during backward. ``fsdp``: FSDP2 shards parameters, gradients and optimizer state over the
-    ranks; each block is gathered just before it runs. Parameters of ``model`` become DTensors,
-    so build the optimizer after this call."""
-    if mode not in PARALLEL_MODES:
-        raise ValueError(f"parallel must be one of {list(PARALLEL_MODES)}, got {mode!r}")
-    wrapper = PolicyForward(model)
-    if mode == "ddp":
-        # forward_sync_buffers=False: the GPT has no buffers that change, and a broadcast per forward
-        # would force every rank to run the same number of forwards even in evaluation.
-        return torch.nn.parallel.DistributedDataParallel(
-            wrapper, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
-    from torch.distributed.fsdp import fully_shard
-    for block in model.transformer.h:
-        fully_shard(block)
-    fully_shard(wrapper)
-    return wrapper
-
-
-def is_fsdp(wrapped) -> bool:
-    return wrapped is not None and not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
-
-
-def no_sync(wrapped, skip: bool):
-    """DDP: skip the gradient all-reduce of a micro-batch that is not the step's last (gradients
-    keep accumulating locally; the last backward reduces their sum)."""
-    if skip and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
-        return wrapped.no_sync()
-    return contextlib.nullcontext()
-
-
-def plain(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor (FSDP2's parameters, gradient norms) as an ordinary full tensor."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-class FullModel:
-    """What ``fastdpo.models.checkpoint.save_checkpoint`` needs of a model (``config``, ``state_dict()``),
-    over a gathered full state dict: an FSDP2 run writes the same single-file checkpoint."""
-
-    def __init__(self, config, state: dict[str, torch.Tensor]):
-        self.config, self._state = config, state
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self._state
-
-
-def _fqns(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-
-
-def gather_for_save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, wrapped):
-    """Collective: every rank calls it. Returns ``(model to save, optimizer state dict)`` on rank 0
-    (``(None, None)`` elsewhere). The optimizer state is in the single-process format (parameters
-    numbered in order), so any run, sharded or not, can resume from the checkpoint."""
-    if not is_fsdp(wrapped):
-        return (model, optimizer.state_dict()) if is_main() else (None, None)
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=opts)
-    optim = get_optimizer_state_dict(model, optimizer, options=opts)
-    if not is_main():
-        return None, None
-    index = {name: i for i, name in enumerate(_fqns(model, optimizer))}
-    optim = {"state": {index[k]: v for k, v in optim["state"].items()},
-             "param_groups": [{**g, "params": [index[k] for k in g["params"]]}
-                              for g in optim["param_groups"]]}
-    return FullModel(model.config, state), optim
-
-
-def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, wrapped,
-                    state: dict[str, torch.Tensor], optim_state: dict) -> None:
-    """Every rank loads the same full checkpoint; FSDP2 keeps its own shard of it."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, state, options=opts)
-    names = _fqns(model, optimizer)
-    optim = {"state": {names[int(k)]: v for k, v in optim_state["state"].items()},
-             "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]}
-                              for g in optim_state["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, optim, options=opts)
 
 
 # --------------------------------------------------------------------------- launching

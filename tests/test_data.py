@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from fastdpo.models.tokenizer import Tokenizer
 from fastdpo.training.config import PreferenceDatasetConfig, load_config
 from fastdpo.training.data import (
     DataError,
@@ -14,7 +15,6 @@ from fastdpo.training.data import (
     split_val,
     tokenize_pairs,
 )
-from fastdpo.models.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdpo import runtime as distributed
+from fastdpo import runtime
 from fastdpo.models.checkpoint import load_checkpoint, save_checkpoint
-from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
 from fastdpo.models.gpt import GPT, GPTConfig
 from fastdpo.models.tokenizer import Tokenizer
+from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
 
 HERE = Path(__file__).resolve()
 STEPS = 4
@@ -34,19 +34,19 @@ LAUNCH_TIMEOUT = 240
 
 def test_single_process_helpers_are_identities(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert distributed.init_from_env() is False and not distributed.is_distributed()
-    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
-    assert distributed.shard(range(5)) == [0, 1, 2, 3, 4]
-    assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
-    assert distributed.broadcast_object(7) == 7
-    assert distributed.any_rank(False) is False and distributed.all_ranks(True) is True
+    assert runtime.init_from_env() is False and not runtime.is_distributed()
+    assert (runtime.rank(), runtime.world_size(), runtime.is_main()) == (0, 1, True)
+    assert runtime.shard(range(5)) == [0, 1, 2, 3, 4]
+    assert runtime.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert runtime.broadcast_object(7) == 7
+    assert runtime.any_rank(False) is False and runtime.all_ranks(True) is True
     t = torch.arange(6.0).reshape(3, 2)
-    assert distributed.gather_rows(t, [0]) is t
+    assert runtime.gather_rows(t, [0]) is t
     sums = {"loss": torch.tensor(1.5), "n": 3}
-    assert distributed.all_reduce_sums(sums) is sums
-    assert distributed.local_device("cuda") == torch.device("cuda")
-    assert distributed.run_on_main(lambda x: x + 1, 1) == 2
-    distributed.barrier()
+    assert runtime.all_reduce_sums(sums) is sums
+    assert runtime.local_device("cuda") == torch.device("cuda")
+    assert runtime.run_on_main(lambda x: x + 1, 1) == 2
+    runtime.barrier()
 
 
 def test_run_on_main_raises_rank0_error_and_env_is_checked(monkeypatch):
@@ -54,13 +54,13 @@ def test_run_on_main_raises_rank0_error_and_env_is_checked(monkeypatch):
         raise ValueError("runs/x already holds checkpoints")
 
     with pytest.raises(ValueError, match="already holds"):
-        distributed.run_on_main(bad)
+        runtime.run_on_main(bad)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(ValueError, match="MASTER_ADDR.*torchrun"):
-        distributed.init_from_env()
+        runtime.init_from_env()
     with pytest.raises(ValueError, match="inside a torchrun launch"):
-        distributed.relaunch(2, "fastdpo.cli", ["train"])
+        runtime.relaunch(2, "fastdpo.cli", ["train"])
 
 
 def test_shard_deals_round_robin():
@@ -171,7 +171,8 @@ def test_ddp_two_ranks_match_one_process_with_twice_the_batch(work, single):
     cfg = work / "ddp.yaml"
     cfg.write_text(json.dumps({"sft_checkpoint": s["sft"], **{k: s[k] for k in ("train", "dpo", "data")}}))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "fastdpo.cli", "train", "--nproc", "2", "--config", str(cfg)],
+    proc = subprocess.run([sys.executable, "-m", "fastdpo.cli", "train", "--nproc", "2",
+                           "--config", str(cfg)],
                           capture_output=True, text=True, env=env(), timeout=LAUNCH_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     print(f"ddp launch {time.perf_counter() - t0:.1f}s")
@@ -260,7 +261,8 @@ def test_sharded_mining_equals_unsharded_and_resumes_after_a_killed_rank(tmp_pat
     (pairs and progress file) as one process mining everything."""
     from fastdpo.bench.judge import make_tiny_checkpoint
     from fastdpo.generation.judge import make_judge
-    from fastdpo.generation.mining import load_policy, mine_pairs
+    from fastdpo.generation.mining import mine_pairs
+    from fastdpo.models.checkpoint import load_policy
 
     ckpt = make_tiny_checkpoint(tmp_path / "tiny", block_size=96)
     (tmp_path / "toyjudge.py").write_text(TOY_JUDGE)
@@ -304,7 +306,7 @@ def _train(s: dict) -> None:
     kill = s.get("kill")
 
     def on_step(trainer, step):
-        if kill and distributed.rank() == kill[0] and step == kill[1]:
+        if kill and runtime.rank() == kill[0] and step == kill[1]:
             Path(s["stamp"]).write_text(repr(time.time()))
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -312,12 +314,12 @@ def _train(s: dict) -> None:
 
 
 def _collective(s: dict) -> None:
-    distributed.init_from_env()
+    runtime.init_from_env()
     x = torch.ones(4)
     for i in range(1000):
         torch.distributed.all_reduce(x)
         x.fill_(1)
-        if i == 20 and distributed.rank() == 1:
+        if i == 20 and runtime.rank() == 1:
             (Path(s["stamp"]) / "killed-at").write_text(repr(time.time()))
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(0.01)

@@ -9,7 +9,7 @@ from fastdpo.bench.judge import make_tiny_checkpoint
 from fastdpo.cli import main
 from fastdpo.generation.evaluate import evaluate, format_report, position_swapped_outcome
 from fastdpo.generation.judge import Judge, ProgrammaticJudge
-from fastdpo.generation.mining import load_policy
+from fastdpo.models.checkpoint import load_policy
 
 PROMPTS = [f"Sort the words: {w} cat dog {i}"
            for i, w in enumerate("fox elk gnu hen ink jam kit owl".split())]

@@ -118,8 +118,8 @@ def served(tmp_path_factory):
 
 def _expected_replies(ckpt, template_fill, max_tokens):
     """What the served model answers at temperature 0, computed without the server."""
-    from fastdpo.generation.mining import load_policy
     from fastdpo.generation.sampler import sample
+    from fastdpo.models.checkpoint import load_policy
     model, tok = load_policy(ckpt)
     prompts = [tok.render_conversation([("user", t)]) for t in template_fill]
     with torch.inference_mode():

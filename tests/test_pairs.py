@@ -13,7 +13,8 @@ import torch
 import fastdpo.generation.sampler
 from fastdpo.bench.judge import make_tiny_checkpoint
 from fastdpo.generation.judge import Judge, make_judge
-from fastdpo.generation.mining import MiningStats, format_stats, load_policy, load_prompts, mine_pairs, select_pair
+from fastdpo.generation.mining import MiningStats, format_stats, load_prompts, mine_pairs, select_pair
+from fastdpo.models.checkpoint import load_policy
 
 TOY_JUDGE = '''
 def score(instruction, response):

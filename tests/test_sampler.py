@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from fastdpo.models.gpt import GPT, GPTConfig, KVCache
 from fastdpo.generation.sampler import choose_tokens, sample, sample_k, sample_reforward
+from fastdpo.models.gpt import GPT, GPTConfig, KVCache
 from fastdpo.models.tokenizer import Tokenizer
 
 V = 97

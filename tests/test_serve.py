@@ -14,9 +14,9 @@ from openai import OpenAI
 
 from fastdpo.bench.judge import make_tiny_checkpoint, start_server
 from fastdpo.generation import sampler
-from fastdpo.generation.mining import load_policy
 from fastdpo.generation.sampler import sample
 from fastdpo.generation.serve import Batcher, ChatServer, RequestError, _Job, chat_turns
+from fastdpo.models.checkpoint import load_policy
 
 
 @pytest.fixture(scope="module")

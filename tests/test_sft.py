@@ -3,13 +3,13 @@ import json
 import pytest
 import torch
 
-from fastdpo.models.checkpoint import load_checkpoint, save_checkpoint
 from fastdpo.cli import main as cli_main
+from fastdpo.models.checkpoint import load_checkpoint, save_checkpoint
+from fastdpo.models.gpt import GPT, GPTConfig
+from fastdpo.models.tokenizer import Tokenizer
 from fastdpo.training.config import SFTConfig, SFTDatasetConfig, TrainingConfig
 from fastdpo.training.data import DataError, DataStats, load_examples, tokenize_sft
-from fastdpo.models.gpt import GPT, GPTConfig
 from fastdpo.training.sft import SFTTask, init_model, run_sft
-from fastdpo.models.tokenizer import Tokenizer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -60,7 +60,7 @@ def test_sft_loss_is_masked_token_mean_nll_and_kernels_agree(data, tok):
     torch.manual_seed(0)
     model = GPT(tiny(tok))
     out = {}
-    for kernel in ("fused", "reference"):
+    for kernel in ("auto", "oracle"):
         task = SFTTask(model, items, [], pad_id=tok.pad_id, device=torch.device("cpu"), kernel=kernel)
         idx = list(range(6))
         loss, _ = task.loss(idx, task.step_norm([idx]))
@@ -76,9 +76,9 @@ def test_sft_loss_is_masked_token_mean_nll_and_kernels_agree(data, tok):
         nll = torch.nn.functional.cross_entropy(logits, t[0, 1:], reduction="none")
         total += nll[len(x.prompt) - 1:].sum().item()
         n += len(x.response)
-    assert out["fused"][0].item() == pytest.approx(total / n, rel=1e-5)
-    assert torch.allclose(out["fused"][0], out["reference"][0], rtol=1e-5)
-    for a, b in zip(out["fused"][1], out["reference"][1]):
+    assert out["auto"][0].item() == pytest.approx(total / n, rel=1e-5)
+    assert torch.allclose(out["auto"][0], out["oracle"][0], rtol=1e-5)
+    for a, b in zip(out["auto"][1], out["oracle"][1]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 

@@ -7,15 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdpo import runtime as distributed
+from fastdpo import runtime
 from fastdpo.models.checkpoint import load_checkpoint, save_checkpoint
+from fastdpo.models.gpt import GPT, GPTConfig
+from fastdpo.models.tokenizer import Tokenizer
 from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
 from fastdpo.training.data import DataStats, collate_pairs, load_examples, tokenize_pairs
-from fastdpo.models.gpt import GPT, GPTConfig
+from fastdpo.training.dpo import DPOTask, prepare_dpo, reference_layout_shared, run_dpo
+from fastdpo.training.logprobs import pair_logprobs, sequence_logprobs
+from fastdpo.training.loop import TrainingDiverged
 from fastdpo.training.reference_cache import cache_key, cached_reference_logprobs, compute_reference_logprobs
-from fastdpo.models.tokenizer import Tokenizer
-from fastdpo.training.dpo import DPOTask, pair_logprobs, prepare_dpo, reference_layout_shared, run_dpo, run_sweep
-from fastdpo.training.loop import TrainingDiverged, sequence_logprobs
+from fastdpo.training.sweep import run_sweep
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -85,11 +87,11 @@ def test_step0_loss_is_ln2_and_separable_set_is_learned(workdir, tok, reference)
 
 
 @pytest.mark.parametrize("shared_prompt", [True, False])
-def test_fused_and_reference_kernels_give_same_loss_and_grads(workdir, tok, shared_prompt):
+def test_fused_kernel_and_oracle_give_same_loss_and_grads(workdir, tok, shared_prompt):
     pairs = tokenize_pairs(load_examples([workdir / "pairs.jsonl"]), tok, 32, 32, 48, DataStats())[:8]
     results = []
     ref = torch.randn(len(pairs), 2, generator=torch.Generator().manual_seed(0)) - 20   # differs from policy
-    for kernel in ("fused", "reference"):
+    for kernel in ("auto", "oracle"):
         model = load_checkpoint(workdir / "sft")[0]
         task = DPOTask(model, pairs, [], DPOConfig(beta=0.3, rpo_alpha=0.5, shared_prompt=shared_prompt),
                        pad_id=tok.pad_id, device=torch.device("cpu"), kernel=kernel, ref_train=ref)
@@ -141,7 +143,7 @@ def test_multi_process_reference_uses_the_policys_separate_rows(workdir, tok, mo
     task.loss([0, 1], task.step_norm([[0, 1]]))
     assert layouts == [False, False]   # policy, reference
     assert reference_layout_shared(DPOConfig())
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(runtime, "world_size", lambda: 2)
     assert not reference_layout_shared(DPOConfig())   # the cache is computed and keyed that way
 
 
@@ -201,9 +203,9 @@ def test_ctrl_c_saves_and_resume_continues(workdir, tok):
     assert json.loads((final / "config.json").read_text())["step"] == 4
 
 
-def test_kernel_backend_is_validated_with_the_field_name(workdir):
-    with pytest.raises(ValueError, match=r"TrainingConfig\.kernel_backend must be one of .*'cuda'"):
-        cfgs(workdir, "badbackend", kernel_backend="cuda")
+def test_kernel_is_validated_with_the_field_name(workdir):
+    with pytest.raises(ValueError, match=r"TrainingConfig\.kernel must be one of .*'cuda'"):
+        cfgs(workdir, "badbackend", kernel="cuda")
 
 
 def test_keep_checkpoints_0_keeps_the_newest_until_final_and_ctrl_c_reports_it(workdir, tok, capsys):
@@ -255,7 +257,7 @@ def test_cached_reference_logprobs_equal_recomputed(workdir, tok, tmp_path):
     for i in (0, 17, len(pairs) - 1):
         ids, mask = collate_pairs([pairs[i]], tok.pad_id)
         with torch.no_grad():
-            want = sequence_logprobs(model, ids, mask, kernel="reference")
+            want = sequence_logprobs(model, ids, mask, kernel="oracle")
         assert torch.allclose(first[i], want, rtol=1e-5, atol=1e-4)
     # other data or another reference is another cache entry
     _, path3, hit3 = cached_reference_logprobs(model, pairs[:-1], cache_dir=tmp_path, tokenizer_hash=tok.hash,
@@ -278,7 +280,7 @@ def test_reference_cache_settings_hold_the_resolved_backend(workdir, tok):
     pairs = tokenize_pairs(load_examples([workdir / "pairs.jsonl"]), tok, 32, 32, 48, DataStats())
     cache = workdir / "ref_cache_backend"
     for backend in ("auto", "torch"):
-        tc = cfgs(workdir, f"refkey-{backend}", kernel_backend=backend)
+        tc = cfgs(workdir, f"refkey-{backend}", kernel=backend)
         prepare_dpo(load_checkpoint(workdir / "sft")[0], pairs, [], tc,
                     DPOConfig(reference="cached", reference_cache_dir=cache), pad_id=tok.pad_id)
     assert len(list(cache.glob("ref-logps-*.safetensors"))) == 1

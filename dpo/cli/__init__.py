@@ -19,8 +19,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from fastdpo import __version__  # noqa: E402
 
 SUBCOMMAND_MODULES: list[str] = [
-    "fastdpo.generation.mining", "fastdpo.generation.evaluate", "fastdpo.generation.serve",
-    "fastdpo.training.sft", "fastdpo.training.dpo", "fastdpo.bench.run", "fastdpo.demo.pipeline",
+    "fastdpo.cli.pairs", "fastdpo.cli.eval", "fastdpo.cli.serve", "fastdpo.cli.sft", "fastdpo.cli.train",
+    "fastdpo.cli.bench", "fastdpo.cli.demo",
 ]
 
 

@@ -177,15 +177,21 @@ def _read_jsonl(path: Path) -> list[dict]:
 def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: str | Path = "runs/demo",
              seed: int | None = None, progress: bool = True) -> dict:
     """Run every phase; returns (and writes to ``out/summary.json``) the summary dict."""
-    from fastdpo.models.checkpoint import load_checkpoint
-    from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, SFTConfig, SFTDatasetConfig, TrainingConfig
     from fastdpo.generation.judge import ProgrammaticJudge
-    from fastdpo.models.gpt import config_from_preset
     from fastdpo.generation.mining import mine_pairs
-    from fastdpo.training.sft import run_sft
+    from fastdpo.models.checkpoint import load_checkpoint
+    from fastdpo.models.gpt import config_from_preset
     from fastdpo.models.tokenizer import Tokenizer
+    from fastdpo.training.config import (
+        DPOConfig,
+        PreferenceDatasetConfig,
+        SFTConfig,
+        SFTDatasetConfig,
+        TrainingConfig,
+    )
     from fastdpo.training.dpo import run_dpo
     from fastdpo.training.loop import resolve_device, resolve_precision
+    from fastdpo.training.sft import run_sft
 
     t_start = time.perf_counter()
     cfg = load_demo_config(config, quick)
@@ -236,7 +242,7 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
             min_lr_ratio=float(section.get("min_lr_ratio", 0.0)),
             weight_decay=float(section.get("weight_decay", 0.0)), log_every=int(section.get("log_every", 10)),
             eval_every=0, save_every=0, keep_checkpoints=0, mixed_precision=precision, seed=seed,
-            kernel="fused", wandb="disabled", overwrite=True, progress=progress,
+            wandb="disabled", overwrite=True, progress=progress,
             length_bucket=int(section.get("length_bucket", 1)))
 
     # 3. SFT ------------------------------------------------------------------------------------
@@ -354,8 +360,8 @@ def evaluate_arms(sft_model, arm_ckpts: dict, tok, items, judge, ec: dict, seed:
                   out: Path, progress: bool) -> tuple[dict, int]:
     """Each arm vs SFT at ``ec['temperature']`` (position-swapped compare + scores), plus greedy
     accuracy for every model. Returns (results per model, generated tokens)."""
-    from fastdpo.models.checkpoint import load_checkpoint
     from fastdpo.generation.evaluate import evaluate, generate
+    from fastdpo.models.checkpoint import load_checkpoint
 
     instructions = [it.instruction for it in items]
     rendered = [tok.render_prompt(p) for p in instructions]
@@ -504,18 +510,3 @@ def log_wandb(out: Path, summary: dict, runs: list[str], mode: str) -> str | Non
         return str(Path(run.dir).parent)
     finally:
         run.finish()
-
-
-# -- CLI -------------------------------------------------------------------------------------------
-def add_subcommand(subparsers) -> None:
-    p = subparsers.add_parser(
-        "demo", help="the whole loop on the embedded task: tokenizer, SFT, mining, DPO, eval (CPU minutes)",
-        description="Train a tokenizer and a tiny GPT on the embedded task, mine preference pairs with "
-                    "the task's judge, run DPO (and its ablation arms), and evaluate against SFT.")
-    p.add_argument("--config", type=Path, default=None, help=f"demo recipe (default {DEFAULT_CONFIG.name})")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every phase (~1 min)")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (rebuilt)")
-    p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
-    p.set_defaults(func=lambda a: 0 if run_demo(a.config, quick=a.quick, out=a.out, seed=a.seed) else 1)
-
-

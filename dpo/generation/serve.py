@@ -404,7 +404,7 @@ def create_server(ckpt: str | Path, *, host: str = "127.0.0.1", port: int = 8000
                   model_name: str | None = None, tokenizer_path: str | Path | None = None,
                   device: str = "cpu", **kw) -> ChatServer:
     """Load a checkpoint and bind a ``ChatServer`` (not yet serving; see ``serve``)."""
-    from fastdpo.generation.mining import load_policy
+    from fastdpo.models.checkpoint import load_policy
     model, tok = load_policy(ckpt, tokenizer_path, device)
     name = model_name or Path(ckpt).resolve().name
     return ChatServer(model, tok, host=host, port=port, model_name=name, **kw)
@@ -437,30 +437,3 @@ def serve(ckpt: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model_
         server.server_close()
     print("fastdpo serve: stopped", file=sys.stderr, flush=True)
     return 0
-
-
-def add_subcommand(sub) -> None:
-    from fastdpo.generation.mining import DTYPES
-    p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to expose it)")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
-    p.add_argument("--model-name", default=None, help="name clients pass as 'model' (default: ckpt dir name)")
-    p.add_argument("--tokenizer", default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens per request")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--max-batch-rows", type=int, default=64, help="rows sampled together at most")
-    p.add_argument("--batch-window-ms", type=float, default=10.0,
-                   help="how long the first request of a batch waits for company")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.set_defaults(func=lambda a: serve(
-        a.ckpt, host=a.host, port=a.port, model_name=a.model_name, tokenizer_path=a.tokenizer,
-        device=a.device, default_max_tokens=a.max_tokens, top_k=a.top_k, max_batch_rows=a.max_batch_rows,
-        batch_window_ms=a.batch_window_ms, dtype=DTYPES[a.dtype], threads=a.threads))
-
-
-if __name__ == "__main__":
-    from fastdpo.cli import main
-    sys.exit(main(["serve", *sys.argv[1:]]))

@@ -154,6 +154,14 @@ def check_tokenizer_matches(path: Path, config: dict, tokenizer: Tokenizer) -> N
             f"was trained with ({stored_hash}); pass the checkpoint's own tokenizer.json")
 
 
+def load_policy(ckpt: str | Path, tokenizer_path: str | Path | None = None,
+                device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """A checkpoint's model in eval mode and its tokenizer (its own unless ``tokenizer_path``)."""
+    tok = Tokenizer.load(tokenizer_path) if tokenizer_path else load_tokenizer(ckpt)
+    model, _ = load_checkpoint(ckpt, tokenizer=tok, map_location=device)
+    return model.eval(), tok
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer saved inside a checkpoint directory."""
     file = Path(path) / TOKENIZER

@@ -192,7 +192,8 @@ class GPT(nn.Module):
         """Final-norm activations (B, T, C); ``logits = hidden_states @ lm_head_weight.T``.
 
         ``pos`` (B, T) or (T,) gives each token's position (default ``arange(T)``).
-        ``kv_caches`` is one ``KVCache`` per layer (see ``fastdpo.generation.sampler``) and ``attn_mask`` the bool
+        ``kv_caches`` is one ``KVCache`` per layer (see ``fastdpo.generation.sampler``) and ``attn_mask``
+        the bool
         (B, 1, T, L) mask over the first L cache slots that goes with a decode step; a cached call
         without ``attn_mask`` is a prefill from position 0."""
         B, T = ids.shape

@@ -32,6 +32,8 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 REFERENCE_MODES = ("auto", "cached", "model", "none")
 DATA_FORMATS = ("auto", "prompt", "conversations", "hh")
 SFT_FORMATS = ("auto", "prompt", "conversations")
+# the kernel choices of fastdpo.training.logprobs (kept here: configs load without importing torch)
+KERNELS = ("auto", "triton", "torch", "oracle")
 
 
 @dataclass
@@ -58,8 +60,7 @@ class TrainingConfig:
     mixed_precision: str = "auto"             # "bf16" | "fp32" | "auto" (bf16 where supported)
     seed: int = 1337
     device: str = "auto"                      # "auto" | "cpu" | "cuda" | "cuda:1" ...
-    kernel: str = "fused"                     # "fused" (kernels.linear_sequence_logprobs) | "reference"
-    kernel_backend: str = "auto"              # passed to the kernels: auto | torch | triton | reference
+    kernel: str = "auto"                      # auto (Triton on CUDA, else torch) | triton | torch | oracle
     parallel: str = "ddp"                     # under torchrun: "ddp" (replicas) | "fsdp" (FSDP2 shards)
     wandb: str = "auto"                       # "auto" (online with an API key, else offline) | ...
     wandb_project: str = "fastdpo"
@@ -76,10 +77,8 @@ class TrainingConfig:
         self.output_dir = Path(self.output_dir)
         self.adam_betas = tuple(self.adam_betas)
         _choice("mixed_precision", self.mixed_precision, ("bf16", "fp32", "auto"))
-        _choice("kernel", self.kernel, ("fused", "reference"))
+        _choice("TrainingConfig.kernel", self.kernel, KERNELS)
         _choice("parallel", self.parallel, ("ddp", "fsdp"))
-        from fastdpo.kernels import BACKENDS  # here, not at the top: kernels imports torch and triton
-        _choice("TrainingConfig.kernel_backend", self.kernel_backend, BACKENDS)
         _choice("wandb", self.wandb, ("auto", "disabled", "offline", "online"))
         for name in ("learning_rate", "epochs"):
             if not getattr(self, name) > 0:

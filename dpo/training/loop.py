@@ -1,10 +1,11 @@
 """The training loop SFT and DPO share: AdamW, warmup + cosine, accumulation, clipping, autocast,
 logging, evaluation, checkpoints, ``--resume``, Ctrl-C and NaN handling.
 
-What is trained on is a *task* (``fastdpo.training.dpo.DPOTask``, ``fastdpo.training.sft.SFTTask``): it turns a list of
-example indices into a loss and a dict of summed statistics. The loop only knows indices, which is
-what makes resuming exact: the micro-batches of step ``s`` are a pure function of ``(seed, s)``
-(see ``fastdpo.training.data.epoch_batches``), so a checkpoint needs the step number, the weights, the
+What is trained on is a *task* (``fastdpo.training.dpo.DPOTask``,
+``fastdpo.training.sft.SFTTask``): it turns a list of example indices into a loss and a dict of
+summed statistics. The loop only knows indices, which is what makes resuming exact: the
+micro-batches of step ``s`` are a pure function of ``(seed, s)`` (see
+``fastdpo.training.data.epoch_batches``), so a checkpoint needs the step number, the weights, the
 optimizer state and the RNG state, nothing else, and a resumed run is bit-identical to an
 uninterrupted one on the same machine.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-import re
 import shutil
 import signal
 import threading
@@ -24,60 +24,21 @@ from pathlib import Path
 
 import torch
 
-from fastdpo import kernels
-from fastdpo import runtime as distributed
-from fastdpo.models.checkpoint import load_checkpoint, read_config, restore_interrupted_swap, save_checkpoint
+from fastdpo import runtime
+from fastdpo.models.checkpoint import load_checkpoint, save_checkpoint
+from fastdpo.runtime import autocast, resolve_device, resolve_precision
+from fastdpo.training import parallel
 from fastdpo.training.config import TrainingConfig
 from fastdpo.training.data import epoch_batches
 from fastdpo.training.metrics import RunLogger
-
-STATE_FILE = "trainer_state.pt"
-FINAL = "final"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-_OLD_DIR = re.compile(r"^\.(.+)\.old-[0-9a-f]+$")
+from fastdpo.training.runs import FINAL, STATE_FILE, _step_dirs, latest_checkpoint
 
 
 class TrainingDiverged(ValueError):
     """A non-finite loss or gradient: the run stops before the bad update touches the weights."""
 
 
-# --------------------------------------------------------------------------- device and numerics
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return distributed.local_device(device)   # under torchrun, "cuda" is this process's GPU
-
-
-def resolve_precision(mixed_precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 where the hardware has it (CUDA bf16, or a CPU with AVX512-BF16/AMX)."""
-    if mixed_precision != "auto":
-        return mixed_precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return "bf16" if device.type == "cpu" and has_bf16 else "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, kernel: str = "fused",
-                      backend: str = "auto") -> torch.Tensor:
-    """Summed answer log-probs per row ``(B,)``, float32.
-
-    ``fused``: hidden states -> ``kernels.linear_sequence_logprobs`` (the (B, T, V) logits never
-    exist at once). ``reference``: full logits -> the naive float32 oracle, for comparison."""
-    if distributed.is_wrapped_policy(model):
-        return model(ids, mask, kernel, backend)   # DDP/FSDP2 hooks run around forward() only
-    if kernel == "reference":
-        return kernels.reference.sequence_logprobs(model(ids), ids, mask)
-    hidden = model.hidden_states(ids)
-    return kernels.linear_sequence_logprobs(hidden, model.lm_head_weight, ids, mask, backend=backend)
+# --------------------------------------------------------------------------- schedule and optimizer
 
 
 def lr_at(step: int, cfg: TrainingConfig, total_steps: int) -> float:
@@ -161,8 +122,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
         self.tokenizer, self.meta, self.logger, self.on_step = tokenizer, meta or {}, logger, on_step
         # Under torchrun: DDP or FSDP2 (which turns parameters into shards: before the optimizer).
-        self.world = distributed.world_size()
-        self.parallel = distributed.parallelize(model, cfg.parallel, self.device) if self.world > 1 else None
+        self.world = runtime.world_size()
+        self.parallel = parallel.parallelize(model, cfg.parallel, self.device) if self.world > 1 else None
         if self.parallel is not None:
             task.bind_policy(self.parallel)
         self.optimizer = make_optimizer(model, cfg, fused=self.parallel is None)
@@ -190,7 +151,7 @@ class Trainer:
     def rank_micro_batches(self, step: int) -> list[list[int]]:
         """This rank's share of the step: the r-th run of ``gradient_accumulation_steps``
         micro-batches of the global step (all of them in a single process)."""
-        accum, r = self.cfg.gradient_accumulation_steps, distributed.rank()
+        accum, r = self.cfg.gradient_accumulation_steps, runtime.rank()
         return self.micro_batches(step)[r * accum:(r + 1) * accum]
 
     # -- one optimizer step --------------------------------------------------------------
@@ -208,7 +169,7 @@ class Trainer:
         self.model.train()
         step_loss = torch.zeros((), device=self.device)
         for i, idx in enumerate(micro):
-            with distributed.no_sync(self.parallel, skip=i + 1 < len(micro)):
+            with parallel.no_sync(self.parallel, skip=i + 1 < len(micro)):
                 with autocast(self.device, self.precision):
                     loss, stats = self.task.loss(idx, norm)
                 loss.backward()
@@ -216,7 +177,7 @@ class Trainer:
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0) + v
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = distributed.plain(torch.nn.utils.clip_grad_norm_(self._params, max_norm))
+        grad_norm = parallel.plain(torch.nn.utils.clip_grad_norm_(self._params, max_norm))
         # The check costs a device sync; on CUDA it runs at log steps only (the weights may then
         # take a few bad updates, but no checkpoint is ever written from them: see _save).
         if self.device.type == "cpu" or (step + 1) % max(1, self.cfg.log_every) == 0:
@@ -276,7 +237,7 @@ class Trainer:
                         self._prune(max(1, cfg.keep_checkpoints))
                     if self.on_step is not None:
                         self.on_step(self, step)
-                    if distributed.any_rank(self._stop_requested):   # all ranks stop at one step
+                    if runtime.any_rank(self._stop_requested):   # all ranks stop at one step
                         path = self.run_dir / f"step-{step:06d}"
                         if not saved:
                             self._save(path)
@@ -313,7 +274,7 @@ class Trainer:
         return metrics
 
     def _log_train(self, sums: dict, seconds: float) -> None:
-        sums = distributed.all_reduce_sums(sums, keep=("grad_norm", "steps"))
+        sums = runtime.all_reduce_sums(sums, keep=("grad_norm", "steps"))
         metrics = self.task.summarize(sums)
         metrics["lr"] = self._last_lr
         metrics["grad_norm"] = float(sums["grad_norm"]) / sums["steps"]
@@ -352,16 +313,16 @@ class Trainer:
 
     def _save_distributed(self, path: Path) -> Path:
         """Every rank joins the gather (FSDP2 shards, RNG states); rank 0 writes; all wait for it."""
-        model, optim = distributed.gather_for_save(self.model, self.optimizer, self.parallel)
-        rngs = distributed.all_gather_object(torch.get_rng_state())
-        finite = distributed.is_main() and all(bool(torch.isfinite(v).all())
+        model, optim = parallel.gather_for_save(self.model, self.optimizer, self.parallel)
+        rngs = runtime.all_gather_object(torch.get_rng_state())
+        finite = runtime.is_main() and all(bool(torch.isfinite(v).all())
                                                for v in model.state_dict().values())
-        if not distributed.broadcast_object(finite):
+        if not runtime.broadcast_object(finite):
             raise TrainingDiverged(f"non-finite weights at step {self.state.step}; not saving {path}; "
                                    f"the last good checkpoint is {latest_checkpoint(self.run_dir)}")
-        if distributed.is_main():
+        if runtime.is_main():
             self._write_checkpoint(path, model, optim, rng_per_rank=rngs)
-        distributed.barrier()
+        runtime.barrier()
         return path
 
     def _write_checkpoint(self, path: Path, model, optimizer_state: dict, **extra) -> Path:
@@ -374,7 +335,7 @@ class Trainer:
                                extra_files={STATE_FILE: lambda f: torch.save(state, f)})
 
     def _prune(self, keep: int | None = None) -> None:
-        if not distributed.is_main():
+        if not runtime.is_main():
             return
         keep = self.cfg.keep_checkpoints if keep is None else keep
         steps = sorted(_step_dirs(self.run_dir))
@@ -386,11 +347,11 @@ class Trainer:
         path = Path(path)
         model, _ = load_checkpoint(path, map_location=self.device)
         state_file = path / STATE_FILE
-        if distributed.is_fsdp(self.parallel):   # every rank reads the full checkpoint, keeps its shard
+        if parallel.is_fsdp(self.parallel):   # every rank reads the full checkpoint, keeps its shard
             if not state_file.is_file():
                 raise ValueError(f"{path}: no {STATE_FILE}; it is not a resumable training checkpoint")
             state = torch.load(state_file, map_location="cpu", weights_only=True)
-            distributed.load_full_state(self.model, self.optimizer, self.parallel, model.state_dict(),
+            parallel.load_full_state(self.model, self.optimizer, self.parallel, model.state_dict(),
                                         state["optimizer"])
         else:
             with torch.no_grad():
@@ -401,7 +362,7 @@ class Trainer:
             state = torch.load(state_file, map_location="cpu", weights_only=True)
             self.optimizer.load_state_dict(state["optimizer"])
         rngs = state.get("rng_per_rank")
-        torch.set_rng_state(rngs[distributed.rank()] if rngs and len(rngs) == self.world else state["rng"])
+        torch.set_rng_state(rngs[runtime.rank()] if rngs and len(rngs) == self.world else state["rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.state.step = int(state["step"])
@@ -427,22 +388,3 @@ class Trainer:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
-
-
-def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
-    if not run_dir.is_dir():
-        return []
-    return [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest resumable checkpoint of a run: ``final`` if present, else the highest step."""
-    run_dir = Path(run_dir)
-    if run_dir.is_dir():   # a save that died between its two renames: put the previous one back
-        for name in {m.group(1) for p in run_dir.glob(".*.old-*") if (m := _OLD_DIR.match(p.name))}:
-            restore_interrupted_swap(run_dir / name)
-    candidates = [(s, p) for s, p in _step_dirs(run_dir) if (p / STATE_FILE).is_file()]
-    final = run_dir / FINAL
-    if (final / STATE_FILE).is_file():
-        candidates.append((int(read_config(final).get("step", 0)), final))
-    return max(candidates)[1] if candidates else None

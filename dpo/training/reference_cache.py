@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastdpo import runtime as distributed
+from fastdpo import runtime
 from fastdpo.training.data import TokenizedPair, eval_batches
 
 
@@ -62,13 +62,13 @@ def compute_reference_logprobs(model: torch.nn.Module, pairs: Sequence[Tokenized
     was_training = model.training
     model.eval()
     out = torch.empty(len(pairs), 2, dtype=torch.float32)
-    batches = distributed.shard(eval_batches([p.length for p in pairs], batch_size))
+    batches = runtime.shard(eval_batches([p.length for p in pairs], batch_size))
     for idx in tqdm(batches, desc="reference log-probs", disable=not progress, leave=False):
         with autocast_ctx():
             chosen, rejected = pair_logprobs_fn(model, [pairs[i] for i in idx])
         out[idx, 0], out[idx, 1] = chosen.float().cpu(), rejected.float().cpu()
     model.train(was_training)
-    return distributed.gather_rows(out, [i for idx in batches for i in idx])
+    return runtime.gather_rows(out, [i for idx in batches for i in idx])
 
 
 def cached_reference_logprobs(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_dir: Path,
@@ -85,13 +85,13 @@ def cached_reference_logprobs(model: torch.nn.Module, pairs: Sequence[TokenizedP
                 logps = None
         except Exception:  # a damaged cache file is recomputed, never trusted
             logps = None
-    if distributed.all_ranks(logps is not None):   # ranks compute together or not at all
+    if runtime.all_ranks(logps is not None):   # ranks compute together or not at all
         return logps, path, True
     logps = compute_reference_logprobs(model, pairs, **compute_kwargs)
-    if distributed.is_main():
+    if runtime.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
         save_file({"logps": logps}, tmp)
         os.replace(tmp, path)
-    distributed.barrier()
+    runtime.barrier()
     return logps, path, False

@@ -13,20 +13,22 @@ from pathlib import Path
 import torch
 
 from fastdpo.models.checkpoint import load_checkpoint
-from fastdpo.training.config import SFTConfig, SFTDatasetConfig, TrainingConfig, load_config, to_dict
-from fastdpo.training.data import TokenizedSFT, collate_sft, eval_batches, load_sft_data
 from fastdpo.models.gpt import GPT, PRESETS, GPTConfig, config_from_preset
 from fastdpo.models.tokenizer import Tokenizer
-from fastdpo.training.dpo import join_ranks, prepare_run_dir, resolve_tokenizer, train_to_completion
-from fastdpo.training.loop import Task, Trainer, resolve_device, resolve_precision, sequence_logprobs
+from fastdpo.runtime import resolve_device, resolve_precision
+from fastdpo.training.config import SFTConfig, SFTDatasetConfig, TrainingConfig, to_dict
+from fastdpo.training.data import TokenizedSFT, collate_sft, eval_batches, load_sft_data
+from fastdpo.training.logprobs import sequence_logprobs
+from fastdpo.training.loop import Task, Trainer
+from fastdpo.training.runs import join_ranks, prepare_run_dir, resolve_tokenizer, train_to_completion
 
 
 class SFTTask(Task):
     def __init__(self, model, train: Sequence[TokenizedSFT], val: Sequence[TokenizedSFT], *, pad_id: int,
-                 device: torch.device, kernel: str = "fused", backend: str = "auto",
+                 device: torch.device, kernel: str = "auto",
                  eval_batch_size: int = 8):
         self.model, self.train, self.val = model, list(train), list(val)
-        self.pad_id, self.device, self.kernel, self.backend = pad_id, device, kernel, backend
+        self.pad_id, self.device, self.kernel = pad_id, device, kernel
         self.n_train, self.n_val = len(self.train), len(self.val)
         self.lengths = [x.length for x in self.train]
         self._val_batches = eval_batches([x.length for x in self.val], eval_batch_size)
@@ -51,7 +53,7 @@ class SFTTask(Task):
     def loss(self, idx, norm, train=True):
         ids, mask = collate_sft([self._items(train)[i] for i in idx], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        lp = sequence_logprobs(self.model, ids, mask, self.kernel, self.backend).float()
+        lp = sequence_logprobs(self.model, ids, mask, self.kernel).float()
         loss = -lp.sum() / norm["tokens"]
         return loss, {"nll": -lp.detach().sum(), "answer_tokens": sum(len(self._items(train)[i].response)
                                                                       for i in idx)}
@@ -98,39 +100,10 @@ def run_sft(init_checkpoint: str | Path | GPTConfig, train_config: TrainingConfi
 
     def build(logger):
         task = SFTTask(model, train, val, pad_id=tok.pad_id, device=device, kernel=train_config.kernel,
-                       backend=train_config.kernel_backend, eval_batch_size=2 * train_config.micro_batch_size)
+                       eval_batch_size=2 * train_config.micro_batch_size)
         return Trainer(model, task, train_config, tokenizer=tok, device=device,
                        precision=resolve_precision(train_config.mixed_precision, device),
                        meta={"kind": "sft", "run_name": train_config.run_name, "config": config},
                        logger=logger, on_step=on_step)
 
     return train_to_completion(build, train_config, config, resume_path, say)
-
-
-def add_subcommand(subparsers) -> None:
-    p = subparsers.add_parser(
-        "sft", help="supervised fine-tuning on prompt/response JSONL (makes the DPO start)",
-        description="SFT. Settings come from --config (YAML with sections train/sft/data and "
-                    "init_checkpoint or model) and --set overrides.")
-    p.add_argument("--config", type=Path, help="YAML config, e.g. configs/sft.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value: train.max_steps=100, data.path=[sft.jsonl]")
-    p.add_argument("--init", help="checkpoint directory or model preset (overrides init_checkpoint/model)")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer.json (needed for a fresh model)")
-    p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
-    p.add_argument("--wandb", choices=["auto", "disabled", "offline", "online"], help="W&B mode")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    overrides = list(args.overrides)
-    if args.wandb:
-        overrides.append(f"train.wandb={args.wandb}")
-    cfg = load_config(args.config, overrides, kind="sft")
-    init = args.init or cfg["init_checkpoint"] or cfg["model"]
-    if init is None:
-        raise ValueError("nothing to fine-tune: set init_checkpoint (a checkpoint) or model (a preset: "
-                         f"{sorted(PRESETS)}) in the config, or pass --init")
-    tokenizer = args.tokenizer or cfg["tokenizer"]
-    run_sft(init, cfg["train"], cfg["sft"], cfg["data"], tokenizer, resume=args.resume)
-    return 0

@@ -1,0 +1,48 @@
+"""``fastdpo eval``: win rate of checkpoint A vs B with position-swapped judging."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastdpo.cli.common import DTYPES, add_device_arg, add_judge_args, judge_from_args
+from fastdpo.generation.evaluate import MODES, evaluate, format_report
+from fastdpo.models.checkpoint import load_policy
+from fastdpo.runtime import resolve_device
+
+
+def add_subcommand(sub) -> None:
+    p = sub.add_parser("eval", help="win rate of checkpoint A vs B (position-swapped judging)")
+    p.add_argument("--a", required=True, help="challenger checkpoint directory (e.g. the DPO model)")
+    p.add_argument("--b", required=True, help="baseline checkpoint directory (e.g. the SFT model)")
+    p.add_argument("--prompts", required=True, help="held-out prompts JSONL ('prompt' field)")
+    p.add_argument("--n-prompts", type=int, default=None)
+    p.add_argument("--mode", choices=MODES, default="compare")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: A's checkpoint's)")
+    add_device_arg(p)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--report", default=None, help="write the JSON report here")
+    p.add_argument("--no-progress", action="store_true")
+    add_judge_args(p)
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    judge = judge_from_args(args)
+    device = resolve_device(args.device)
+    model_a, tok = load_policy(args.a, args.tokenizer, device)
+    model_b, _ = load_policy(args.b, args.tokenizer or (Path(args.a) / "tokenizer.json"), device)
+    try:
+        report = evaluate(model_a, model_b, tok, args.prompts, judge, mode=args.mode,
+                          temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+                          seed=args.seed, batch_size=args.batch_size, n_prompts=args.n_prompts,
+                          dtype=DTYPES[args.dtype], report_path=args.report, progress=not args.no_progress)
+    finally:
+        judge.close()
+    print(format_report(report, Path(args.a).name, Path(args.b).name))
+    if args.report:
+        print(f"  report: {args.report}")
+    return 0

@@ -1,0 +1,73 @@
+"""``fastdpo pairs``: mine preference pairs from a checkpoint (one shard per rank under torchrun)."""
+from __future__ import annotations
+
+from fastdpo import runtime
+from fastdpo.cli.common import DTYPES, add_device_arg, add_judge_args, judge_from_args, parse_floats
+from fastdpo.generation.mining import (
+    DEFAULT_TEMPS,
+    combine_stats,
+    format_stats,
+    merge_shards,
+    mine_pairs,
+    shard_path,
+)
+from fastdpo.models.checkpoint import load_policy
+from fastdpo.runtime import resolve_device
+
+
+def add_subcommand(sub) -> None:
+    p = sub.add_parser("pairs",
+                       help="mine preference pairs: sample K answers per prompt, judge, keep best/worst")
+    p.add_argument("--ckpt", required=True, help="policy checkpoint directory (usually the SFT model)")
+    p.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field per line")
+    p.add_argument("--out", required=True, help="pairs JSONL (appended; rerun the same command to resume)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
+    p.add_argument("--temps", default=",".join(map(str, DEFAULT_TEMPS)), help="one sample per temperature")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--min-gap", type=int, default=2, help="keep a pair only if best - worst >= this")
+    p.add_argument("--min-best", type=int, default=6, help="keep a pair only if best >= this")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per sampling batch (x K rows)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="drop longer prompts (default: block_size - max_new_tokens)")
+    p.add_argument("--n-prompts", type=int, default=None, help="use only the first N prompts")
+    add_device_arg(p)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="sampling precision (autocast)")
+    p.add_argument("--no-progress", action="store_true")
+    add_judge_args(p)
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    sharded = runtime.init_from_env()   # under torchrun: one shard of the batches per rank
+    rank, world = runtime.rank(), runtime.world_size()
+    judge = judge_from_args(args)
+    model, tok = load_policy(args.ckpt, args.tokenizer, resolve_device(args.device))
+    if runtime.is_main():
+        shards = f", {world} shards" if sharded else ""
+        print(f"fastdpo pairs: judge {judge.describe()}{shards}", flush=True)
+    try:
+        stats = mine_pairs(model, tok, args.prompts, judge,
+                           shard_path(args.out, rank, world) if sharded else args.out,
+                           temps=parse_floats("--temps", args.temps),
+                           max_new_tokens=args.max_new_tokens, top_k=args.top_k, min_gap=args.min_gap,
+                           min_best=args.min_best, batch_size=args.batch_size, seed=args.seed,
+                           max_prompt_tokens=args.max_prompt_tokens, n_prompts=args.n_prompts,
+                           dtype=DTYPES[args.dtype], progress=not args.no_progress and runtime.is_main(),
+                           shard=(rank, world) if sharded else None)
+    finally:
+        judge.close()
+    if sharded:
+        every = runtime.all_gather_object(stats)   # also: every shard is complete
+        if runtime.is_main():
+            merge_shards(args.out, world)
+        runtime.barrier()
+        if not runtime.is_main():
+            return 0
+        stats = combine_stats(every)
+    print(format_stats(stats, args.out))
+    if judge.stats.rejected or judge.stats.retries:
+        print(f"judge: {judge.stats.as_dict()}")
+    return 0
+

@@ -1,0 +1,37 @@
+"""``fastdpo sft``: supervised fine-tuning, the starting checkpoint of DPO."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastdpo.models.gpt import PRESETS
+from fastdpo.training.config import load_config
+from fastdpo.training.sft import run_sft
+
+
+def add_subcommand(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sft", help="supervised fine-tuning on prompt/response JSONL (makes the DPO start)",
+        description="SFT. Settings come from --config (YAML with sections train/sft/data and "
+                    "init_checkpoint or model) and --set overrides.")
+    p.add_argument("--config", type=Path, help="YAML config, e.g. configs/sft.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value: train.max_steps=100, data.path=[sft.jsonl]")
+    p.add_argument("--init", help="checkpoint directory or model preset (overrides init_checkpoint/model)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.json (needed for a fresh model)")
+    p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
+    p.add_argument("--wandb", choices=["auto", "disabled", "offline", "online"], help="W&B mode")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    overrides = list(args.overrides)
+    if args.wandb:
+        overrides.append(f"train.wandb={args.wandb}")
+    cfg = load_config(args.config, overrides, kind="sft")
+    init = args.init or cfg["init_checkpoint"] or cfg["model"]
+    if init is None:
+        raise ValueError("nothing to fine-tune: set init_checkpoint (a checkpoint) or model (a preset: "
+                         f"{sorted(PRESETS)}) in the config, or pass --init")
+    tokenizer = args.tokenizer or cfg["tokenizer"]
+    run_sft(init, cfg["train"], cfg["sft"], cfg["data"], tokenizer, resume=args.resume)
+    return 0
