@@ -39,5 +39,9 @@ setup(
         "judge": ["vllm"],
         "peers": ["transformers", "trl", "liger-kernel"],
     },
-    entry_points={"console_scripts": ["fastdpo = fastdpo.cli:main"]},
+    entry_points={
+        "console_scripts": ["fastdpo = fastdpo.cli:main"],
+        # judges selectable by name (--judge NAME); other packages may add their own
+        "fastdpo.judges": ["task = fastdpo.demo.task:make_judge"],
+    },
 )

@@ -6,7 +6,7 @@ Each case times forward + backward of every implementation *interleaved* in one 
 machine is shared: absolute times swing, ratios measured side by side hold up) and reports
 median time ratios against the oracle, with each implementation's spread (max - min) / median.
 
-Threads and OpenMP: on this 2-core machine shared by several engineers (load average 5-8), libgomp's
+Threads and OpenMP: on a small CPU shared with other processes (2 cores, load average 5-8), libgomp's
 default barrier *spins* before it sleeps. The chunked paths run hundreds of small parallel ops and
 each one ends in a barrier whose spinning thread burns the core its descheduled partner (or another
 process) needs; the oracle runs a handful of huge ops and barely notices. Measured, 8x512x32768 bf16
@@ -27,7 +27,7 @@ The in-place variant writes the logits gradient into the logits, so it returns n
 Without /proc (non-Linux) the memory columns are empty.
 
 Finally every Triton kernel is compiled ahead of time for sm_89 (RTX 4090) and ptxas' register,
-spill and shared-memory figures are printed: the GPU path cannot be timed on this machine.
+spill and shared-memory figures are printed: without a CUDA device the GPU path cannot be timed.
 """
 import argparse
 import ctypes
@@ -49,7 +49,7 @@ from fastdpo.kernels import reference  # noqa: E402
 
 _M_MMAP_THRESHOLD = -3
 # Implementations timed in the first round only: torch's chunked linear cross-entropy with
-# reduction="none" takes tens of seconds per call at the full shapes on this CPU.
+# reduction="none" takes tens of seconds per call at the full shapes on a small CPU.
 ONE_ROUND = {"torch_lce"}
 
 

@@ -30,7 +30,9 @@ from pathlib import Path
 
 import torch
 
-from fastdpo.generation.sampler import TEMPS, choose_tokens, decode_step, sample, sample_reforward
+from fastdpo.files import write_json
+from fastdpo.generation.mining import DEFAULT_TEMPS as TEMPS
+from fastdpo.generation.sampler import choose_tokens, decode_step, sample, sample_reforward
 from fastdpo.models.gpt import GPT, KVCache, config_from_preset
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -287,10 +289,7 @@ def main(argv=None) -> None:
     print(format_table(results))
     print("scaling exponents (seconds ~ max_new_tokens^x):", json.dumps(exps))
     out = a.out or Path("runs/bench") / f"sampler-{a.preset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"results": results, "scaling_exponents": exps}, indent=1))
-    tmp.replace(out)
+    write_json(out, {"results": results, "scaling_exponents": exps}, indent=1)
     print(f"wrote {out}")
 
 

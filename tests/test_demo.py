@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from fastdpo.demo.pipeline import load_demo_config
+from fastdpo.demo.config import load_demo_config
 
 PHASES = ["task", "tokenizer", "sft", "mine", "sft_chosen", "dpo", "dpo_nll", "eval", "report"]
 

@@ -286,8 +286,9 @@ def test_sharded_mining_equals_unsharded_and_resumes_after_a_killed_rank(tmp_pat
     args = ["-m", "fastdpo.cli", "pairs", "--ckpt", str(ckpt), "--prompts", str(prompts), "--out", str(out),
             "--judge", "toyjudge:score", "--no-progress", *[x for k, v in settings.items()
                                                              for x in (f"--{k.replace('_', '-')}", str(v))]]
-    pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
-    killed = torchrun(args, PYTHONPATH=pythonpath, FASTDPO_TEST_KILL_PAIRS="1:pairs")
+    faults = Path(__file__).parent / "faults"   # sitecustomize: kills a child at a chosen point
+    pythonpath = os.pathsep.join([str(tmp_path), str(faults), os.environ.get("PYTHONPATH", "")])
+    killed = torchrun(args, PYTHONPATH=pythonpath, FASTDPO_FAULT="kill-mining:1:pairs")
     assert killed.returncode != 0 and "(SIGKILL)" in killed.stderr, killed.stderr[-3000:]
     assert not out.exists() and (tmp_path / "sharded.jsonl.shard-1-of-2").is_file()
     done = torchrun(args, PYTHONPATH=pythonpath)

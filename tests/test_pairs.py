@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,14 +159,17 @@ def test_sampling_overlaps_judging(setup, tmp_path, monkeypatch):
     assert seen[0] is True
 
 
+FAULTS = Path(__file__).parent / "faults"   # sitecustomize: kills a child at a chosen point
+
+
 def _run_cli(setup, out, env_extra=None):
     cmd = [sys.executable, "-m", "fastdpo.cli", "pairs", "--ckpt", str(setup["ckpt"]),
            "--prompts", str(setup["prompts"]), "--out", str(out), "--judge", "toyjudge:score",
            "--no-progress", "--batch-size", str(SETTINGS["batch_size"]),
            "--max-new-tokens", str(SETTINGS["max_new_tokens"]), "--seed", str(SETTINGS["seed"])]
-    path = os.pathsep.join([str(setup["dir"]), os.environ.get("PYTHONPATH", "")])
-    # One intra-op thread: on a shared 2-core box, OpenMP barriers in a tiny model's many small ops
-    # can cost 100x when the other core is busy.
+    path = os.pathsep.join([str(setup["dir"]), str(FAULTS), os.environ.get("PYTHONPATH", "")])
+    # One intra-op thread: OpenMP barriers in a tiny model's many small ops can cost 100x when
+    # another process keeps the other cores busy.
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
 
@@ -175,7 +179,7 @@ def test_resume_after_sigkill_is_byte_identical(setup, tmp_path, stage):
     """Killed at batch 1 (mid-line / pairs written but not recorded / recorded), then restarted
     with the same command: the pairs file equals the uninterrupted run's, byte for byte."""
     out = tmp_path / "pairs.jsonl"
-    killed = _run_cli(setup, out, {"FASTDPO_TEST_KILL_PAIRS": f"1:{stage}"})
+    killed = _run_cli(setup, out, {"FASTDPO_FAULT": f"kill-mining:1:{stage}"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     partial = out.read_bytes()
     assert partial != setup["ref"].read_bytes()

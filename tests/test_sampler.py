@@ -2,9 +2,8 @@
 import pytest
 import torch
 
-from fastdpo.generation.sampler import choose_tokens, sample, sample_k, sample_reforward
+from fastdpo.generation.sampler import choose_tokens, sample, sample_reforward
 from fastdpo.models.gpt import GPT, GPTConfig, KVCache
-from fastdpo.models.tokenizer import Tokenizer
 
 V = 97
 
@@ -216,26 +215,3 @@ def test_per_row_budgets_including_zero():
     assert out == sample_reforward(m, prompts, [0.0, 0.9, 0.0, 1.2], [0, 3, 5, 1], None, None, seed=2)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    text = ["what is two plus two", "the answer is four", "hello there, how are you"] * 20
-    return Tokenizer.train(text, vocab_size=300)
-
-
-def test_sample_k_groups_by_instruction_and_ignores_batch_size(tokenizer):
-    torch.manual_seed(7)
-    m = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
-    instructions = ["what is two plus two", "hello", "how are you there"]
-    res = sample_k(m, tokenizer, instructions, temps=(0.7, 1.3), max_new_tokens=10, seed=3, batch_size=2,
-                   return_result=True)
-    assert len(res.texts) == 3 and all(len(g) == 2 for g in res.texts)
-    assert res.new_tokens == sum(len(r) for g in res.token_ids for r in g) > 0
-    assert res.prompt_tokens == 2 * sum(len(tokenizer.render_prompt(i)) for i in instructions)
-    assert res.texts == [[tokenizer.decode(r) for r in g] for g in res.token_ids]
-    assert sample_k(m, tokenizer, instructions, temps=(0.7, 1.3), max_new_tokens=10, seed=3,
-                    batch_size=3) == res.texts
-    # each group equals sampling that instruction's rows directly with the same row seeds
-    row_seeds = torch.randint(0, 2**62, (6,), generator=torch.Generator().manual_seed(3)).tolist()
-    direct = sample(m, [tokenizer.render_prompt(instructions[1])] * 2, [0.7, 1.3], 10, 50,
-                    tokenizer.eos_id, row_seeds[2:4])
-    assert res.token_ids[1] == direct

@@ -29,7 +29,6 @@ def add_judge_args(p: argparse.ArgumentParser) -> None:
 
 
 def judge_from_args(args):
-    from fastdpo.demo import task  # noqa: F401  registers the embedded task's judge as "task"
     from fastdpo.generation.judge import make_judge
     kw = {}
     if (args.judge or "openai") == "openai":

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastdpo.demo.pipeline import DEFAULT_CONFIG, run_demo
+from fastdpo.demo.config import DEFAULT_CONFIG
+from fastdpo.demo.pipeline import run_demo
 
 
 def add_subcommand(subparsers) -> None:

@@ -3,14 +3,8 @@ from __future__ import annotations
 
 from fastdpo import runtime
 from fastdpo.cli.common import DTYPES, add_device_arg, add_judge_args, judge_from_args, parse_floats
-from fastdpo.generation.mining import (
-    DEFAULT_TEMPS,
-    combine_stats,
-    format_stats,
-    merge_shards,
-    mine_pairs,
-    shard_path,
-)
+from fastdpo.generation.mining import DEFAULT_TEMPS, combine_stats, format_stats, mine_pairs
+from fastdpo.generation.mining_progress import merge_shards, shard_path
 from fastdpo.models.checkpoint import load_policy
 from fastdpo.runtime import resolve_device
 

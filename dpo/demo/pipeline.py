@@ -18,137 +18,22 @@ A demo run rebuilds all of it; nothing is downloaded.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import json
 import os
-import resource
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import yaml
 
-from fastdpo.configs import config_path
 from fastdpo.demo import task as task_mod
-
-DEFAULT_CONFIG = config_path("demo.yaml")
-ARM_KINDS = ("sft_chosen", "dpo")          # an arm is SFT on chosen answers, or a DPO run
-
-
-# -- configuration -------------------------------------------------------------------------------
-def load_demo_config(config: str | Path | dict | None = None, quick: bool = False) -> dict:
-    """The demo recipe: a YAML path, a dict, or None (``configs/demo.yaml``). ``quick`` merges the
-    file's ``quick:`` section over it (tiny sizes for CI smoke runs)."""
-    if config is None:
-        config = DEFAULT_CONFIG
-    if isinstance(config, dict):
-        raw, source = copy.deepcopy(config), "<dict>"
-    else:
-        path = Path(config)
-        if not path.is_file():
-            raise FileNotFoundError(f"demo config not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: invalid YAML ({e})") from e
-        source = str(path)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{source}: expected a mapping at the top level")
-    quick_over = raw.pop("quick", None) or {}
-    if quick:
-        raw = _merge(raw, quick_over, f"{source}: quick")
-    known = {"seed", "threads", "task", "tokenizer", "model", "sft", "mine", "arms", "headline", "eval",
-             "wandb", "mixed_precision"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{source}: unknown key {unknown[0]!r} (known: {sorted(known)})")
-    for section in ("task", "tokenizer", "model", "sft", "mine", "arms", "eval"):
-        if not isinstance(raw.get(section), dict):
-            raise ValueError(f"{source}: section {section!r} is missing or not a mapping")
-    for name, arm in raw["arms"].items():
-        if not isinstance(arm, dict) or arm.get("kind") not in ARM_KINDS:
-            raise ValueError(f"{source}: arms.{name}.kind must be one of {ARM_KINDS}")
-    if raw.get("headline") not in raw["arms"]:
-        raise ValueError(f"{source}: headline {raw.get('headline')!r} is not one of the arms "
-                         f"{sorted(raw['arms'])}")
-    raw["task"] = asdict(_task_config(raw["task"], source))
-    return raw
-
-
-def _merge(base: dict, over: dict, where: str) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v, f"{where}.{k}")
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def _task_config(d: dict, source: str) -> task_mod.TaskConfig:
-    d = dict(d)
-    if "families" in d:
-        d["families"] = tuple(d["families"])
-    try:
-        return task_mod.TaskConfig(**d)
-    except TypeError as e:
-        raise ValueError(f"{source}: task: {e}") from e
-
-
-# -- phase bookkeeping ---------------------------------------------------------------------------
-def _peak_mem_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is in KiB on Linux: the process's peak resident set so far.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class PhaseLog:
-    """One row per phase: seconds, a work count with its unit, and peak memory."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.rows = device, []
-
-    @contextlib.contextmanager
-    def phase(self, name: str, unit: str = "tokens"):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        row = {"phase": name, "unit": unit, "count": 0}
-        t0, c0 = time.perf_counter(), _cpu_seconds()
-        yield row
-        row["seconds"] = time.perf_counter() - t0
-        # CPU time of this process (all threads): on a shared machine the wall time says how
-        # busy the neighbours were, this says what the phase itself cost.
-        row["cpu_seconds"] = _cpu_seconds() - c0
-        row["per_s"] = row["count"] / row["seconds"] if row["seconds"] > 0 else None
-        row["peak_mem_mb"] = _peak_mem_mb(self.device)
-        self.rows.append(row)
-
-    def table(self) -> str:
-        head = f"{'phase':<16}{'time':>9}{'cpu time':>10}{'throughput':>24}{'peak mem':>12}"
-        lines = [head, "-" * len(head)]
-        for r in self.rows:
-            digits = 0 if (r["per_s"] or 0) >= 10 else 2
-            thr = f"{r['per_s']:,.{digits}f} {r['unit']}/s" if r["per_s"] is not None else "-"
-            lines.append(f"{r['phase']:<16}{r['seconds']:>8.1f}s{r['cpu_seconds']:>9.1f}s{thr:>24}"
-                         f"{r['peak_mem_mb']:>9.0f} MB")
-        total = sum(r["seconds"] for r in self.rows)
-        cpu = sum(r["cpu_seconds"] for r in self.rows)
-        lines.append(f"{'total':<16}{total:>8.1f}s{cpu:>9.1f}s")
-        return "\n".join(lines)
-
-
-def _cpu_seconds() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+from fastdpo.demo.config import load_demo_config
+from fastdpo.demo.report import PhaseLog, format_summary, log_wandb, plot_curves, read_jsonl
+from fastdpo.files import write_json, write_jsonl
 
 
 def _set_threads(threads) -> int:
-    """``auto``: all cores, unless other processes already keep them busy. Measured on the 2-core
-    CI machine under a load of ~7: a tiny-model training step took 7 s with 2 OpenMP threads and
-    0.4 s with 1 (the threads spin-wait for cores they never get)."""
+    """``auto``: all cores, unless other processes already keep them busy: OpenMP threads then
+    spin-wait for cores they never get (a tiny-model training step measured 7 s with 2 threads
+    and 0.4 s with 1 on two cores under a load of ~7)."""
     if threads in (None, "auto"):
         cores = os.cpu_count() or 1
         busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
@@ -160,19 +45,6 @@ def _set_threads(threads) -> int:
     return threads
 
 
-def _write_jsonl(path: Path, rows) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
 # -- the demo --------------------------------------------------------------------------------------
 def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: str | Path = "runs/demo",
              seed: int | None = None, progress: bool = True) -> dict:
@@ -182,6 +54,7 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
     from fastdpo.models.checkpoint import load_checkpoint
     from fastdpo.models.gpt import config_from_preset
     from fastdpo.models.tokenizer import Tokenizer
+    from fastdpo.runtime import resolve_device, resolve_precision
     from fastdpo.training.config import (
         DPOConfig,
         PreferenceDatasetConfig,
@@ -190,7 +63,6 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
         TrainingConfig,
     )
     from fastdpo.training.dpo import run_dpo
-    from fastdpo.training.loop import resolve_device, resolve_precision
     from fastdpo.training.sft import run_sft
 
     t_start = time.perf_counter()
@@ -217,10 +89,10 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
     with log.phase("task", "examples") as row:
         data = task_mod.build(seed, task_mod.TaskConfig(**{**cfg["task"],
                                                           "families": tuple(cfg["task"]["families"])}))
-        sft_path = _write_jsonl(data_dir / "sft.jsonl", (
+        sft_path = write_jsonl(data_dir / "sft.jsonl", (
             {"prompt": ex["instruction"], "response": ex["response"]} for ex in data.sft))
-        _write_jsonl(data_dir / "mine_prompts.jsonl", ({"prompt": it.instruction} for it in data.mine))
-        _write_jsonl(data_dir / "eval_prompts.jsonl", (it.to_dict() for it in data.eval))
+        write_jsonl(data_dir / "mine_prompts.jsonl", ({"prompt": it.instruction} for it in data.mine))
+        write_jsonl(data_dir / "eval_prompts.jsonl", (it.to_dict() for it in data.eval))
         row["count"] = len(data.sft) + len(data.mine) + len(data.eval)
     demo_stats = task_mod.demonstration_stats(data.sft)
 
@@ -272,7 +144,7 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
                            min_best=int(mc["min_best"]), batch_size=int(mc["batch_size"]), seed=seed,
                            dtype=dtype, progress=progress)
         row["count"] = stats.samples_judged
-    pairs = _read_jsonl(pairs_path)
+    pairs = read_jsonl(pairs_path)
     topped_up = 0
     min_pairs = int(mc.get("min_pairs", 1))
     if len(pairs) < min_pairs:
@@ -283,9 +155,9 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
         # is exercised with the task's reference answer vs a slip. Reported in the summary.
         topped_up = min_pairs - len(pairs)
         pairs += task_mod.reference_pairs(data.mine, topped_up, seed)
-        _write_jsonl(pairs_path.with_name("pairs_topped_up.jsonl"), pairs)
+        write_jsonl(pairs_path.with_name("pairs_topped_up.jsonl"), pairs)
         pairs_path = pairs_path.with_name("pairs_topped_up.jsonl")
-    chosen_path = _write_jsonl(data_dir / "chosen.jsonl", (
+    chosen_path = write_jsonl(data_dir / "chosen.jsonl", (
         {"prompt": p["prompt"], "response": p["chosen"]} for p in pairs))
     pair_seq = sum(len(tok.render_prompt(p["prompt"])) * 2 + len(tok.render_answer(p["chosen"]))
                    + len(tok.render_answer(p["rejected"])) for p in pairs) / max(1, len(pairs))
@@ -350,8 +222,7 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
     summary["total_seconds"] = time.perf_counter() - t_start
     text = format_summary(summary, log)
     summary["report"] = text
-    from fastdpo.generation.evaluate import write_json_atomic
-    write_json_atomic(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     say(text, flush=True)
     return summary
 
@@ -412,101 +283,3 @@ def rate_answers(instructions, answers) -> dict:
             "mean_score": sum(scores) / n}
 
 
-# -- reporting -------------------------------------------------------------------------------------
-def format_summary(s: dict, log: PhaseLog) -> str:
-    r = s["results"]
-    lines = ["", "== fastdpo demo: phases ==", log.table(), "",
-             f"mining: {s['mining']['samples_judged']} samples -> {s['mining']['pairs']} pairs"
-             + (f" ({s['mining']['topped_up_with_reference']} reference pairs added: smoke run)"
-                if s["mining"]["topped_up_with_reference"] else ""),
-             "", f"== before/after on {s['data']['eval']} held-out prompts (judge: task) ==",
-             f"{'model':<14}{'acc@T0.7':>10}{'acc greedy':>12}{'content@0.7':>13}{'chatty@0.7':>12}"
-             f"{'win/tie/loss vs SFT':>22}{'win-loss':>10}{'win|decided':>13}"]
-    for name, v in r.items():
-        wtl = f"{v['win']}/{v['tie']}/{v['loss']}" if "win" in v else "-"
-        wd = f"{100 * v['win_rate_decided']:.1f}%" if v.get("win_rate_decided") is not None else "-"
-        wml = f"{100 * v['win_minus_loss']:+.1f}%" if "win_minus_loss" in v else "-"
-        mark = " *" if name == s["headline"] else ""
-        lines.append(f"{name + mark:<14}{100 * v['accuracy_t07']:>9.1f}%"
-                     f"{100 * v['greedy']['accuracy']:>11.1f}%{100 * v['content_t07']:>12.1f}%"
-                     f"{100 * v['habit_t07']:>11.1f}%{wtl:>22}{wml:>10}{wd:>13}")
-    h = s["headline_result"]
-    lines += ["", f"headline ({s['headline']}): accuracy at T=0.7 {100 * h['accuracy_t07_sft']:.1f}% -> "
-              f"{100 * h['accuracy_t07']:.1f}% ({h['accuracy_t07_gain_points']:+.1f} points); "
-              f"win rate among decided {100 * (h['win_rate_decided'] or 0):.1f}% "
-              f"({h['win']} win / {h['tie']} tie / {h['loss']} loss)"]
-    hv = r[s["headline"]]
-    for name, v in r.items():
-        if name not in ("sft", s["headline"]):
-            # The honest comparison: same SFT start, same pairs, one ingredient different.
-            d = {k: 100 * (hv[k] - v[k]) for k in ("accuracy_t07", "content_t07", "habit_t07",
-                                                   "win_minus_loss")}
-            lines.append(f"  {s['headline']} vs {name}: accuracy at T=0.7 {d['accuracy_t07']:+.1f} points, "
-                         f"content {d['content_t07']:+.1f}, chatty {d['habit_t07']:+.1f}, "
-                         f"win-loss vs SFT {d['win_minus_loss']:+.1f}")
-    lines += [f"artifacts: {s['out']}/summary.json, {s['artifacts']['curves']}, "
-              f"W&B: {s['artifacts']['wandb']}",
-              f"total {s['total_seconds']:.1f}s"]
-    return "\n".join(lines)
-
-
-def _metrics(out: Path, run: str) -> list[dict]:
-    path = out / run / "metrics.jsonl"
-    return _read_jsonl(path) if path.exists() else []
-
-
-def plot_curves(out: Path, runs: list[str], path: Path) -> Path:
-    """Loss for every run; DPO reward margin and preference accuracy for the DPO runs."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panels = (("loss", "training loss"), ("rewards/margins", "reward margin (chosen - rejected)"),
-              ("rewards/accuracies", "preference accuracy"))
-    for ax, (key, title) in zip(axes, panels):
-        for run in runs:
-            rows = [m for m in _metrics(out, run) if m.get("split") == "train" and key in m]
-            if rows:
-                ax.plot([m["step"] for m in rows], [m[key] for m in rows], label=run, marker=".")
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        if ax.has_data():
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(".tmp-" + path.name)
-    fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
-def log_wandb(out: Path, summary: dict, runs: list[str], mode: str) -> str | None:
-    """One W&B run for the whole demo (offline unless ``wandb: online``): every phase's training
-    curves under ``<run>/...``, the results table and the summary."""
-    if mode == "disabled":
-        return None
-    import wandb
-    run = wandb.init(project="fastdpo", name=f"demo-seed{summary['seed']}", mode=mode, dir=str(out),
-                     config={"seed": summary["seed"], "quick": summary["quick"], **summary["config"]},
-                     reinit="finish_previous")
-    try:
-        for name in runs:
-            for m in _metrics(out, name):
-                if m.get("split") == "train":
-                    run.log({f"{name}/{k}": v for k, v in m.items() if isinstance(v, (int, float))
-                             and k not in ("step",)} | {f"{name}/step": m["step"]})
-        cols = ["model", "accuracy_t07", "accuracy_greedy", "content_t07", "habit_t07", "win", "tie", "loss"]
-        table = wandb.Table(columns=cols)
-        for name, v in summary["results"].items():
-            table.add_data(name, v["accuracy_t07"], v["greedy"]["accuracy"], v["content_t07"], v["habit_t07"],
-                           v.get("win"), v.get("tie"), v.get("loss"))
-        run.log({"results": table})
-        run.log({"curves": wandb.Image(str(out / "curves.png"))})
-        for k, v in summary["headline_result"].items():
-            run.summary[k] = v
-        for r in summary["phases"]:
-            run.summary[f"phase/{r['phase']}/seconds"] = r["seconds"]
-        return str(Path(run.dir).parent)
-    finally:
-        run.finish()

@@ -266,3 +266,9 @@ def reference_pairs(items: list[Item], n: int, seed: int = 0) -> list[dict]:
                     "score_chosen": score(item.instruction, item.answer),
                     "score_rejected": score(item.instruction, rejected), "source": "reference"})
     return out
+
+
+def make_judge(**_kw):
+    """The ``task`` judge (entry point ``fastdpo.judges``): this task's programmatic checker."""
+    from fastdpo.generation.judge import ProgrammaticJudge
+    return ProgrammaticJudge(score, name="task")

@@ -10,13 +10,12 @@ a preference-tuned model that wins by rambling shows up there.
 """
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from fastdpo.files import write_json
 from fastdpo.generation.judge import Judge
 from fastdpo.generation.mining import batch_seed, load_prompts
 
@@ -137,7 +136,7 @@ def evaluate(model_a, model_b, tokenizer, prompts: str | Path | Sequence[str], j
     report["judge_stats"] = judge.stats.as_dict()
     report["items"] = items
     if report_path is not None:
-        write_json_atomic(report_path, report)
+        write_json(report_path, report)
     return report
 
 
@@ -161,19 +160,6 @@ def _hist(scores) -> dict[str, int]:
         if s is not None:
             h[str(s)] = h.get(str(s), 0) + 1
     return dict(sorted(h.items(), key=lambda kv: int(kv[0])))
-
-
-def write_json_atomic(path: str | Path, obj) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return path
 
 
 def format_report(r: dict, name_a: str = "A", name_b: str = "B") -> str:

@@ -272,9 +272,9 @@ def _brief(e: Exception) -> str:
 
 # -- selection by name -----------------------------------------------------------------------
 _REGISTRY: dict[str, Callable[..., Judge]] = {}
-# Modules that register judges when imported; looked up lazily so `fastdpo pairs --judge task`
-# works without judge.py importing the task (or the task existing at all).
-PLUGIN_MODULES = ("fastdpo.demo.task",)
+# Installed packages add judges through this entry-point group (name = factory), read lazily: the
+# embedded task registers its checker as "task" this way, so this module never imports it.
+ENTRY_POINT_GROUP = "fastdpo.judges"
 
 
 def register_judge(name: str, factory: Callable[..., Judge]) -> None:
@@ -288,14 +288,7 @@ def _openai_factory(url: str | None = None, model: str | None = None, **kw) -> J
     return OpenAIJudge(url, model, **kw)
 
 
-def _task_factory(**_kw) -> Judge:
-    # The embedded demo task's checker; fastdpo.demo.task may register a richer "task" judge, which wins.
-    from fastdpo.demo.task import score
-    return ProgrammaticJudge(score, name="task")
-
-
 register_judge("openai", _openai_factory)
-register_judge("task", _task_factory)
 
 
 def available_judges() -> list[str]:
@@ -304,12 +297,10 @@ def available_judges() -> list[str]:
 
 
 def _load_plugins() -> None:
-    for mod in PLUGIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # the plugin exists but is broken: say so
-                raise
+    from importlib.metadata import entry_points
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in _REGISTRY:
+            _REGISTRY[ep.name] = ep.load()
 
 
 def make_judge(name: str | None = None, *, url: str | None = None, model: str | None = None,

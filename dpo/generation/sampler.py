@@ -19,16 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from fastdpo.models.gpt import GPT, KVCache
-
-TEMPS = (0.7, 0.9, 1.1, 1.3)  # the seed's spread: a careful sample and a reckless one per prompt
 
 # Called as on_step(step, rows, logits) before each token is drawn: ``rows`` are the original row
 # indices still generating, ``logits`` their float32 next-token logits. For tests and diagnostics.
@@ -289,54 +285,3 @@ def sample_reforward(model: GPT, prompts: Sequence[Sequence[int]], temperatures,
     if bar is not None:
         bar.close()
     return [ids[i, lens[i]: cur[i]].tolist() for i in range(n)]
-
-
-# -- K samples per instruction through the chat template ---------------------------------------
-@dataclass
-class SampleKResult:
-    texts: list[list[str]]  # [instruction][temperature]
-    token_ids: list[list[list[int]]]  # the same, as new token ids (eos excluded)
-    prompt_tokens: int  # prompt tokens per row, summed over rows (prefix sharing not deducted)
-    new_tokens: int  # generated tokens, summed over rows
-    seconds: float
-
-
-def sample_k(model: GPT, tokenizer, instructions: Sequence[str], temps: Sequence[float] = TEMPS,
-             max_new_tokens: int = 256, top_k: int | None = 50, seed: int = 0, batch_size: int = 16, *,
-             top_p: float = 1.0, dtype: torch.dtype | None = None, truncate: str | None = None,
-             progress: bool = False, return_result: bool = False):
-    """K = len(temps) answers per instruction, rendered with the chat template and decoded to text.
-
-    Returns ``texts[i][j]`` (instruction i, temperature j), or a ``SampleKResult`` (texts, ids and
-    token counts for throughput reports) with ``return_result=True``. ``batch_size`` instructions
-    (x K rows) are sampled at once; results do not depend on it, only on ``seed``. Generation stops
-    at the tokenizer's ``eos_id`` (``<|end|>``), which is not part of the text."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size = {batch_size}: must be >= 1")
-    k = len(temps)
-    if k == 0:
-        raise ValueError("temps: need at least one temperature")
-    start = time.perf_counter()
-    # One seed per (instruction, temperature) row, fixed before batching.
-    row_seeds = torch.randint(0, 2**62, (len(instructions) * k,),
-                              generator=torch.Generator().manual_seed(seed)).tolist()
-    ids: list[list[list[int]]] = []
-    prompt_tokens = 0
-    chunks = range(0, len(instructions), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="sample_k", unit="batch")
-    for lo in chunks:
-        chunk = instructions[lo: lo + batch_size]
-        prompts = [tokenizer.render_prompt(text) for text in chunk for _ in range(k)]
-        prompt_tokens += sum(map(len, prompts))
-        new = sample(model, prompts, list(temps) * len(chunk), max_new_tokens, top_k,
-                     tokenizer.eos_id, row_seeds[lo * k: (lo + len(chunk)) * k], top_p=top_p,
-                     dtype=dtype, truncate=truncate)
-        ids += [new[i * k: (i + 1) * k] for i in range(len(chunk))]
-    texts = [[tokenizer.decode(r) for r in group] for group in ids]
-    if not return_result:
-        return texts
-    return SampleKResult(texts, ids, prompt_tokens, sum(len(r) for g in ids for r in g),
-                         time.perf_counter() - start)

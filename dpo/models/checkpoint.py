@@ -8,9 +8,7 @@ checkpoint intact. Nothing is ever unpickled: weights are safetensors, and the s
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fastdpo.files import fsync_path, temp_sibling
 from fastdpo.models.gpt import GPT, GPTConfig
 from fastdpo.models.tokenizer import Tokenizer
 
@@ -40,7 +39,7 @@ def save_checkpoint(path: str | Path, model: GPT, *, step: int = 0, tokenizer: T
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temp_sibling(path)
     tmp.mkdir()
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -55,17 +54,12 @@ def save_checkpoint(path: str | Path, model: GPT, *, step: int = 0, tokenizer: T
         for name, write in (extra_files or {}).items():
             write(tmp / name)
         for f in tmp.iterdir():
-            _fsync(f)
+            fsync_path(f)
         _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _fsync(file: Path) -> None:
-    with open(file, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:
@@ -74,7 +68,7 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
         return
     # Two renames, not one atomic exchange: a crash between them leaves only ``.NAME.old-*``,
     # which restore_interrupted_swap puts back on the next lookup.
-    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    old = temp_sibling(path, "old")
     path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)

@@ -14,6 +14,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from fastdpo.files import atomic_write
+
 PAD, USER, ASSISTANT, END = "<|pad|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS = (PAD, USER, ASSISTANT, END)
 ROLES = {"user": USER, "human": USER, "assistant": ASSISTANT, "gpt": ASSISTANT}
@@ -71,11 +73,7 @@ class Tokenizer:
         path = Path(path)
         if path.suffix != ".json":
             path = path / "tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_str())
-        tmp.replace(path)
-        return path
+        return atomic_write(path, self.to_str())
 
     def to_str(self) -> str:
         return self._hf.to_str()

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastdpo import runtime
+from fastdpo.files import atomic_write
 from fastdpo.training.data import TokenizedPair, eval_batches
 
 
@@ -89,9 +88,6 @@ def cached_reference_logprobs(model: torch.nn.Module, pairs: Sequence[TokenizedP
         return logps, path, True
     logps = compute_reference_logprobs(model, pairs, **compute_kwargs)
     if runtime.is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-        save_file({"logps": logps}, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file({"logps": logps}, tmp))
     runtime.barrier()
     return logps, path, False
