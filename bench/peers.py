@@ -140,8 +140,8 @@ def trl_rows(preset: str = "tiny", steps: int = 4) -> list[dict]:
 
     from fastdpo.models.gpt import GPT, config_from_preset
     from fastdpo.models.tokenizer import Tokenizer
+    from fastdpo.training.batches import TokenizedPair
     from fastdpo.training.config import DPOConfig, TrainingConfig
-    from fastdpo.training.data import TokenizedPair
     from fastdpo.training.dpo import prepare_dpo
 
     s = SHAPES[preset]

@@ -2,21 +2,22 @@
 
 Phases (each a module of its own, callable alone with ``python -m fastdpo.bench.<phase>``):
 
-- ``sample``  KV-cached ragged sampler vs the re-forward oracle (``bench.sampler``), new tokens/s,
+- ``sample``  KV-cached ragged sampler vs the re-forward oracle (``fastdpo.bench.sampler``), new tokens/s,
               plus its scaling with ``max_new_tokens`` and transformers' ``generate`` when installed;
 - ``judge``   OpenAIJudge against a local ``fastdpo serve``: requests/s at concurrency 1/8/32, and
-              pairs mined per minute end to end (``bench.judge``);
+              pairs mined per minute end to end (``fastdpo.bench.judge``);
 - ``train``   one DPO step: fused log-prob kernels + cached reference vs naive log-probs + reference
-              forward every step (``bench.train``), plus its scaling with sequence length;
+              forward every step (``fastdpo.bench.train``), plus its scaling with sequence length;
 - ``eval``    position-swapped evaluation, prompts/s, with the fast sampler vs the oracle sampler;
-- ``kernels`` the fused log-prob micro-benchmarks and the sm_89 AOT report (``bench.kernels``);
+- ``kernels`` the fused log-prob micro-benchmarks and the sm_89 AOT report (``fastdpo.bench.kernels``);
 - ``peers``   TRL ``DPOTrainer`` steps and Liger-Kernel's ``LigerFusedLinearDPOLoss`` on the same
-              shapes, when installed (``pip install -e .[peers]``; ``bench.peers``).
+              shapes, when installed (``pip install -e .[peers]``; ``fastdpo.bench.peers``).
 
 Every ratio is measured inside this one process with the two sides interleaved: the machine may
 be shared, so absolute times are only indicative. The machine's matmul peak (float32 and bf16) is
 measured first and each phase reports the fraction of it its model FLOPs achieve.
 On CUDA the same command runs the Triton paths; on CPU, GPU figures are reported as unmeasured.
+The module is long because it drives every phase and draws the summary figure.
 """
 
 from __future__ import annotations

@@ -40,8 +40,8 @@ import torch  # noqa: E402
 
 from fastdpo.bench.kernels import measure  # noqa: E402
 from fastdpo.models.gpt import GPT, config_from_preset
+from fastdpo.training.batches import TokenizedPair
 from fastdpo.training.config import DPOConfig, TrainingConfig
-from fastdpo.training.data import TokenizedPair
 from fastdpo.training.dpo import prepare_dpo
 
 # preset -> (vocab, micro-batch pairs, prompt length range, answer length range)

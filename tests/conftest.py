@@ -5,3 +5,17 @@ import os
 # backend="auto" still picks the torch path on CPU, and GPU compilation checks run in a clean
 # subprocess (kernels/aot.py).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes: one thread is as fast, and two stall each other when other processes keep the
+    cores busy. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

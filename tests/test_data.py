@@ -4,17 +4,15 @@ import pytest
 import torch
 
 from fastdpo.models.tokenizer import Tokenizer
-from fastdpo.training.config import PreferenceDatasetConfig, load_config
-from fastdpo.training.data import (
-    DataError,
-    DataStats,
+from fastdpo.training.batches import (
     collate_pairs,
     epoch_batches,
-    load_examples,
     load_preference_data,
     split_val,
     tokenize_pairs,
 )
+from fastdpo.training.config import PreferenceDatasetConfig, load_config
+from fastdpo.training.data import DataError, DataStats, load_examples
 
 
 @pytest.fixture(scope="module")

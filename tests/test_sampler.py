@@ -8,14 +8,7 @@ from fastdpo.models.gpt import GPT, GPTConfig, KVCache
 V = 97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny shapes gain nothing from a second thread, and on a busy shared machine two OpenMP
-    # threads wait on each other at every op (measured: 10x slower steps).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed=0, block_size=64, **kw):

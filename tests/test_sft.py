@@ -7,18 +7,12 @@ from fastdpo.cli import main as cli_main
 from fastdpo.models.checkpoint import load_checkpoint, save_checkpoint
 from fastdpo.models.gpt import GPT, GPTConfig
 from fastdpo.models.tokenizer import Tokenizer
+from fastdpo.training.batches import tokenize_sft
 from fastdpo.training.config import SFTConfig, SFTDatasetConfig, TrainingConfig
-from fastdpo.training.data import DataError, DataStats, load_examples, tokenize_sft
+from fastdpo.training.data import DataError, DataStats, load_examples
 from fastdpo.training.sft import SFTTask, init_model, run_sft
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: one thread is as fast, and two stall each other on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

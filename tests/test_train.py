@@ -11,22 +11,16 @@ from fastdpo import runtime
 from fastdpo.models.checkpoint import load_checkpoint, save_checkpoint
 from fastdpo.models.gpt import GPT, GPTConfig
 from fastdpo.models.tokenizer import Tokenizer
+from fastdpo.training.batches import collate_pairs, tokenize_pairs
 from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
-from fastdpo.training.data import DataStats, collate_pairs, load_examples, tokenize_pairs
+from fastdpo.training.data import DataStats, load_examples
 from fastdpo.training.dpo import DPOTask, prepare_dpo, reference_layout_shared, run_dpo
 from fastdpo.training.logprobs import pair_logprobs, sequence_logprobs
 from fastdpo.training.loop import TrainingDiverged
 from fastdpo.training.reference_cache import cache_key, cached_reference_logprobs, compute_reference_logprobs
 from fastdpo.training.sweep import run_sweep
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: one thread is as fast, and two stall each other on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from fastdpo.configs import config_path
 from fastdpo.demo.task import TaskConfig
-from fastdpo.training.config import from_dict
+from fastdpo.training.config import from_dict, read_yaml
 
 DEFAULT_CONFIG = config_path("demo.yaml")
 ARM_KINDS = ("sft_chosen", "dpo")          # an arm is SFT on chosen answers, or a DPO run
@@ -97,17 +95,10 @@ def load_demo_config(config: str | Path | dict | None = None, quick: bool = Fals
         config = DEFAULT_CONFIG
     if isinstance(config, dict):
         raw, source = copy.deepcopy(config), "<dict>"
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source}: expected a mapping at the top level")
     else:
-        path = Path(config)
-        if not path.is_file():
-            raise FileNotFoundError(f"demo config not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: invalid YAML ({e})") from e
-        source = str(path)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{source}: expected a mapping at the top level")
+        raw, source = read_yaml(config)
     quick_over = raw.pop("quick", None) or {}
     if quick:
         raw = _merge(raw, quick_over, f"{source}: quick")

@@ -10,7 +10,9 @@ is running) are sampled together in one ``fastdpo.generation.sampler.sample`` ca
 temperature, token budget and seed, so a request's answer does not depend on what it was
 batched with. A request with a ``seed`` is reproducible; temperature 0 is greedy.
 
-This is what users chat with, and the real server ``OpenAIJudge`` is tested against in CI.
+This is what users chat with, and the real server ``OpenAIJudge`` is tested against in CI. The
+module is long because it holds the whole HTTP surface: request validation, the batcher and the
+handler.
 """
 from __future__ import annotations
 

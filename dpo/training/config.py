@@ -238,24 +238,35 @@ SECTIONS = {
 TOP_LEVEL = {"dpo": ("sft_checkpoint", "tokenizer"), "sft": ("init_checkpoint", "model", "tokenizer")}
 
 
+def read_yaml(path: str | Path) -> tuple[dict, str]:
+    """A YAML mapping and the file it came from. A name that is not a file here but is one of the
+    configs fastdpo ships (``dpo.yaml``, ``sft.yaml``, ``configs/demo.yaml`` ...) is read from the
+    installed package, so the documented commands work from any directory."""
+    path = Path(path)
+    if not path.is_file():
+        from fastdpo.configs import config_path
+        try:
+            path = config_path(path.name) if path.parent in (Path("."), Path("configs")) else path
+        except FileNotFoundError:
+            pass
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: invalid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return raw, str(path)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), kind: str = "dpo") -> dict:
     """Read a YAML config (or none) plus ``section.key=value`` overrides into config objects.
 
     Returns ``{"train": TrainingConfig, "dpo"/"sft": ..., "data": ..., <top-level keys>}``.
     Relative paths in the file are taken relative to the current directory, like the CLI's.
     """
-    source = str(path) if path else "<defaults>"
-    raw: dict = {}
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: invalid YAML ({e})") from e
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
+    raw, source = read_yaml(path) if path else ({}, "<defaults>")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -22,8 +22,8 @@ from fastdpo import kernels, runtime
 from fastdpo.models.checkpoint import load_checkpoint
 from fastdpo.models.tokenizer import Tokenizer
 from fastdpo.runtime import autocast, resolve_device, resolve_precision
+from fastdpo.training.batches import TokenizedPair, eval_batches, load_preference_data
 from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig, to_dict
-from fastdpo.training.data import TokenizedPair, eval_batches, load_preference_data
 from fastdpo.training.logprobs import kernel_backend, pair_logprobs
 from fastdpo.training.loop import Task, Trainer
 from fastdpo.training.losses import dpo_losses

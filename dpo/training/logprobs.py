@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 
 from fastdpo import kernels
+from fastdpo.training.batches import TokenizedPair, collate_packed_pairs, collate_pairs
 from fastdpo.training.config import KERNELS
-from fastdpo.training.data import TokenizedPair, collate_packed_pairs, collate_pairs
 
 
 def kernel_backend(kernel: str) -> str:

@@ -28,8 +28,8 @@ from fastdpo import runtime
 from fastdpo.models.checkpoint import load_checkpoint, save_checkpoint
 from fastdpo.runtime import autocast, resolve_device, resolve_precision
 from fastdpo.training import parallel
+from fastdpo.training.batches import epoch_batches
 from fastdpo.training.config import TrainingConfig
-from fastdpo.training.data import epoch_batches
 from fastdpo.training.metrics import RunLogger
 from fastdpo.training.runs import FINAL, STATE_FILE, _step_dirs, latest_checkpoint
 

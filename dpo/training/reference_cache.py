@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from fastdpo import runtime
 from fastdpo.files import atomic_write
-from fastdpo.training.data import TokenizedPair, eval_batches
+from fastdpo.training.batches import TokenizedPair, eval_batches
 
 
 def model_hash(model: torch.nn.Module) -> str:

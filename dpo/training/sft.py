@@ -16,8 +16,8 @@ from fastdpo.models.checkpoint import load_checkpoint
 from fastdpo.models.gpt import GPT, PRESETS, GPTConfig, config_from_preset
 from fastdpo.models.tokenizer import Tokenizer
 from fastdpo.runtime import resolve_device, resolve_precision
+from fastdpo.training.batches import TokenizedSFT, collate_sft, eval_batches, load_sft_data
 from fastdpo.training.config import SFTConfig, SFTDatasetConfig, TrainingConfig, to_dict
-from fastdpo.training.data import TokenizedSFT, collate_sft, eval_batches, load_sft_data
 from fastdpo.training.logprobs import sequence_logprobs
 from fastdpo.training.loop import Task, Trainer
 from fastdpo.training.runs import join_ranks, prepare_run_dir, resolve_tokenizer, train_to_completion
