@@ -208,3 +208,19 @@ def test_per_row_budgets_including_zero():
     assert out == sample_reforward(m, prompts, [0.0, 0.9, 0.0, 1.2], [0, 3, 5, 1], None, None, seed=2)
 
 
+
+
+def test_finish_reason_says_whether_a_row_stopped_or_ran_out_of_budget():
+    torch.manual_seed(3)
+    m = GPT(GPTConfig(vocab_size=V, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+    free, _ = sample(m, prompts, 0.0, 6, None, None, return_finish=True)
+    eos = free[0][2]   # the greedy 3rd token of row 0: with it as eos, row 0 stops there
+    budgets = [6, 6, 1, 0]
+    for fn in (sample, sample_reforward):
+        toks, finish = fn(m, prompts, 0.0, budgets, None, eos, return_finish=True)
+        assert toks == fn(m, prompts, 0.0, budgets, None, eos)
+        for row, reason, b in zip(toks, finish, budgets):
+            assert reason == ("length" if len(row) == b and eos not in row else "stop"), (row, reason, b)
+        assert finish[0] == "stop" and toks[0] == free[0][:free[0].index(eos)]
+        assert finish[3] == "length" and toks[3] == []

@@ -175,8 +175,10 @@ def decode_step(model: GPT, caches: list[KVCache], tok: torch.Tensor, cur: torch
 def sample(model: GPT, prompts: Sequence[Sequence[int]], temperatures, max_new_tokens,
            top_k: int | None = 50, eos_id: int | None = None, seed=0, *, top_p: float = 1.0,
            dtype: torch.dtype | None = None, truncate: str | None = None, progress: bool = False,
-           on_step: StepHook | None = None) -> list[list[int]]:
-    """Sample a continuation for every row; returns the new token ids per row (eos excluded).
+           on_step: StepHook | None = None, return_finish: bool = False):
+    """Sample a continuation for every row; returns the new token ids per row (eos excluded), and
+    with ``return_finish`` also each row's finish reason: ``"stop"`` (it emitted ``eos_id``) or
+    ``"length"`` (it used its whole budget without one: a truncated answer).
 
     prompts: ragged token-id lists, one per row. Identical prompts share one prefill.
     temperatures: one per row (or one for all); 0 = greedy.
@@ -190,15 +192,15 @@ def sample(model: GPT, prompts: Sequence[Sequence[int]], temperatures, max_new_t
     prompts, temps_l, budgets_l = _prepare(model, prompts, temperatures, max_new_tokens, top_k, top_p,
                                            truncate)
     n, steps = len(prompts), max(budgets_l, default=0)
-    out: list[list[int]] = [[] for _ in range(n)]
     if n == 0 or steps == 0:
-        return out
+        return _result([[] for _ in range(n)], [False] * n, return_finish)
     device = next(model.parameters()).device
     uniforms = _row_uniforms(seed, n, steps).to(device)
     temps = torch.tensor(temps_l, device=device)
     budgets = torch.tensor(budgets_l, device=device)
     tokens = torch.zeros(n, steps, dtype=torch.long, device=device)  # generated ids, by original row
     n_new = torch.zeros(n, dtype=torch.long, device=device)  # how many of them a row keeps
+    hit_eos = torch.zeros(n, dtype=torch.bool, device=device)
     max_len = max(len(p) + b for p, b in zip(prompts, budgets_l))
 
     with _precision(model, dtype):
@@ -213,6 +215,7 @@ def sample(model: GPT, prompts: Sequence[Sequence[int]], temperatures, max_new_t
             tokens[rows[live], step] = tok[live]
             stop = live & ((tok == eos_id) if eos_id is not None else torch.zeros_like(live))
             n_new[rows[live & ~stop]] += 1
+            hit_eos[rows[stop]] = True
             live &= ~stop & (n_new[rows] < budgets[rows])
             n_live = int(live.sum())
             if bar is not None:
@@ -230,7 +233,13 @@ def sample(model: GPT, prompts: Sequence[Sequence[int]], temperatures, max_new_t
         if bar is not None:
             bar.close()
     counts = n_new.tolist()
-    return [row[:c] for row, c in zip(tokens.tolist(), counts)]
+    return _result([row[:c] for row, c in zip(tokens.tolist(), counts)], hit_eos.tolist(), return_finish)
+
+
+def _result(tokens: list[list[int]], hit_eos: list[bool], return_finish: bool):
+    if not return_finish:
+        return tokens
+    return tokens, ["stop" if e else "length" for e in hit_eos]
 
 
 def _progress_bar(total: int, progress: bool):
@@ -246,18 +255,19 @@ def _progress_bar(total: int, progress: bool):
 def sample_reforward(model: GPT, prompts: Sequence[Sequence[int]], temperatures, max_new_tokens,
                      top_k: int | None = 50, eos_id: int | None = None, seed=0, *, top_p: float = 1.0,
                      dtype: torch.dtype | None = None, truncate: str | None = None,
-                     progress: bool = False, on_step: StepHook | None = None) -> list[list[int]]:
+                     progress: bool = False, on_step: StepHook | None = None, return_finish: bool = False):
     """Same contract as ``sample``, but every step re-runs the full forward over the whole
     right-padded batch (no cache, no prefix sharing, no row dropping). Slow on purpose."""
     prompts, temps_l, budgets_l = _prepare(model, prompts, temperatures, max_new_tokens, top_k, top_p,
                                            truncate)
     n, steps = len(prompts), max(budgets_l, default=0)
     if n == 0 or steps == 0:
-        return [[] for _ in range(n)]
+        return _result([[] for _ in range(n)], [False] * n, return_finish)
     device = next(model.parameters()).device
     uniforms = _row_uniforms(seed, n, steps).to(device)
     temps = torch.tensor(temps_l, device=device)
     budgets = torch.tensor(budgets_l, device=device)
+    hit_eos = torch.zeros(n, dtype=torch.bool, device=device)
     ids, lens = _pad(prompts, device)
     ids = F.pad(ids, (0, steps))
     cur = lens.clone()  # next write position per row
@@ -275,6 +285,7 @@ def sample_reforward(model: GPT, prompts: Sequence[Sequence[int]], temperatures,
             tok = choose_tokens(logits, temps, uniforms[:, step], top_k, top_p)
             stop = live & (tok == eos_id) if eos_id is not None else torch.zeros_like(live)
             keep = live & ~stop
+            hit_eos |= stop
             ids[rows[keep], cur[keep]] = tok[keep]
             cur = torch.where(keep, cur + 1, cur)
             live = keep & (cur - lens < budgets)
@@ -284,4 +295,4 @@ def sample_reforward(model: GPT, prompts: Sequence[Sequence[int]], temperatures,
                 break
     if bar is not None:
         bar.close()
-    return [ids[i, lens[i]: cur[i]].tolist() for i in range(n)]
+    return _result([ids[i, lens[i]: cur[i]].tolist() for i in range(n)], hit_eos.tolist(), return_finish)
