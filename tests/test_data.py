@@ -10,6 +10,7 @@ from fastdpo.training.batches import (
     load_preference_data,
     split_val,
     tokenize_pairs,
+    tokenize_sft,
 )
 from fastdpo.training.config import PreferenceDatasetConfig, load_config
 from fastdpo.training.data import DataError, DataStats, load_examples
@@ -113,10 +114,78 @@ def test_long_prompts_dropped_and_responses_truncated(tmp_path, tok):
         {"prompt": "two " * 40, "chosen": "a", "rejected": "b"},
         {"prompt": "q", "chosen": "four " * 30, "rejected": "b"}])
     stats = DataStats()
-    pairs = tokenize_pairs(load_examples([path]), tok, max_length=8, max_prompt_length=20, block_size=128,
+    pairs = tokenize_pairs(load_examples([path]), tok, max_length=16, max_prompt_length=20, block_size=128,
                            stats=stats)
     assert stats.dropped_long_prompt == 1 and stats.truncated == 1
-    assert len(pairs) == 1 and len(pairs[0].chosen) == 8
+    assert len(pairs) == 1 and len(pairs[0].prompt) + len(pairs[0].chosen) == 16   # max_length: the total
+    assert pairs[0].rejected == tok.render_answer("b")
+    assert "1 dropped" in stats.summary() and "1 with an answer cut" in stats.summary()
+
+
+def test_sft_and_dpo_cut_a_long_row_at_the_same_max_length(tmp_path, tok):
+    """``max_length`` is prompt + answer in both (TRL's meaning); the answer is cut on the right and
+    loses its end-of-turn token; ``max_completion_length`` caps the answer alone."""
+    long = "four " * 40
+    pref = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the answer?", "chosen": long, "rejected": "4"}])
+    sft = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "the answer?", "response": long}])
+    prompt = tok.render_prompt("the answer?")
+    for max_length in (12, 20):
+        (pair,) = tokenize_pairs(load_examples([pref]), tok, max_length, 64, 128, DataStats())
+        (row,) = tokenize_sft(load_examples([sft], kind="sft"), tok, max_length, 64, 128, DataStats())
+        assert pair.prompt == row.prompt == prompt
+        assert len(pair.prompt) + len(pair.chosen) == len(row.prompt) + len(row.response) == max_length
+        assert pair.chosen == row.response == tok.render_answer(long)[:max_length - len(prompt)]
+        assert tok.eos_id not in pair.chosen
+    # the model's context caps the total too, and max_completion_length the answer alone
+    (row,) = tokenize_sft(load_examples([sft], kind="sft"), tok, 64, 64, 15, DataStats())
+    assert len(row.prompt) + len(row.response) == 15
+    (pair,) = tokenize_pairs(load_examples([pref]), tok, 64, 64, 128, DataStats(), max_completion_length=3)
+    assert len(pair.chosen) == 3 and pair.rejected == tok.render_answer("4")
+    # a prompt that leaves no room for an answer is dropped, never left-truncated
+    stats = DataStats()
+    assert tokenize_sft(load_examples([sft], kind="sft"), tok, len(prompt), 64, 128, stats) == []
+    assert stats.dropped_long_prompt == 1
+
+
+def _mined(tok, **over):
+    row = {"prompt": "the answer?", "chosen": "4", "rejected": "not 4, five",
+           "tokenizer_hash": tok.hash, "prompt_ids": tok.render_prompt("the answer?"),
+           "chosen_ids": [*tok.encode("4"), tok.eos_id], "rejected_ids": tok.encode("not 4, fi"),
+           "chosen_finish": "stop", "rejected_finish": "length"}
+    return {**row, **over}
+
+
+def test_mined_pairs_train_on_their_ids_when_the_tokenizer_matches(tmp_path, tok):
+    # ids that are not what the text encodes to: the ids win, for this tokenizer
+    odd = [tok.encode("4")[0], tok.encode("4")[0], tok.eos_id]
+    path = write_jsonl(tmp_path / "m.jsonl", [_mined(tok, chosen_ids=odd),
+                                              _mined(tok, tokenizer_hash="other")])
+    stats = DataStats()
+    same, other = tokenize_pairs(load_examples([path]), tok, 64, 64, 128, stats)
+    assert (same.chosen, same.rejected) == (odd, tok.encode("not 4, fi"))
+    assert stats.sampled_ids == 1 and stats.retokenized == 1 and "1 re-encoded from text" in stats.summary()
+    # another tokenizer's ids: the text is encoded again, and the cut-off rejected answer stays open
+    assert other.chosen == tok.render_answer("4") and other.rejected == tok.encode("not 4, five")
+    assert load_examples([path])[0].meta == {}   # the id fields are not metadata
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"chosen_ids": [1, "x"]}, "field 'chosen_ids' must be a list of token ids"),
+    ({"rejected_ids": None}, "missing field 'rejected_ids'"),
+    ({"tokenizer_hash": None}, "missing field 'tokenizer_hash'"),
+    ({"rejected_finish": "eos"}, "field 'rejected_finish' must be 'stop' or 'length'"),
+    ({"chosen_ids": []}, "field 'chosen_ids' is empty"),
+])
+def test_bad_mined_id_fields_name_the_field(tmp_path, tok, over, message):
+    path = write_jsonl(tmp_path / "m.jsonl", [_mined(tok, **over)])
+    with pytest.raises(DataError, match=rf"m.jsonl:1: {message}"):
+        load_examples([path])
+
+
+def test_mined_ids_outside_the_vocabulary_are_an_error(tmp_path, tok):
+    path = write_jsonl(tmp_path / "m.jsonl", [_mined(tok, chosen_ids=[tok.vocab_size + 5])])
+    with pytest.raises(DataError, match=r"m.jsonl:1: token id \d+ is outside"):
+        tokenize_pairs(load_examples([path]), tok, 64, 64, 128, DataStats())
 
 
 def test_val_split_is_seeded_and_disjoint():

@@ -3,7 +3,15 @@ split, and batch: length-bucketed epochs that are a pure function of (seed, epoc
 and the packed shared-prompt layout (prompt, chosen and rejected in one row).
 
 A preference example becomes a ``TokenizedPair``: prompt ids (the rendered history ending in the
-assistant marker) and the two answers as ``render_answer`` ids (text + end-of-turn).
+assistant marker) and the two answers as ``render_answer`` ids (text + end-of-turn). A mined pair
+(``fastdpo pairs``) is trained on the token ids it was sampled as, when they belong to this
+tokenizer (same hash); otherwise its text is encoded again (counted), and an answer that was cut
+off (finish ``length``) is never closed with an end-of-turn it did not have.
+
+Lengths (``fit_answer``), the same in SFT and DPO, as TRL names them: ``max_length`` is prompt +
+answer (each answer, in DPO; the model's context caps it too), ``max_prompt_length`` drops longer
+prompts (never left-truncated), ``max_completion_length`` caps the answer; an answer is cut on the
+right to fit, losing its end-of-turn token. Dropped examples and cut answers are counted.
 """
 from __future__ import annotations
 
@@ -47,30 +55,64 @@ class TokenizedSFT:
     length = n_tokens
 
 
+def answer_room(prompt_len: int, max_length: int, max_prompt_length: int, block_size: int,
+                max_completion_length: int | None = None) -> int:
+    """How many answer tokens an example keeps after a prompt of ``prompt_len`` tokens; below 1
+    the example is dropped (its prompt is longer than ``max_prompt_length``, or leaves no room in
+    ``max_length`` / the model's context)."""
+    if prompt_len > max_prompt_length:
+        return 0
+    room = min(max_length, block_size) - prompt_len
+    return room if max_completion_length is None else min(room, max_completion_length)
+
+
 def tokenize_pairs(examples: Sequence[PreferenceExample], tok: Tokenizer, max_length: int,
-                   max_prompt_length: int, block_size: int, stats: DataStats) -> list[TokenizedPair]:
-    """Render prompts with the chat template; drop over-long prompts; cut responses to fit."""
+                   max_prompt_length: int, block_size: int, stats: DataStats,
+                   max_completion_length: int | None = None) -> list[TokenizedPair]:
+    """Prompt and answer ids (the sampled ones when they belong to ``tok``); drop over-long
+    prompts; cut answers to fit (see the module docstring)."""
     out = []
     for ex in examples:
-        prompt = tok.render_conversation(ex.turns)
-        room = min(max_length, block_size - len(prompt))
-        if len(prompt) > max_prompt_length or room < 1:
+        prompt, chosen, rejected = _pair_ids(ex, tok, stats)
+        room = answer_room(len(prompt), max_length, max_prompt_length, block_size, max_completion_length)
+        if room < 1:
             stats.dropped_long_prompt += 1
             continue
-        chosen, rejected = tok.render_answer(ex.chosen), tok.render_answer(ex.rejected)
         if len(chosen) > room or len(rejected) > room:
             stats.truncated += 1
         out.append(TokenizedPair(prompt, chosen[:room], rejected[:room]))
     return out
 
 
+def _pair_ids(ex: PreferenceExample, tok: Tokenizer, stats: DataStats):
+    ids = ex.ids
+    if ids is not None and ids.tokenizer_hash == tok.hash:
+        prompt = ids.prompt if ids.prompt is not None else tok.render_conversation(ex.turns)
+        bad = max((max(seq) for seq in (prompt, ids.chosen, ids.rejected)), default=0)
+        if bad >= tok.vocab_size:
+            raise DataError(f"{ex.source}: token id {bad} is outside the tokenizer's vocabulary "
+                            f"({tok.vocab_size}) although 'tokenizer_hash' matches")
+        stats.sampled_ids += 1
+        return prompt, ids.chosen, ids.rejected
+    if ids is not None:
+        stats.retokenized += 1
+
+    def answer(text: str, finish: str) -> list[int]:   # a cut-off answer stays open
+        return tok.render_answer(text) if finish == "stop" else tok.encode(text)
+
+    return (tok.render_conversation(ex.turns), answer(ex.chosen, ex.finish[0]),
+            answer(ex.rejected, ex.finish[1]))
+
+
 def tokenize_sft(examples: Sequence[SFTExample], tok: Tokenizer, max_length: int, max_prompt_length: int,
-                 block_size: int, stats: DataStats) -> list[TokenizedSFT]:
+                 block_size: int, stats: DataStats,
+                 max_completion_length: int | None = None) -> list[TokenizedSFT]:
+    """Prompt and answer ids; drop over-long prompts; cut answers to fit (see the module docstring)."""
     out = []
     for ex in examples:
         prompt = tok.render_conversation(ex.turns)
-        room = min(max_length, block_size) - len(prompt)
-        if len(prompt) > max_prompt_length or room < 1:
+        room = answer_room(len(prompt), max_length, max_prompt_length, block_size, max_completion_length)
+        if room < 1:
             stats.dropped_long_prompt += 1
             continue
         response = tok.render_answer(ex.response)
@@ -193,23 +235,28 @@ def _collate(rows, pad_id):
 
 
 def _load(kind: str, tokenize, cfg, tok: Tokenizer, max_length: int, max_prompt_length: int,
-          block_size: int, seed: int):
+          block_size: int, seed: int, max_completion_length: int | None):
     stats = DataStats()
     examples = load_examples(cfg.paths, cfg.format, cfg.on_error, kind, cfg.max_rows, stats)
-    items = tokenize(examples, tok, max_length, max_prompt_length, block_size, stats)
+    items = tokenize(examples, tok, max_length, max_prompt_length, block_size, stats, max_completion_length)
     if not items:
-        raise DataError(f"every example was dropped ({stats.summary()}); raise max_prompt_length?")
+        raise DataError(f"every example was dropped ({stats.summary()}); raise max_prompt_length "
+                        f"or max_length?")
     train, val = split_val(items, cfg.val_size, seed)
     return train, val, stats
 
 
 def load_preference_data(cfg, tok: Tokenizer, max_length: int, max_prompt_length: int, block_size: int,
-                         seed: int) -> tuple[list[TokenizedPair], list[TokenizedPair], DataStats]:
+                         seed: int, max_completion_length: int | None = None
+                         ) -> tuple[list[TokenizedPair], list[TokenizedPair], DataStats]:
     """``PreferenceDatasetConfig`` -> (train pairs, val pairs, stats)."""
-    return _load("preference", tokenize_pairs, cfg, tok, max_length, max_prompt_length, block_size, seed)
+    return _load("preference", tokenize_pairs, cfg, tok, max_length, max_prompt_length, block_size, seed,
+                 max_completion_length)
 
 
 def load_sft_data(cfg, tok: Tokenizer, max_length: int, max_prompt_length: int, block_size: int,
-                  seed: int) -> tuple[list[TokenizedSFT], list[TokenizedSFT], DataStats]:
+                  seed: int, max_completion_length: int | None = None
+                  ) -> tuple[list[TokenizedSFT], list[TokenizedSFT], DataStats]:
     """``SFTDatasetConfig`` -> (train examples, val examples, stats)."""
-    return _load("sft", tokenize_sft, cfg, tok, max_length, max_prompt_length, block_size, seed)
+    return _load("sft", tokenize_sft, cfg, tok, max_length, max_prompt_length, block_size, seed,
+                 max_completion_length)

@@ -123,12 +123,28 @@ def _resolve_batch(batch, micro, accum) -> tuple[int, int, int]:
 
 
 @dataclass
-class DPOConfig:
+class LengthLimits:
+    """Sequence lengths as TRL names them, with one meaning in SFT and DPO (``batches.fit_lengths``):
+    a prompt longer than ``max_prompt_length`` drops the example (never left-truncated: a prompt
+    missing its start asks another question); an answer is cut on the right to
+    ``max_completion_length`` and then to what ``max_length`` (prompt + answer, the total; also the
+    model's context) leaves after the prompt. Dropped and cut examples are counted."""
+    max_length: int = 1024                    # prompt + answer tokens (each answer, in DPO)
+    max_prompt_length: int = 512              # longer prompts are dropped (and counted)
+    max_completion_length: int | None = None  # answer tokens (None: whatever max_length leaves)
+
+    def __post_init__(self):
+        for name in ("max_length", "max_prompt_length", "max_completion_length"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{type(self).__name__}.{name} must be > 0, got {v}")
+
+
+@dataclass
+class DPOConfig(LengthLimits):
     beta: float = 0.1
     loss_type: str = "sigmoid"                # sigmoid | ipo | hinge
     label_smoothing: float = 0.0              # sigmoid only: the conservative-DPO noise rate
-    max_length: int = 512                     # tokens per response (longer ones are truncated)
-    max_prompt_length: int = 512              # longer prompts are dropped (and counted)
     reference: str = "auto"                   # auto | cached | model | none (reference-free)
     reference_free: bool = False              # alias of reference: none
     reference_checkpoint: Path | None = None  # default: the SFT checkpoint
@@ -137,6 +153,7 @@ class DPOConfig:
     shared_prompt: bool = True                # one row per pair, the prompt run once for both answers
 
     def __post_init__(self):
+        super().__post_init__()
         _choice("loss_type", self.loss_type, LOSS_TYPES)
         _choice("reference", self.reference, REFERENCE_MODES)
         if self.reference_free:
@@ -150,9 +167,6 @@ class DPOConfig:
             raise ValueError("DPOConfig.label_smoothing applies to loss_type 'sigmoid' only")
         if self.rpo_alpha < 0:
             raise ValueError(f"DPOConfig.rpo_alpha must be >= 0, got {self.rpo_alpha}")
-        for name in ("max_length", "max_prompt_length"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"DPOConfig.{name} must be > 0, got {getattr(self, name)}")
         for name in ("reference_checkpoint", "reference_cache_dir"):
             if getattr(self, name) is not None:
                 setattr(self, name, Path(getattr(self, name)))
@@ -188,14 +202,16 @@ class PreferenceDatasetConfig(_DatasetConfig):
 
 
 @dataclass
-class SFTConfig:
-    max_length: int = 512                     # prompt + response tokens; longer responses are cut
-    max_prompt_length: int = 512              # longer prompts are dropped (and counted)
+class SFTConfig(LengthLimits):
+    """SFT's settings: the length limits (same meaning as DPO's), and the vocabulary of the BPE
+    tokenizer trained on the data when a fresh model is given no tokenizer."""
+    tokenizer_vocab_size: int = 2048
 
     def __post_init__(self):
-        for name in ("max_length", "max_prompt_length"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"SFTConfig.{name} must be > 0, got {getattr(self, name)}")
+        super().__post_init__()
+        if self.tokenizer_vocab_size < 256 + 8:
+            raise ValueError(f"SFTConfig.tokenizer_vocab_size must be >= 264 (the 256 bytes and the "
+                             f"special tokens), got {self.tokenizer_vocab_size}")
 
 
 @dataclass

@@ -11,6 +11,10 @@ Three preference formats (detected per file from its first row, or forced with `
   "rejected": ...}``; both share everything up to their last assistant turn.
 
 All three become the same ``PreferenceExample``: the prompt as chat turns and the two answers.
+Rows written by ``fastdpo pairs`` also carry the sampled token ids (``chosen_ids``,
+``rejected_ids``, ``prompt_ids``, the ``tokenizer_hash`` they belong to) and each answer's finish
+reason (``chosen_finish`` / ``rejected_finish``: ``stop`` or ``length``, i.e. cut off); training
+uses those ids as they are (see ``fastdpo.training.batches``), the text is for people and judges.
 
 SFT rows are ``{"prompt", "response"}`` or ``{"conversations": [...]}`` whose last turn is the
 assistant's answer (the only tokens trained on).
@@ -32,12 +36,24 @@ class DataError(ValueError):
 
 
 @dataclass
+class SampledIds:
+    """The tokens a mined pair was sampled as: the answers end with the end-of-turn token when the
+    model emitted it (finish ``stop``) and without it when the answer was cut off (``length``)."""
+    tokenizer_hash: str
+    chosen: list[int]
+    rejected: list[int]
+    prompt: list[int] | None = None       # None: re-rendered from the turns
+
+
+@dataclass
 class PreferenceExample:
     turns: list[tuple[str, str]]          # the prompt as chat turns, ending with a user turn
     chosen: str
     rejected: str
     source: str                           # "file:line"
     meta: dict = field(default_factory=dict)
+    ids: SampledIds | None = None
+    finish: tuple[str, str] = ("stop", "stop")   # chosen's, rejected's: "length" = cut off, not closed
 
 
 @dataclass
@@ -52,14 +68,21 @@ class SFTExample:
 class DataStats:
     rows: int = 0                         # rows read (good and bad)
     skipped: int = 0                      # bad rows skipped under on_error="skip"
-    dropped_long_prompt: int = 0
-    truncated: int = 0                    # examples with a truncated response
+    dropped_long_prompt: int = 0          # prompt > max_prompt_length, or no answer room in max_length
+    truncated: int = 0                    # examples with an answer cut to max_length / max_completion_length
+    sampled_ids: int = 0                  # mined pairs trained on their sampled token ids
+    retokenized: int = 0                  # mined pairs from another tokenizer: their text encoded again
     formats: dict = field(default_factory=dict)   # file -> detected format
     errors: list[str] = field(default_factory=list)  # first few skipped-row messages
 
     def summary(self) -> str:
-        return (f"{self.rows} rows, {self.skipped} bad rows skipped, {self.dropped_long_prompt} "
-                f"dropped (prompt too long), {self.truncated} responses truncated")
+        out = (f"{self.rows} rows, {self.skipped} bad rows skipped, {self.dropped_long_prompt} "
+               f"dropped (prompt over max_prompt_length or no room in max_length), {self.truncated} "
+               f"with an answer cut to fit")
+        if self.sampled_ids or self.retokenized:
+            out += (f", {self.sampled_ids} on their sampled token ids, {self.retokenized} re-encoded "
+                    f"from text (sampled with another tokenizer)")
+        return out
 
 
 # --------------------------------------------------------------------------- reading records
@@ -178,12 +201,50 @@ def parse_preference(row: object, fmt: str, source: str) -> PreferenceExample:
             used = {"conversations", "chosen", "rejected"}
     if not turns or turns[-1][0] != "user":
         raise DataError("the prompt must end with a user turn")
+    ids, finish = _sampled(row)
     for name, text in (("chosen", chosen), ("rejected", rejected)):
-        if not text.strip():
+        # a sampled answer may be the end-of-turn token alone: its ids say so; a typed one may not
+        if not text.strip() and ids is None:
             raise DataError(f"field '{name}' is an empty response")
-    if chosen.strip() == rejected.strip():
+    if chosen.strip() == rejected.strip() and (ids is None or ids.chosen == ids.rejected):
         raise DataError("chosen and rejected are identical")
-    return PreferenceExample(turns, chosen, rejected, source, {k: v for k, v in row.items() if k not in used})
+    used |= set(SAMPLED_FIELDS)
+    return PreferenceExample(turns, chosen, rejected, source, {k: v for k, v in row.items() if k not in used},
+                             ids, finish)
+
+
+SAMPLED_FIELDS = ("tokenizer_hash", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_finish",
+                  "rejected_finish")
+
+
+def _sampled(row: dict) -> tuple[SampledIds | None, tuple[str, str]]:
+    """The optional sampled-ids fields of a mined pair, validated."""
+    finish = []
+    for name in ("chosen_finish", "rejected_finish"):
+        v = row.get(name, "stop")
+        if v not in ("stop", "length"):
+            raise DataError(f"field '{name}' must be 'stop' or 'length', got {v!r}")
+        finish.append(v)
+    lists = {}
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        v = row.get(name)
+        if v is not None and not (isinstance(v, list) and all(type(i) is int and i >= 0 for i in v)):
+            raise DataError(f"field '{name}' must be a list of token ids (non-negative integers)")
+        lists[name] = v
+    given = [n for n, v in lists.items() if v is not None]
+    if not given:
+        return None, (finish[0], finish[1])
+    missing = [n for n in ("chosen_ids", "rejected_ids") if lists[n] is None]
+    if missing:
+        raise DataError(f"missing field {missing[0]!r} (token ids come as 'chosen_ids' and "
+                        f"'rejected_ids' together)")
+    h = row.get("tokenizer_hash")
+    if not isinstance(h, str) or not h:
+        raise DataError("missing field 'tokenizer_hash' (the tokenizer the token ids belong to)")
+    if not lists["chosen_ids"] or not lists["rejected_ids"] or lists["prompt_ids"] == []:
+        raise DataError(f"field {[n for n in given if not lists[n]][0]!r} is empty")
+    return (SampledIds(h, lists["chosen_ids"], lists["rejected_ids"], lists["prompt_ids"]),
+            (finish[0], finish[1]))
 
 
 def parse_sft(row: object, fmt: str, source: str) -> SFTExample:
