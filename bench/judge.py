@@ -31,9 +31,13 @@ _WORDS = ("ant bee cat dog elk fox gnu hen ink jam kit log map nut owl pig rat s
 
 
 def make_tiny_checkpoint(path: str | Path, *, n_layer: int = 2, n_embd: int = 32, n_head: int = 2,
-                         block_size: int = 1024, seed: int = 0) -> Path:
+                         block_size: int = 1024, seed: int = 0, stop_logit: float = 0.0) -> Path:
     """A randomly initialised GPT (2 layers, 32 wide) with a small trained BPE tokenizer:
-    enough to exercise sampling, serving and mining end to end in a second."""
+    enough to exercise sampling, serving and mining end to end in a second.
+
+    ``stop_logit`` raises the end-of-turn token's logit by about that much everywhere (the final
+    norm's bias moved along its output embedding), so the random model ends its turns like a
+    trained one instead of always running out of tokens (3: most answers end within a dozen tokens)."""
     import random
     rng = random.Random(seed)
     corpus = [" ".join(rng.choice(_WORDS) for _ in range(12)) + f" {rng.randint(0, 99)}." for _ in range(300)]
@@ -41,6 +45,10 @@ def make_tiny_checkpoint(path: str | Path, *, n_layer: int = 2, n_embd: int = 32
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
                           n_embd=n_embd))
+    if stop_logit:
+        w = model.lm_head_weight[tok.eos_id].detach()
+        with torch.no_grad():
+            model.transformer.ln_f.bias += stop_logit * w / w.pow(2).sum()
     return save_checkpoint(path, model, tokenizer=tok)
 
 
@@ -156,7 +164,7 @@ def run_judge_bench(ckpt: str | Path | None = None, *, concurrencies=(1, 8, 32),
         judges = ("task",) if mining_ckpt else ("task", "spread")
         if mining_ckpt is None:
             mining_ckpt = make_tiny_checkpoint(Path(d) / "demo-shaped", n_layer=4, n_embd=160, n_head=4,
-                                               block_size=256)
+                                               block_size=256, stop_logit=3.0)
         if _task_prompts(1) is None:
             judges = ("spread",)
         for j in judges:

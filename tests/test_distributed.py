@@ -264,7 +264,7 @@ def test_sharded_mining_equals_unsharded_and_resumes_after_a_killed_rank(tmp_pat
     from fastdpo.generation.mining import mine_pairs
     from fastdpo.models.checkpoint import load_policy
 
-    ckpt = make_tiny_checkpoint(tmp_path / "tiny", block_size=96)
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", block_size=96, stop_logit=3.0)   # ends most turns
     (tmp_path / "toyjudge.py").write_text(TOY_JUDGE)
     words = "fox dog elk gnu hen ink jam kit owl pig".split()
     rows = [f"Reverse the words: {w} cat {i}" for i, w in enumerate(words)]

@@ -13,9 +13,12 @@ import torch
 
 import fastdpo.generation.sampler
 from fastdpo.bench.judge import make_tiny_checkpoint
-from fastdpo.generation.judge import Judge, make_judge
+from fastdpo.generation.judge import Judge, ProgrammaticJudge, make_judge
 from fastdpo.generation.mining import MiningStats, format_stats, load_prompts, mine_pairs, select_pair
 from fastdpo.models.checkpoint import load_policy
+from fastdpo.training.batches import load_preference_data, tokenize_pairs
+from fastdpo.training.config import PreferenceDatasetConfig
+from fastdpo.training.data import DataStats, load_examples
 
 TOY_JUDGE = '''
 def score(instruction, response):
@@ -40,6 +43,16 @@ SETTINGS = dict(batch_size=3, max_new_tokens=12, seed=5)
 ])
 def test_select_pair_rules(scores, pick):
     assert select_pair(scores, min_gap=2, min_best=6) == pick
+
+
+@pytest.mark.parametrize("scores,can_choose,pick", [
+    ([9, 5, 3, 1], [False, True, True, True], (1, 3)),    # the best is truncated: the next best is chosen
+    ([9, 5, 3, 1], [True, True, True, False], (0, 3)),    # a truncated worst may be rejected
+    ([9, 2, None, None], [False, True, True, True], None),  # only the truncated one scores high enough
+    ([4, 8], [True, False], None),                        # the only choosable one is the worst
+])
+def test_select_pair_never_chooses_what_cannot_be_chosen(scores, can_choose, pick):
+    assert select_pair(scores, min_gap=2, min_best=2, can_choose=can_choose) == pick
 
 
 def test_select_pair_thresholds_are_parameters():
@@ -67,7 +80,7 @@ def setup(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see _run_cli
     d = tmp_path_factory.mktemp("pairs")
-    ckpt = make_tiny_checkpoint(d / "tiny", block_size=96)
+    ckpt = make_tiny_checkpoint(d / "tiny", block_size=96, stop_logit=3.0)   # ends most of its turns
     (d / "toyjudge.py").write_text(TOY_JUDGE)
     prompts = d / "prompts.jsonl"
     # one prompt too long for block_size 96 - max_new_tokens 12: dropped and counted
@@ -86,14 +99,17 @@ def setup(tmp_path_factory):
 def test_mining_writes_filtered_pairs_and_counts(setup):
     stats, judge_fn = setup["stats"], make_judge("toyjudge:score").score_fn
     assert stats.prompts_total == 11 and stats.prompts_dropped == 1 and stats.prompts_done == 10
-    assert stats.samples_judged == 40 and sum(stats.score_hist.values()) == 40
+    assert stats.samples_truncated > 0   # the test below needs some
+    assert stats.samples_judged + stats.samples_truncated + stats.samples_malformed == 40
+    assert sum(stats.score_hist.values()) == stats.samples_judged
     lines = setup["ref"].read_text().splitlines()
     assert len(lines) == stats.pairs_kept > 0
     for line in lines:
         rec = json.loads(line)
         assert rec["prompt"] in PROMPTS
-        assert judge_fn(rec["prompt"], rec["chosen"]) == rec["score_chosen"] == max(rec["scores"])
-        assert judge_fn(rec["prompt"], rec["rejected"]) == rec["score_rejected"] == min(rec["scores"])
+        judged = [v for v in rec["scores"] if v is not None]
+        assert judge_fn(rec["prompt"], rec["chosen"]) == rec["score_chosen"] == max(judged)
+        assert judge_fn(rec["prompt"], rec["rejected"]) == rec["score_rejected"] == min(judged)
         assert rec["score_chosen"] >= 6 and rec["score_chosen"] - rec["score_rejected"] >= 2
     text = format_stats(stats, "out.jsonl")
     assert f"pairs kept: {stats.pairs_kept}" in text and "1 dropped as too long" in text
@@ -113,9 +129,10 @@ def test_rerun_of_finished_run_judges_nothing(setup, tmp_path):
 
     model, tok, prompts = setup["model"], setup["tok"], setup["prompts"]
     first = mine_pairs(model, tok, prompts, Counting(), out, progress=False, **SETTINGS)
-    assert out.read_bytes() == setup["ref"].read_bytes() and len(calls) == 40
+    judged = setup["stats"].samples_judged
+    assert out.read_bytes() == setup["ref"].read_bytes() and len(calls) == judged
     again = mine_pairs(model, tok, prompts, Counting(), out, progress=False, **SETTINGS)
-    assert len(calls) == 40 and out.read_bytes() == setup["ref"].read_bytes()
+    assert len(calls) == judged and out.read_bytes() == setup["ref"].read_bytes()
     assert again.pairs_kept == first.pairs_kept and again.resumed_at == 10
 
 
@@ -198,3 +215,106 @@ def test_resume_after_sigkill_is_byte_identical(setup, tmp_path, stage):
 def test_stats_rates():
     s = MiningStats(prompts_done=30, pairs_kept=12, resumed_at=10, resumed_pairs=2, elapsed_s=10.0)
     assert s.prompts_per_s == 2.0 and s.pairs_per_min == 60.0 and s.kept_pct == 40.0
+
+
+# --------------------------------------------------------------------------- what a pair holds
+
+
+@pytest.fixture
+def sampled(monkeypatch):
+    """Records every sampler call's rows: (prompt ids, new ids, finish reason)."""
+    rows = []
+    real = fastdpo.generation.sampler.sample
+
+    def spy(model, prompts, *a, **kw):
+        new, finish = real(model, prompts, *a, **kw)
+        rows.extend(zip((tuple(p) for p in prompts), new, finish))
+        return new, finish
+
+    monkeypatch.setattr(fastdpo.generation.sampler, "sample", spy)
+    return rows
+
+
+def _rows(path):
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines()]
+
+
+def test_truncated_samples_are_never_chosen(setup, tmp_path, sampled):
+    """A judge that likes long answers rates the samples that ran out of max_new_tokens highest;
+    they are counted and left out instead of becoming chosen answers."""
+    model, tok = setup["model"], setup["tok"]
+    likes_long = ProgrammaticJudge(lambda i, r: min(10, 1 + len(r) // 3), name="long")
+    stats = mine_pairs(model, tok, PROMPTS, likes_long, tmp_path / "p.jsonl", progress=False, **SETTINGS)
+    rows = _rows(tmp_path / "p.jsonl")
+    truncated = {tok.decode(ids, skip_special=True) for _, ids, f in sampled if f == "length"}
+    finished = {tok.decode(ids, skip_special=True) for _, ids, f in sampled if f == "stop"}
+    assert stats.samples_truncated == sum(f == "length" for *_, f in sampled) > 0 and rows
+    # the old rule (best score wins) would have chosen a truncated sample for some prompt
+    best = {}
+    for prompt, ids, _ in sampled:
+        text = tok.decode(ids, skip_special=True)
+        best[prompt] = max(best.get(prompt, (0, "")), (likes_long.score_fn("", text), text))
+    assert any(text in truncated and text not in finished for _, text in best.values())
+    for r in rows:
+        assert r["chosen"] not in truncated - finished and r["rejected"] not in truncated - finished
+        assert r["chosen_finish"] == r["rejected_finish"] == "stop"
+        assert r["chosen_ids"][-1] == r["rejected_ids"][-1] == tok.eos_id
+    assert f"{stats.samples_truncated} truncated" in format_stats(stats)
+
+
+def test_truncated_as_rejected_keeps_them_open_and_never_chosen(setup, tmp_path):
+    model, tok = setup["model"], setup["tok"]
+    likes_short = ProgrammaticJudge(lambda i, r: max(1, 10 - len(r) // 3), name="short")
+    out = tmp_path / "p.jsonl"
+    stats = mine_pairs(model, tok, PROMPTS, likes_short, out, progress=False, truncated_as_rejected=True,
+                       **SETTINGS)
+    rows = _rows(out)
+    cut = [r for r in rows if r["rejected_finish"] == "length"]
+    assert cut and stats.rejected_truncated == len(cut)
+    assert all(r["chosen_finish"] == "stop" and r["chosen_ids"][-1] == tok.eos_id for r in rows)
+    for r in cut:   # the answer as sampled: no end-of-turn token, SETTINGS' max_new_tokens long
+        assert len(r["rejected_ids"]) == SETTINGS["max_new_tokens"] and tok.eos_id not in r["rejected_ids"]
+    pairs = tokenize_pairs(load_examples([out]), tok, 96, 96, 96, DataStats())
+    assert [p.rejected for p, r in zip(pairs, rows) if r in cut] == [r["rejected_ids"] for r in cut]
+
+
+def test_trained_pairs_are_the_sampled_tokens(setup, tmp_path, sampled):
+    """The loader trains on the ids the sampler produced (answer + end-of-turn), not on the text
+    encoded again, which for some answers gives other tokens."""
+    model, tok = setup["model"], setup["tok"]
+    out = tmp_path / "p.jsonl"
+    mine_pairs(model, tok, PROMPTS, make_judge("toyjudge:score"), out, progress=False, **SETTINGS)
+    rows = _rows(out)
+    train, val, stats = load_preference_data(PreferenceDatasetConfig(path=[out]), tok, 96, 96, 96, seed=0)
+    assert not val and len(train) == len(rows) == stats.sampled_ids and stats.retokenized == 0
+    by_prompt = {}
+    for prompt, ids, finish in sampled:
+        by_prompt.setdefault(prompt, []).append(ids + [tok.eos_id] if finish == "stop" else ids)
+    for pair, r in zip(train, rows):
+        assert pair.prompt == r["prompt_ids"] == tok.render_prompt(r["prompt"])
+        assert pair.chosen in by_prompt[tuple(pair.prompt)] and pair.rejected in by_prompt[tuple(pair.prompt)]
+        assert (pair.chosen, pair.rejected) == (r["chosen_ids"], r["rejected_ids"])
+    encoded_again = [tok.render_answer(r[k]) for r in rows for k in ("chosen", "rejected")]
+    assert encoded_again != [r[k + "_ids"] for r in rows for k in ("chosen", "rejected")]
+
+
+def test_a_special_token_inside_an_answer_makes_it_malformed(setup, tmp_path, monkeypatch):
+    """``<|user|>`` inside a sample (the model opening the next turn itself): never judged or paired,
+    counted; and no special token is ever decoded into a pair's text."""
+    model, tok = setup["model"], setup["tok"]
+    user = tok.render_prompt("x")[0]            # the template's first token: the user-turn marker
+    real = fastdpo.generation.sampler.sample
+
+    def with_user_token(*a, **kw):
+        new, finish = real(*a, **kw)
+        return [ids[:2] + [user] + ids[2:] if i % 4 == 0 else ids for i, ids in enumerate(new)], finish
+
+    monkeypatch.setattr(fastdpo.generation.sampler, "sample", with_user_token)
+    judge = make_judge("toyjudge:score")
+    stats = mine_pairs(model, tok, PROMPTS, judge, tmp_path / "p.jsonl", progress=False, **SETTINGS)
+    assert stats.samples_malformed == len(PROMPTS)   # one of the K = 4 samples of every prompt
+    assert judge.stats.requests == stats.samples_judged <= 3 * len(PROMPTS)
+    for r in _rows(tmp_path / "p.jsonl"):
+        assert user not in r["chosen_ids"] + r["rejected_ids"]
+        assert "<|" not in r["chosen"] + r["rejected"]
+        assert r["scores"][0] is None   # the malformed sample (first of each prompt) was not judged

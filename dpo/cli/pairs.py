@@ -26,6 +26,9 @@ def add_subcommand(sub) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="drop longer prompts (default: block_size - max_new_tokens)")
     p.add_argument("--n-prompts", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--truncated-as-rejected", action="store_true",
+                   help="judge answers that ran out of --max-new-tokens and let them be the rejected "
+                        "answer (never the chosen one); by default they are counted and left out")
     add_device_arg(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="sampling precision (autocast)")
     p.add_argument("--no-progress", action="store_true")
@@ -49,7 +52,8 @@ def _cli(args) -> int:
                            min_best=args.min_best, batch_size=args.batch_size, seed=args.seed,
                            max_prompt_tokens=args.max_prompt_tokens, n_prompts=args.n_prompts,
                            dtype=DTYPES[args.dtype], progress=not args.no_progress and runtime.is_main(),
-                           shard=(rank, world) if sharded else None)
+                           shard=(rank, world) if sharded else None,
+                           truncated_as_rejected=args.truncated_as_rejected)
     finally:
         judge.close()
     if sharded:

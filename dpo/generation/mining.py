@@ -5,6 +5,21 @@ one make a useful contrast), every answer is scored 1-10 by the judge, and the b
 become a pair when ``best - worst >= min_gap`` (smaller gaps are judge noise) and
 ``best >= min_best`` (a pair of two bad answers teaches one flavour of garbage over another).
 
+What a pair holds. Each answer is kept as the token ids the model sampled (``chosen_ids``,
+``rejected_ids``, ending with the end-of-turn token when the model emitted it), with the rendered
+prompt's ids (``prompt_ids``) and the ``tokenizer_hash`` they belong to, so training scores exactly
+the sampled tokens; the text (decoded with special tokens skipped) is for people and the judge.
+Two kinds of sample are never a chosen answer, and are counted:
+- *truncated* ones, which ran out of ``max_new_tokens`` before ending their turn (finish
+  ``length``): an answer cut mid-sentence is not a good answer, and closing it with an end-of-turn
+  would teach the model to stop mid-answer. By default they are not judged or used at all;
+  ``truncated_as_rejected`` lets them be judged and picked as the rejected answer (trained open,
+  without an end-of-turn token);
+- *malformed* ones, holding a special token other than the end of turn (say ``<|user|>``: the
+  model starting the next turn itself). They are never judged or paired: their text with the special
+  token skipped would hide the flaw from the judge, and cutting the answer there would train
+  tokens the model never sampled.
+
 Sampling of batch i+1 runs in a background thread while batch i is judged.
 
 Resuming. Output is byte-identical whether or not a run was killed and restarted:
@@ -45,7 +60,10 @@ class MiningStats:
     prompts_done: int = 0           # prompts sampled and judged (cumulative over resumes)
     samples_judged: int = 0
     invalid_scores: int = 0         # judge replies without a usable score
+    samples_truncated: int = 0      # ran out of max_new_tokens (finish "length"): never chosen
+    samples_malformed: int = 0      # held a special token other than end-of-turn: never used
     pairs_kept: int = 0
+    rejected_truncated: int = 0     # kept pairs whose rejected answer is a truncated sample
     score_hist: dict[str, int] = field(default_factory=dict)   # "1".."10" -> count
     resumed_at: int = 0             # prompts already done when this process started
     resumed_pairs: int = 0          # pairs already kept when this process started
@@ -70,20 +88,31 @@ class MiningStats:
                 "pairs_per_min": self.pairs_per_min}
 
 
-def select_pair(scores: Sequence[int | None], min_gap: int = 2, min_best: int = 6) -> tuple[int, int] | None:
+def select_pair(scores: Sequence[int | None], min_gap: int = 2, min_best: int = 6,
+                can_choose: Sequence[bool] | None = None) -> tuple[int, int] | None:
     """Indices ``(best, worst)`` among the valid scores, or ``None`` when the prompt gives no pair.
 
+    ``can_choose[i]`` False: sample i may be the worst but never the best (a truncated answer).
     Ties for best go to the earliest sample (the coolest temperature), ties for worst to the
     latest, so the choice is deterministic. Fewer than two valid scores give no pair.
     """
     valid = [(s, i) for i, s in enumerate(scores) if s is not None]
-    if len(valid) < 2:
+    choosable = [(s, i) for s, i in valid if can_choose is None or can_choose[i]]
+    if len(valid) < 2 or not choosable:
         return None
-    best = min(valid, key=lambda si: (-si[0], si[1]))
+    best = min(choosable, key=lambda si: (-si[0], si[1]))
     worst = min(valid, key=lambda si: (si[0], -si[1]))
-    if best[0] - worst[0] < min_gap or best[0] < min_best:
+    if best[1] == worst[1] or best[0] - worst[0] < min_gap or best[0] < min_best:
         return None
     return best[1], worst[1]
+
+
+def sample_kind(tokenizer, ids: Sequence[int], finish: str) -> str:
+    """``"ok"`` (ended its turn), ``"truncated"`` (ran out of tokens) or ``"malformed"`` (holds a
+    special token besides the end of turn, which the sampler stops at and leaves out)."""
+    if tokenizer.decode(ids) != tokenizer.decode(ids, skip_special=True):
+        return "malformed"
+    return "ok" if finish == "stop" else "truncated"
 
 
 def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
@@ -128,13 +157,17 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                min_gap: int = 2, min_best: int = 6, batch_size: int = 16, seed: int = 0,
                max_prompt_tokens: int | None = None, n_prompts: int | None = None,
                dtype: torch.dtype | None = None, progress: bool = True,
-               shard: tuple[int, int] | None = None) -> MiningStats:
+               shard: tuple[int, int] | None = None, truncated_as_rejected: bool = False) -> MiningStats:
     """Mine preference pairs into ``out_path`` (JSONL, appended as it goes; resumable).
 
     ``prompts`` is a JSONL path (see ``load_prompts``) or a list of instructions. Prompts whose
     rendered chat prompt is longer than ``max_prompt_tokens`` (default: block_size minus
     ``max_new_tokens``) are dropped and counted. Each output line holds ``prompt``, ``chosen``,
-    ``rejected``, ``score_chosen``, ``score_rejected``, and ``scores`` (one per temperature).
+    ``rejected``, ``score_chosen``, ``score_rejected``, ``scores`` (one per temperature, ``None``
+    for a sample not judged: truncated, malformed, or without a usable reply), and the sampled
+    tokens: ``prompt_ids``, ``chosen_ids``, ``rejected_ids``, ``tokenizer_hash``,
+    ``chosen_finish`` / ``rejected_finish`` (``stop``, or ``length`` for a truncated rejected
+    answer under ``truncated_as_rejected``); see the module docstring.
     ``dtype`` is the sampler's autocast dtype (``torch.bfloat16`` is ~2x faster on recent CPUs).
     ``shard=(rank, world)`` mines only batches ``rank, rank + world, ...`` into ``out_path`` (see
     ``mining_progress.shard_path``, ``merge_shards``): each batch keeps its seed, so the shards hold
@@ -163,7 +196,7 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
 
     settings = dict(temps=temps, max_new_tokens=max_new_tokens, top_k=top_k, min_gap=min_gap,
                     min_best=min_best, batch_size=batch_size, seed=seed, max_prompt_tokens=max_prompt_tokens,
-                    dtype=str(dtype))
+                    dtype=str(dtype), truncated_as_rejected=truncated_as_rejected)
     fingerprint = hashlib.sha256(json.dumps({
         "settings": settings, "judge": judge.name, "tokenizer": tokenizer.hash,
         "model": model_fingerprint(model),
@@ -178,7 +211,7 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
     log = ProgressLog(out_path, fingerprint, settings)
     start_batch, saved = log.resume()
     if saved:
-        for k in ("prompts_done", "samples_judged", "invalid_scores", "pairs_kept", "score_hist"):
+        for k in (*COUNTS, "score_hist"):
             setattr(stats, k, saved[k])
     stats.resumed_at, stats.resumed_pairs = stats.prompts_done, stats.pairs_kept
     k = len(temps)
@@ -202,10 +235,10 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                     idx = batch_prompts(b)
                     t0 = time.perf_counter()
                     rows = [rendered[i] for i in idx for _ in range(k)]
-                    new = sample(model, rows, temps * len(idx), max_new_tokens, top_k, eos,
-                                 batch_seed(seed, b), dtype=dtype)
-                    texts = [tokenizer.decode(ids) for ids in new]
-                    _put(ready, (b, texts, time.perf_counter() - t0), stop)
+                    new, finish = sample(model, rows, temps * len(idx), max_new_tokens, top_k, eos,
+                                         batch_seed(seed, b), dtype=dtype, return_finish=True)
+                    samples = [Sample(tokenizer, ids, f, eos) for ids, f in zip(new, finish)]
+                    _put(ready, (b, samples, time.perf_counter() - t0), stop)
             _put(ready, None, stop)
         except BaseException as e:  # handed to the consumer, which re-raises it
             _put(ready, e, stop)
@@ -225,30 +258,35 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                     break
                 if isinstance(item, BaseException):
                     raise item
-                b, texts, dt = item
+                b, samples, dt = item
                 stats.sample_s += dt
                 idx = batch_prompts(b)
+                usable = [x.kind == "ok" or (x.kind == "truncated" and truncated_as_rejected)
+                          for x in samples]
+                work = [(instructions[i], samples[j * k + r].text)
+                        for j, i in enumerate(idx) for r in range(k) if usable[j * k + r]]
                 t0 = time.perf_counter()
-                scores = judge.score_many([(instructions[i], texts[j * k + r])
-                                           for j, i in enumerate(idx) for r in range(k)])
+                replies = iter(judge.score_many(work))
                 stats.judge_s += time.perf_counter() - t0
+                scores = [next(replies) if ok else None for ok in usable]
                 lines = []
                 for j, i in enumerate(idx):
-                    s = scores[j * k:(j + 1) * k]
-                    for v in s:
+                    group, s = samples[j * k:(j + 1) * k], scores[j * k:(j + 1) * k]
+                    for x, ok, v in zip(group, usable[j * k:(j + 1) * k], s):
+                        stats.samples_truncated += x.kind == "truncated"
+                        stats.samples_malformed += x.kind == "malformed"
+                        if not ok:
+                            continue
+                        stats.samples_judged += 1
                         if v is None:
                             stats.invalid_scores += 1
                         else:
                             stats.score_hist[str(v)] = stats.score_hist.get(str(v), 0) + 1
-                    pick = select_pair(s, min_gap, min_best)
+                    pick = select_pair(s, min_gap, min_best, [x.kind == "ok" for x in group])
                     if pick is not None:
-                        hi, lo = pick
-                        lines.append(json.dumps({
-                            "prompt": instructions[i], "chosen": texts[j * k + hi],
-                            "rejected": texts[j * k + lo], "score_chosen": s[hi],
-                            "score_rejected": s[lo], "scores": s}, ensure_ascii=False) + "\n")
+                        lines.append(pair_line(instructions[i], rendered[i], group, s, *pick, tokenizer.hash))
+                        stats.rejected_truncated += group[pick[1]].kind == "truncated"
                 stats.prompts_done += len(idx)
-                stats.samples_judged += len(idx) * k
                 stats.pairs_kept += len(lines)
                 append_durable(out, "".join(lines).encode())
                 log.commit(b, out.tell(), stats)
@@ -262,6 +300,28 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
         log.close()
         stats.elapsed_s = time.perf_counter() - t_start
     return stats
+
+
+class Sample:
+    """One sampled answer: its ids (with the end-of-turn token when the model emitted it), text
+    (special tokens skipped) and kind (``sample_kind``)."""
+    __slots__ = ("ids", "text", "kind", "finish")
+
+    def __init__(self, tokenizer, ids: list[int], finish: str, eos_id: int):
+        self.kind, self.finish = sample_kind(tokenizer, ids, finish), finish
+        self.text = tokenizer.decode(ids, skip_special=True)
+        self.ids = ids + [eos_id] if finish == "stop" else ids
+
+
+def pair_line(instruction: str, prompt_ids: list[int], group: Sequence[Sample], scores: list,
+              hi: int, lo: int, tokenizer_hash: str) -> str:
+    """One pairs-file line (see ``mine_pairs``)."""
+    return json.dumps({
+        "prompt": instruction, "chosen": group[hi].text, "rejected": group[lo].text,
+        "score_chosen": scores[hi], "score_rejected": scores[lo], "scores": scores,
+        "chosen_finish": group[hi].finish, "rejected_finish": group[lo].finish,
+        "tokenizer_hash": tokenizer_hash, "prompt_ids": prompt_ids,
+        "chosen_ids": group[hi].ids, "rejected_ids": group[lo].ids}, ensure_ascii=False) + "\n"
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> None:
@@ -301,8 +361,13 @@ def format_stats(stats: MiningStats, out_path: str | Path | None = None) -> str:
     lines = [f"prompts: {stats.prompts_total} read, {stats.prompts_dropped} dropped as too long, "
              f"{stats.prompts_done} judged ({stats.resumed_at} before this run)",
              f"pairs kept: {stats.pairs_kept} ({stats.kept_pct:.1f}% of judged prompts)"
-             + (f" -> {out_path}" if out_path else ""),
+             + (f" -> {out_path}" if out_path else "")
+             + (f"; {stats.rejected_truncated} with a truncated rejected answer"
+                if stats.rejected_truncated else ""),
              f"samples judged: {stats.samples_judged}, invalid judge replies: {stats.invalid_scores}",
+             f"samples never chosen: {stats.samples_truncated} truncated (ran out of max_new_tokens"
+             + ("; judged, may be rejected" if stats.rejected_truncated else "") + f"), "
+             f"{stats.samples_malformed} malformed (a special token inside the answer)",
              "score histogram:"]
     for s in range(1, 11):
         n = hist.get(str(s), 0)

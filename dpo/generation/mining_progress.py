@@ -15,9 +15,11 @@ from pathlib import Path
 from fastdpo.files import append_durable, atomic_write
 
 PROGRESS_SUFFIX = ".progress.jsonl"
-PROGRESS_VERSION = 1
+# 2: pairs carry their sampled token ids; truncated and malformed samples are counted
+PROGRESS_VERSION = 2
 # running statistics carried from record to record (with the score histogram)
-COUNTS = ("prompts_done", "samples_judged", "invalid_scores", "pairs_kept")
+COUNTS = ("prompts_done", "samples_judged", "invalid_scores", "samples_truncated", "samples_malformed",
+          "pairs_kept", "rejected_truncated")
 
 
 class ProgressLog:
@@ -40,6 +42,7 @@ class ProgressLog:
             return 0, None
         good, records = self._read_records()
         header = records[0] if records else None
+        _check_version(self.path, header)
         if not header or header.get("fingerprint") != self.fingerprint:
             raise ValueError(
                 f"{self.path}: written by a different run (prompts, model, judge or settings differ: "
@@ -97,6 +100,14 @@ class ProgressLog:
             self._f = None
 
 
+def _check_version(path: Path, header: dict | None) -> None:
+    version = (header or {}).get("fastdpo_pairs_progress", PROGRESS_VERSION)
+    if version != PROGRESS_VERSION:
+        raise ValueError(f"{path}: written by another fastdpo version (progress format {version}, this "
+                         f"one writes {PROGRESS_VERSION}: pairs with their sampled token ids); finish "
+                         "it with that version, or use another --out")
+
+
 def shard_path(out_path: str | Path, rank: int, world: int) -> Path:
     out_path = Path(out_path)
     return out_path.with_name(f"{out_path.name}.shard-{rank}-of-{world}")
@@ -115,6 +126,7 @@ def merge_shards(out_path: str | Path, world: int) -> dict:
         if not log.path.is_file():
             raise ValueError(f"{log.path}: missing; shard {r} of {world} never started")
         _, records = log._read_records()
+        _check_version(log.path, records[0] if records else None)
         fp, _, tag = records[0].get("fingerprint", "").partition(":") if records else ("", "", "")
         if tag != f"shard{r}of{world}" or (base is not None and fp != base[0]):
             raise ValueError(f"{log.path}: not shard {r} of {world} of the same run ({records[:1]})")
