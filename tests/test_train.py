@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -11,10 +12,10 @@ from fastdpo import runtime
 from fastdpo.models.checkpoint import load_checkpoint, save_checkpoint
 from fastdpo.models.gpt import GPT, GPTConfig
 from fastdpo.models.tokenizer import Tokenizer
-from fastdpo.training.batches import collate_pairs, tokenize_pairs
+from fastdpo.training.batches import TokenizedPair, collate_pairs, tokenize_pairs
 from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
 from fastdpo.training.data import DataStats, load_examples
-from fastdpo.training.dpo import DPOTask, prepare_dpo, reference_layout_shared, run_dpo
+from fastdpo.training.dpo import DPOTask, choose_reference, prepare_dpo, reference_layout_shared, run_dpo
 from fastdpo.training.logprobs import pair_logprobs, sequence_logprobs
 from fastdpo.training.loop import TrainingDiverged
 from fastdpo.training.reference_cache import cache_key, cached_reference_logprobs, compute_reference_logprobs
@@ -76,6 +77,7 @@ def test_step0_loss_is_ln2_and_separable_set_is_learned(workdir, tok, reference)
     assert m[-1]["rewards/margins"] > 10 * max(abs(m[0]["rewards/margins"]), 1e-3)
     assert m[-1]["loss"] < 0.6
     assert final == tc.run_dir / "final" and (final / "trainer_state.pt").is_file()
+    assert (tc.run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"   # loss, margin, accuracy
     cfg = json.loads((final / "config.json").read_text())
     assert cfg["step"] == 16 and cfg["kind"] == "dpo" and cfg["config"]["dpo"]["beta"] == 0.5
 
@@ -307,3 +309,44 @@ def test_prepare_dpo_runs_steps_on_in_memory_pairs(workdir, tok):
     trainer = prepare_dpo(model, pairs, [], tc, DPOConfig(reference="model"), pad_id=tok.pad_id)
     state = trainer.train(steps=3)
     assert state.step == 3 and not (tc.run_dir / "final").exists()
+
+
+def _synthetic_pairs(n: int) -> list[TokenizedPair]:
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(5, 300, (3 + i % 4,), generator=g).tolist() for i in range(3 * n)]
+    return [TokenizedPair(ids[3 * i], ids[3 * i + 1], ids[3 * i + 2]) for i in range(n)]
+
+
+def test_reference_auto_decides_on_cost_not_divisibility(workdir, tok, capsys):
+    """The cached pass costs one reference forward per pair, once; the per-step reference one per
+    pair visited. One epoch of 100 pairs at batch 8 visits 96 (the 4 left over sit out): cached.
+    A run of a few steps keeps the reference model, unless the cache already holds the pairs."""
+    one_epoch = cfgs(workdir, "auto-epoch", batch_size=8, max_steps=None, epochs=1)
+    assert choose_reference(100, 0, one_epoch)[0] == "cached"
+    assert choose_reference(96, 0, one_epoch)[0] == "cached"
+    assert choose_reference(100, 0, cfgs(workdir, "x", batch_size=8, max_steps=12))[0] == "cached"
+    assert choose_reference(100, 0, cfgs(workdir, "x", batch_size=8, max_steps=11))[0] == "model"
+    assert choose_reference(100, 0, cfgs(workdir, "x", batch_size=8, max_steps=2))[0] == "model"
+    two_steps = cfgs(workdir, "x", batch_size=8, max_steps=2)
+    assert choose_reference(100, 0, two_steps, cache_hit=True)[0] == "cached"
+    # every evaluation through the reference model costs a forward per val pair
+    ten_steps = cfgs(workdir, "x", batch_size=8, max_steps=10)
+    assert choose_reference(100, 40, dataclasses.replace(ten_steps, eval_every=2))[0] == "cached"
+    assert choose_reference(100, 40, ten_steps)[0] == "model"
+
+    pairs, cache = _synthetic_pairs(100), workdir / "auto-cache"
+    short = cfgs(workdir, "auto-short", batch_size=8, max_steps=2)
+    dc = DPOConfig(reference="auto", reference_cache_dir=cache)
+    trainer = prepare_dpo(load_checkpoint(workdir / "sft")[0], pairs, [], short, dc, pad_id=tok.pad_id)
+    assert trainer.task.ref_model is not None and trainer.task.ref_train is None
+    assert not list(cache.glob("*.safetensors"))
+    trainer = prepare_dpo(load_checkpoint(workdir / "sft")[0], pairs, [], one_epoch, dc, pad_id=tok.pad_id)
+    assert trainer.task.ref_model is None and trainer.task.ref_train.shape == (100, 2)
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    # the same short run again: the cache now holds these log-probs, so it costs nothing
+    trainer = prepare_dpo(load_checkpoint(workdir / "sft")[0], pairs, [], short, dc, pad_id=tok.pad_id)
+    assert trainer.task.ref_model is None
+    out = capsys.readouterr().out
+    assert out.count("reference: auto -> model") == 1 and out.count("reference: auto -> cached") == 2
+    assert "one pass over 100 pairs vs 96 per-step reference forwards" in out
+    assert "the cache already holds them" in out

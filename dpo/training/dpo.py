@@ -5,9 +5,10 @@ once for both answers (``collate_packed_pairs``; ``shared_prompt: false`` gives 
 chosen rows and rejected rows concatenated on the batch dimension). The answers' log-probs come
 from ``fastdpo.training.logprobs`` (the fused kernels on the final hidden states, so the (B, T, V)
 logits are never materialized; ``kernel: oracle`` uses the naive formula instead). The reference
-model's log-probs are, by default, computed once up front and cached on disk
-(``fastdpo.training.reference_cache``); ``reference: model`` keeps a frozen copy and runs it every
-step, ``reference: none`` trains reference-free.
+model's log-probs are computed once up front and cached on disk
+(``fastdpo.training.reference_cache``) with ``reference: cached``; ``reference: model`` keeps a
+frozen copy and runs it every step; ``auto`` (the default) picks the cheaper (``choose_reference``);
+``reference: none`` trains reference-free.
 """
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ from fastdpo.runtime import autocast, resolve_device, resolve_precision
 from fastdpo.training.batches import TokenizedPair, eval_batches, load_preference_data
 from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig, to_dict
 from fastdpo.training.logprobs import kernel_backend, pair_logprobs
-from fastdpo.training.loop import Task, Trainer
+from fastdpo.training.loop import Task, Trainer, planned_steps
 from fastdpo.training.losses import dpo_losses
 from fastdpo.training.metrics import RunLogger
-from fastdpo.training.reference_cache import cached_reference_logprobs
+from fastdpo.training.reference_cache import cache_file, cached_reference_logprobs
 from fastdpo.training.runs import join_ranks, prepare_run_dir, resolve_tokenizer, train_to_completion
 
 
@@ -116,48 +117,74 @@ def reference_layout_shared(dpo_cfg: DPOConfig) -> bool:
     return dpo_cfg.shared_prompt and runtime.world_size() == 1
 
 
+def choose_reference(n_train: int, n_val: int, cfg: TrainingConfig, *, cache_hit: bool = False,
+                     world: int = 1) -> tuple[str, str]:
+    """What ``reference: auto`` picks, ``"cached"`` or ``"model"``, and why.
+
+    Decided on cost, counted in reference forwards (one per pair): the per-step reference model
+    runs one per pair visited and one per val pair at every evaluation; the cached pass runs one
+    per pair, once, and none when the cache already holds them (a rerun, the runs of a sweep).
+    An epoch visits every pair but the remainder that does not fill a batch (a different few each
+    epoch), so it is counted as one whole pass: a run of an epoch or more is cached, a run of a
+    few steps keeps the reference model. At equal cost the cache wins: it frees the reference
+    model's memory."""
+    per_epoch, steps = planned_steps(n_train, cfg, world)
+    step_pairs = cfg.micro_batch_size * cfg.gradient_accumulation_steps * world
+    evals = (((steps - 1) // cfg.eval_every if cfg.eval_every else 0) + 1) if n_val else 0
+    per_step = steps * step_pairs + evals * n_val
+    one_pass = 0 if cache_hit else n_train + n_val
+    left_out = n_train - per_epoch * step_pairs
+    mode = "cached" if one_pass <= per_step + left_out else "model"
+    why = ("the cache already holds them" if cache_hit else
+           f"one pass over {n_train + n_val} pairs vs {per_step} per-step reference forwards "
+           f"({steps} steps x {step_pairs} pairs" + (f" + {evals} evals x {n_val}" if evals else "") + ")")
+    return mode, why
+
+
 def prepare_dpo(policy: torch.nn.Module, train: Sequence[TokenizedPair], val: Sequence[TokenizedPair],
                 train_cfg: TrainingConfig, dpo_cfg: DPOConfig, *, pad_id: int, tokenizer_hash: str = "",
                 reference: torch.nn.Module | None = None, tokenizer: Tokenizer | None = None,
                 meta: dict | None = None, logger: RunLogger | None = None, on_step=None,
-                device: torch.device | None = None) -> Trainer:
+                device: torch.device | None = None, say=None) -> Trainer:
     """A ready-to-run DPO ``Trainer`` from in-memory objects (``run_dpo`` and the bench use it).
 
-    ``reference`` is the frozen reference model (default: a copy of ``policy`` as it is now)."""
+    ``reference`` is the frozen reference model (default: a copy of ``policy`` as it is now).
+    ``say`` prints the run's messages (default: ``print`` on the main rank)."""
     device = device or resolve_device(train_cfg.device)
     precision = resolve_precision(train_cfg.mixed_precision, device)
+    say = say or (print if runtime.is_main() else (lambda *a, **k: None))
     policy.to(device)
     mode = dpo_cfg.reference
-    if mode == "auto":
-        # Caching costs one forward per pair once; a per-step reference one per pair visited.
-        steps_per_epoch = len(train) // train_cfg.batch_size
-        steps = train_cfg.max_steps or max(1, round(train_cfg.epochs * steps_per_epoch))
-        visits = steps * train_cfg.batch_size
-        mode = "cached" if visits >= len(train) else "model"
-        dpo_cfg = dataclasses.replace(dpo_cfg, reference=mode)
-    ref_model, ref_train, ref_val = None, None, None
-    if mode != "none":
-        ref_model = copy.deepcopy(reference if reference is not None else policy).to(device).eval()
-        for p in ref_model.parameters():
-            p.requires_grad_(False)
-    if mode == "cached":
+    ref_source = reference if reference is not None else policy
+    cache_path = None
+    if mode in ("auto", "cached"):
         cache_dir = dpo_cfg.reference_cache_dir or train_cfg.output_dir / "ref_cache"
         # "auto" means other kernels on another device: key on what actually runs
         backend = kernels.logprob.resolve_backend(kernel_backend(train_cfg.kernel), device)
         shared = reference_layout_shared(dpo_cfg)
         settings = f"{precision}|{backend}|{device.type}|shared={shared}"
-
+        cache_path = cache_file(ref_source, [*train, *val], cache_dir, tokenizer_hash, settings)
+    if mode == "auto":
+        mode, why = choose_reference(len(train), len(val), train_cfg, cache_hit=cache_path.is_file(),
+                                     world=runtime.world_size())
+        say(f"reference: auto -> {mode} ({why})", flush=True)
+        dpo_cfg = dataclasses.replace(dpo_cfg, reference=mode)
+    ref_model, ref_train, ref_val = None, None, None
+    if mode != "none":
+        ref_model = copy.deepcopy(ref_source).to(device).eval()
+        for p in ref_model.parameters():
+            p.requires_grad_(False)
+    if mode == "cached":
         def ref_logprobs(model, pairs):
             return pair_logprobs(model, pairs, pad_id=pad_id, device=device, kernel=train_cfg.kernel,
                                  shared_prompt=shared)
 
         logps, path, hit = cached_reference_logprobs(
             ref_model, [*train, *val], cache_dir=cache_dir, tokenizer_hash=tokenizer_hash, settings=settings,
-            batch_size=2 * train_cfg.micro_batch_size, pair_logprobs_fn=ref_logprobs,
+            path=cache_path, batch_size=2 * train_cfg.micro_batch_size, pair_logprobs_fn=ref_logprobs,
             autocast_ctx=lambda: autocast(device, precision), progress=train_cfg.progress)
         ref_train, ref_val = logps[:len(train)], logps[len(train):]
-        if train_cfg.progress:
-            print(f"reference log-probs: {'cache hit' if hit else 'computed'} ({path})", flush=True)
+        say(f"reference log-probs: {'cache hit' if hit else 'computed'} ({path})", flush=True)
         ref_model = None  # the cache replaces it: one model in memory
     task = DPOTask(policy, train, val, dpo_cfg, pad_id=pad_id, device=device, kernel=train_cfg.kernel,
                    ref_train=ref_train, ref_val=ref_val,
@@ -184,8 +211,8 @@ def run_dpo(sft_checkpoint: str | Path, train_config: TrainingConfig, dpo_config
     policy, _ = load_checkpoint(sft_checkpoint, tokenizer=tok, map_location=device)
     train, val, stats = load_preference_data(preference_config, tok, dpo_config.max_length,
                                              dpo_config.max_prompt_length, policy.config.block_size,
-                                             train_config.seed)
-    say = print if train_config.progress else (lambda *a, **k: None)
+                                             train_config.seed, dpo_config.max_completion_length)
+    say = print if runtime.is_main() else (lambda *a, **k: None)   # progress: false hides bars only
     say(f"data: {len(train)} train / {len(val)} val pairs ({stats.summary()})", flush=True)
     for msg in stats.errors[:5]:
         say(f"  skipped {msg}", flush=True)
@@ -198,5 +225,5 @@ def run_dpo(sft_checkpoint: str | Path, train_config: TrainingConfig, dpo_config
         lambda logger: prepare_dpo(policy, train, val, train_config, dpo_config, pad_id=tok.pad_id,
                                    tokenizer_hash=tok.hash, reference=reference, tokenizer=tok,
                                    meta={"kind": "dpo", "run_name": train_config.run_name, "config": config},
-                                   logger=logger, on_step=on_step, device=device),
+                                   logger=logger, on_step=on_step, device=device, say=say),
         train_config, config, resume_path, say)

@@ -66,6 +66,14 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig, fused: bool = Tr
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.adam_betas, fused=fused or None)
 
 
+def planned_steps(n_train: int, cfg: TrainingConfig, world: int = 1) -> tuple[int, int]:
+    """``(steps per epoch, steps of the run)``: an epoch is the whole optimizer steps its examples
+    fill (the remainder sits out; each epoch's shuffle picks another); ``max_steps`` wins over
+    ``epochs``."""
+    per_epoch = (n_train // cfg.micro_batch_size) // (cfg.gradient_accumulation_steps * world)
+    return per_epoch, cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
+
+
 # --------------------------------------------------------------------------- task interface
 
 
@@ -127,13 +135,11 @@ class Trainer:
         if self.parallel is not None:
             task.bind_policy(self.parallel)
         self.optimizer = make_optimizer(model, cfg, fused=self.parallel is None)
-        self.steps_per_epoch = ((task.n_train // cfg.micro_batch_size)
-                                // (cfg.gradient_accumulation_steps * self.world))
+        self.steps_per_epoch, total = planned_steps(task.n_train, cfg, self.world)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{task.n_train} training examples are fewer than one optimizer step "
                              f"(batch_size {cfg.batch_size} x {self.world} ranks); lower batch_size "
                              f"or add data")
-        total = cfg.max_steps or math.ceil(cfg.epochs * self.steps_per_epoch)
         self.state = TrainState(step=0, total_steps=total)
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
         self._stop_requested = False
@@ -297,7 +303,7 @@ class Trainer:
     def _console(self, line: str) -> None:
         if self.logger is not None:
             self.logger.console(line)
-        elif self.cfg.progress:
+        elif runtime.is_main():   # progress: false hides the bar only
             print(line, flush=True)
 
     # -- checkpoints -----------------------------------------------------------------------

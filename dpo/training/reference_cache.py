@@ -70,12 +70,19 @@ def compute_reference_logprobs(model: torch.nn.Module, pairs: Sequence[Tokenized
     return runtime.gather_rows(out, [i for idx in batches for i in idx])
 
 
+def cache_file(model: torch.nn.Module, pairs: Sequence[TokenizedPair], cache_dir: Path, tokenizer_hash: str,
+               settings: str) -> Path:
+    """Where these pairs' reference log-probs are (or will be) cached."""
+    return Path(cache_dir) / f"ref-logps-{cache_key(model, pairs, tokenizer_hash, settings)}.safetensors"
+
+
 def cached_reference_logprobs(model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, cache_dir: Path,
-                              tokenizer_hash: str, settings: str,
+                              tokenizer_hash: str, settings: str, path: Path | None = None,
                               **compute_kwargs) -> tuple[torch.Tensor, Path, bool]:
-    """Load ``(N, 2)`` reference log-probs from ``cache_dir`` or compute and store them.
-    Returns ``(logps, cache file, hit)``."""
-    path = Path(cache_dir) / f"ref-logps-{cache_key(model, pairs, tokenizer_hash, settings)}.safetensors"
+    """Load ``(N, 2)`` reference log-probs from ``cache_dir`` or compute and store them
+    (``path``: the ``cache_file`` when the caller already knows it). Returns ``(logps, cache
+    file, hit)``."""
+    path = path or cache_file(model, pairs, cache_dir, tokenizer_hash, settings)
     logps = None
     if path.is_file():
         try:
