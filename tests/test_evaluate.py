@@ -108,9 +108,36 @@ def test_eval_cli(models, tmp_path, capsys, monkeypatch):
                  "--judge", "evaljudge:score", "--max-new-tokens", "8", "--report", str(report),
                  "--no-progress", "--mode", "both"]) == 0
     out = capsys.readouterr().out
-    assert "a vs a on 4 prompts" in out and "tie 4 (100.0%)" in out
+    a = str(models["a"])
+    assert f"{a} (A) vs {a} (B) on 4 prompts" in out and "tie 4 (100.0%)" in out
     assert json.loads(report.read_text())["n_prompts"] == 4
     # bad input is one clear error line, not a traceback
     assert main(["eval", "--a", str(models["a"]), "--b", str(models["a"]),
                  "--prompts", str(tmp_path / "no.jsonl"), "--judge", "evaljudge:score"]) == 2
     assert "prompts file not found" in capsys.readouterr().err
+
+
+def test_eval_names_the_checkpoints_by_path_or_by_name(models, tmp_path, capsys, monkeypatch):
+    """Two checkpoint directories are usually both called ``final``: the report says which is which."""
+    import shutil
+    (tmp_path / "scorejudge.py").write_text("def score(instruction, response):\n"
+                                            "    return min(10, 1 + len(response) // 3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    for run in ("dpo", "sft"):
+        shutil.copytree(models["a" if run == "dpo" else "b"], tmp_path / "runs" / run / "final")
+    prompts = tmp_path / "heldout.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:2]))
+    common = ["--prompts", str(prompts), "--judge", "scorejudge:score", "--max-new-tokens", "6",
+              "--no-progress", "--mode", "both"]
+    assert main(["eval", "--a", "runs/dpo/final", "--b", "runs/sft/final/", *common,
+                 "--report", "r.json"]) == 0
+    out = capsys.readouterr().out
+    assert "runs/dpo/final vs runs/sft/final on 2 prompts" in out
+    assert "mean score: runs/dpo/final " in out and "| runs/sft/final " in out
+    assert json.loads((tmp_path / "r.json").read_text())["names"] == {"a": "runs/dpo/final",
+                                                                     "b": "runs/sft/final"}
+    assert main(["eval", "--a", "runs/dpo/final", "--b", "runs/sft/final", "--name-a", "dpo",
+                 "--name-b", "sft", *common]) == 0
+    out = capsys.readouterr().out
+    assert "dpo vs sft on 2 prompts" in out and "avg answer length: dpo " in out and "| sft " in out

@@ -1,6 +1,7 @@
 """``fastdpo eval``: win rate of checkpoint A vs B with position-swapped judging."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fastdpo.cli.common import DTYPES, add_device_arg, add_judge_args, judge_from_args
@@ -13,6 +14,8 @@ def add_subcommand(sub) -> None:
     p = sub.add_parser("eval", help="win rate of checkpoint A vs B (position-swapped judging)")
     p.add_argument("--a", required=True, help="challenger checkpoint directory (e.g. the DPO model)")
     p.add_argument("--b", required=True, help="baseline checkpoint directory (e.g. the SFT model)")
+    p.add_argument("--name-a", default=None, help="A's name in the report (default: its path)")
+    p.add_argument("--name-b", default=None, help="B's name in the report (default: its path)")
     p.add_argument("--prompts", required=True, help="held-out prompts JSONL ('prompt' field)")
     p.add_argument("--n-prompts", type=int, default=None)
     p.add_argument("--mode", choices=MODES, default="compare")
@@ -30,6 +33,13 @@ def add_subcommand(sub) -> None:
     p.set_defaults(func=_cli)
 
 
+def checkpoint_names(a: str, b: str, name_a: str | None = None, name_b: str | None = None) -> tuple[str, str]:
+    """What the report calls A and B: the given names, else the paths as typed (``runs/dpo/final``
+    vs ``runs/sft/final``: two checkpoint directories are usually both called ``final``)."""
+    name_a, name_b = name_a or os.path.normpath(a), name_b or os.path.normpath(b)
+    return (f"{name_a} (A)", f"{name_b} (B)") if name_a == name_b else (name_a, name_b)
+
+
 def _cli(args) -> int:
     judge = judge_from_args(args)
     device = resolve_device(args.device)
@@ -39,10 +49,11 @@ def _cli(args) -> int:
         report = evaluate(model_a, model_b, tok, args.prompts, judge, mode=args.mode,
                           temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
                           seed=args.seed, batch_size=args.batch_size, n_prompts=args.n_prompts,
-                          dtype=DTYPES[args.dtype], report_path=args.report, progress=not args.no_progress)
+                          dtype=DTYPES[args.dtype], report_path=args.report, progress=not args.no_progress,
+                          names=checkpoint_names(args.a, args.b, args.name_a, args.name_b))
     finally:
         judge.close()
-    print(format_report(report, Path(args.a).name, Path(args.b).name))
+    print(format_report(report))
     if args.report:
         print(f"  report: {args.report}")
     return 0

@@ -26,7 +26,7 @@ import torch
 
 from fastdpo.demo import task as task_mod
 from fastdpo.demo.config import load_demo_config
-from fastdpo.demo.report import PhaseLog, format_summary, log_wandb, plot_curves, read_jsonl
+from fastdpo.demo.report import PhaseLog, format_summary, log_wandb, read_jsonl
 from fastdpo.files import write_json, write_jsonl
 
 
@@ -62,6 +62,7 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
         SFTDatasetConfig,
         TrainingConfig,
     )
+    from fastdpo.training.curves import plot_curves
     from fastdpo.training.dpo import run_dpo
     from fastdpo.training.sft import run_sft
 
@@ -214,7 +215,7 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
         "win_rate_decided": h["win_rate_decided"], "win": h["win"], "tie": h["tie"], "loss": h["loss"]}
 
     with log.phase("report", "files") as row:
-        curves = plot_curves(out, ["sft", *arm_ckpts], out / "curves.png")
+        curves = plot_curves({name: out / name for name in ["sft", *arm_ckpts]}, out / "curves.png")
         summary["artifacts"] = {"summary": str(out / "summary.json"), "curves": str(curves),
                                 "wandb": log_wandb(out, summary, ["sft", *arm_ckpts], wandb_mode)}
         row["count"] = 3

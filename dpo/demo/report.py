@@ -1,5 +1,6 @@
 """The demo's report: a per-phase table (time, CPU time, throughput, peak memory), the
-before/after table with the honest ablation, training curves, and one offline W&B run."""
+before/after table with the honest ablation, and one offline W&B run (the curves are
+``fastdpo.training.curves``)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from fastdpo.files import atomic_write
+from fastdpo.training.metrics import read_metrics
 
 
 def _peak_mem_mb(device: torch.device) -> float:
@@ -103,31 +104,7 @@ def format_summary(s: dict, log: PhaseLog) -> str:
 
 def _metrics(out: Path, run: str) -> list[dict]:
     path = out / run / "metrics.jsonl"
-    return read_jsonl(path) if path.exists() else []
-
-
-def plot_curves(out: Path, runs: list[str], path: Path) -> Path:
-    """Loss for every run; DPO reward margin and preference accuracy for the DPO runs."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panels = (("loss", "training loss"), ("rewards/margins", "reward margin (chosen - rejected)"),
-              ("rewards/accuracies", "preference accuracy"))
-    for ax, (key, title) in zip(axes, panels):
-        for run in runs:
-            rows = [m for m in _metrics(out, run) if m.get("split") == "train" and key in m]
-            if rows:
-                ax.plot([m["step"] for m in rows], [m[key] for m in rows], label=run, marker=".")
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        if ax.has_data():
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
-    return path
+    return read_metrics(path) if path.exists() else []
 
 
 def log_wandb(out: Path, summary: dict, runs: list[str], mode: str) -> str | None:

@@ -57,10 +57,12 @@ def evaluate(model_a, model_b, tokenizer, prompts: str | Path | Sequence[str], j
              mode: str = "compare", temperature: float = 0.7, max_new_tokens: int = 128,
              top_k: int | None = 50, seed: int = 0, batch_size: int = 32, n_prompts: int | None = None,
              max_prompt_tokens: int | None = None, dtype: torch.dtype | None = None,
-             report_path: str | Path | None = None, progress: bool = True, sampler=None) -> dict:
+             report_path: str | Path | None = None, progress: bool = True, sampler=None,
+             names: tuple[str, str] = ("A", "B")) -> dict:
     """Generate with both models, judge, and return (and optionally write) the report dict.
 
-    Report keys: ``n_prompts``, ``n_dropped`` (prompts too long for either model), ``settings``,
+    Report keys: ``names`` (what A and B are, e.g. their paths), ``n_prompts``, ``n_dropped``
+    (prompts too long for either model), ``settings``,
     ``judge``, ``judge_stats``, ``length`` (average chars and tokens per side), ``compare``
     (win/tie/loss counts and rates, ``win_rate_decided``, ``order_agreement``,
     ``first_position_rate``), ``score`` (``mean_a``, ``mean_b``, histograms, invalid counts) and
@@ -93,7 +95,7 @@ def evaluate(model_a, model_b, tokenizer, prompts: str | Path | Sequence[str], j
     n = len(instructions)
     items = [{"prompt": p, "a": a, "b": b} for p, a, b in zip(instructions, ans_a, ans_b)]
     report: dict = {
-        "n_prompts": n, "n_dropped": total - n,
+        "names": {"a": names[0], "b": names[1]}, "n_prompts": n, "n_dropped": total - n,
         "settings": dict(mode=mode, temperature=temperature, max_new_tokens=max_new_tokens, top_k=top_k,
                          seed=seed),
         "judge": judge.name,
@@ -162,7 +164,10 @@ def _hist(scores) -> dict[str, int]:
     return dict(sorted(h.items(), key=lambda kv: int(kv[0])))
 
 
-def format_report(r: dict, name_a: str = "A", name_b: str = "B") -> str:
+def format_report(r: dict, name_a: str | None = None, name_b: str | None = None) -> str:
+    """The report as text; A and B are called by the report's ``names`` unless given."""
+    names = r.get("names", {})
+    name_a, name_b = name_a or names.get("a", "A"), name_b or names.get("b", "B")
     lines = [f"{name_a} vs {name_b} on {r['n_prompts']} prompts"
              + (f" ({r['n_dropped']} too long, dropped)" if r["n_dropped"] else "") + f", judge {r['judge']}"]
     c = r.get("compare")

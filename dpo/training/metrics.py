@@ -49,6 +49,11 @@ def _read_rows(path: Path) -> list[tuple[str, dict]]:
     return rows
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl`` (a torn last line, from a killed process, is left out)."""
+    return [row for _, row in _read_rows(Path(path))]
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, *, mode: str = "auto", project: str = "fastdpo", name: str = "run",
                  config: dict | None = None, resume_step: int | None = None):

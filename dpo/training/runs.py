@@ -1,6 +1,6 @@
 """A run's directory and lifecycle, shared by SFT and DPO: where checkpoints are, which one to
 resume from, refusing to overwrite an earlier run, and the open-logger / resume / train / finish
-sequence of one run."""
+sequence of one run (ending with the run's ``curves.png``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,6 +14,7 @@ from fastdpo import runtime
 from fastdpo.models.checkpoint import load_tokenizer, read_config, restore_interrupted_swap
 from fastdpo.models.tokenizer import Tokenizer
 from fastdpo.training.config import TrainingConfig
+from fastdpo.training.curves import plot_curves
 from fastdpo.training.metrics import RunLogger
 
 if TYPE_CHECKING:
@@ -97,6 +98,10 @@ def train_to_completion(build: Callable[[RunLogger | None], Trainer], train_conf
         if logger is not None:
             logger.close()
     say(f"saved {final} after {trainer.state.step} steps", flush=True)
+    if runtime.is_main():
+        run_dir = train_config.run_dir
+        curves = plot_curves({train_config.run_name: run_dir}, run_dir / "curves.png")
+        say(f"curves: {curves}", flush=True)
     return final
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from fastdpo import runtime
 from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
 from fastdpo.training.dpo import run_dpo
+from fastdpo.training.metrics import read_metrics
 from fastdpo.training.runs import resolve_tokenizer
 
 
@@ -50,10 +50,6 @@ def run_sweep(sft_checkpoint, train_config: TrainingConfig, dpo_config: DPOConfi
     if runtime.is_main():
         print(format_sweep_table(rows, keys))
     return rows
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
 def format_sweep_table(rows: list[dict], keys: Sequence[str]) -> str:
