@@ -1,10 +1,11 @@
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from fastdpo.cli import main as cli_main
-from fastdpo.models.checkpoint import load_checkpoint, save_checkpoint
+from fastdpo.models.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
 from fastdpo.models.gpt import GPT, GPTConfig
 from fastdpo.models.tokenizer import Tokenizer
 from fastdpo.training.batches import tokenize_sft
@@ -113,3 +114,25 @@ def test_cli_sft_then_train(data, tok, tmp_path, capsys):
     assert "step=1 loss=0.6931 accuracy=" in out and "saved" in out
     assert cli_main(["train", "--sft-checkpoint", str(sft), "--set", "bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_fresh_model_without_tokenizer_trains_one_and_progress_false_hides_bars_only(data, tmp_path, capsys):
+    """``progress: false`` still prints the data summary, "resumed from", "saved" and "curves"; a fresh
+    model given no tokenizer gets one trained on the SFT data (kept by resume)."""
+    tc = train_cfg(data, "fresh-tok", output_dir=tmp_path / "runs", max_steps=4, save_every=2)
+    assert tc.progress is False
+    cfg = GPTConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    final = run_sft(cfg, tc, SFTConfig(max_length=32), SFTDatasetConfig(path=data / "sft.jsonl"))
+    out = capsys.readouterr()
+    assert "tokenizer: none given for a fresh model; trained a" in out.out
+    assert "data: " in out.out and f"saved {final}" in out.out and "curves: " in out.out
+    assert "it/s" not in out.err + out.out   # no tqdm bar
+    assert (tc.run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    tok = Tokenizer.load(tc.run_dir / "tokenizer.json")
+    assert load_tokenizer(final).hash == tok.hash and load_checkpoint(final, tokenizer=tok)[1]["step"] == 4
+    (tc.run_dir / "tokenizer.json").unlink()   # resuming reads the checkpoint's, it trains none
+    run_sft(cfg, dataclasses.replace(tc, max_steps=6), SFTConfig(max_length=32),
+            SFTDatasetConfig(path=data / "sft.jsonl"), resume=True)
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "trained a" not in out
+    assert load_tokenizer(tc.run_dir / "final").hash == tok.hash

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 
@@ -19,7 +21,10 @@ def add_judge_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("judge")
     g.add_argument("--judge", default=None,
                    help="judge by name: 'openai' (with --judge-url/--judge-model), 'task' (the demo "
-                        "task's checker), or module:attr")
+                        "task's checker), or MODULE:FN, a function score(instruction: str, response: "
+                        "str) -> int 1-10 (higher is better; None: no score) in MODULE, imported from "
+                        "the working directory or the Python path (also a Judge subclass, instance or "
+                        "factory)")
     g.add_argument("--judge-url", default=None,
                    help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     g.add_argument("--judge-model", default=None,
@@ -29,7 +34,11 @@ def add_judge_args(p: argparse.ArgumentParser) -> None:
 
 
 def judge_from_args(args):
+    """The judge the flags name; a ``module:fn`` judge is importable from the working directory, as
+    with ``python -m`` (the installed ``fastdpo`` script's own path does not hold it)."""
     from fastdpo.generation.judge import make_judge
+    if args.judge and ":" in args.judge and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     kw = {}
     if (args.judge or "openai") == "openai":
         kw = dict(concurrency=args.judge_concurrency, timeout=args.judge_timeout)

@@ -17,7 +17,9 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value: train.max_steps=100, data.path=[sft.jsonl]")
     p.add_argument("--init", help="checkpoint directory or model preset (overrides init_checkpoint/model)")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer.json (needed for a fresh model)")
+    p.add_argument("--tokenizer", type=Path,
+                   help="tokenizer.json (default: the checkpoint's; a fresh model without one gets a BPE "
+                        "trained on the data, sft.tokenizer_vocab_size tokens)")
     p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     p.add_argument("--wandb", choices=["auto", "disabled", "offline", "online"], help="W&B mode")
     p.set_defaults(func=_cli)

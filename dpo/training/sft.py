@@ -3,7 +3,10 @@
 The loss is the mean per-token NLL of the answer tokens (``<|end|>`` included), computed by the
 same ``kernels.linear_sequence_logprobs`` as DPO: summed answer log-probs per row, divided by the
 number of answer tokens in the whole optimizer step. It makes the starting checkpoint of DPO,
-from an existing checkpoint or from a fresh model of a named shape (``PRESETS``).
+from an existing checkpoint or from a fresh model of a named shape (``PRESETS``). A fresh model
+given no tokenizer gets a byte-level BPE trained on the SFT data itself (``sft.tokenizer_vocab_size``),
+saved as ``run_dir/tokenizer.json`` and in every checkpoint, so ``fastdpo sft`` can start a loop
+from nothing but data.
 """
 from __future__ import annotations
 
@@ -12,12 +15,14 @@ from pathlib import Path
 
 import torch
 
-from fastdpo.models.checkpoint import load_checkpoint
+from fastdpo import runtime
+from fastdpo.models.checkpoint import load_checkpoint, load_tokenizer
 from fastdpo.models.gpt import GPT, PRESETS, GPTConfig, config_from_preset
 from fastdpo.models.tokenizer import Tokenizer
 from fastdpo.runtime import resolve_device, resolve_precision
 from fastdpo.training.batches import TokenizedSFT, collate_sft, eval_batches, load_sft_data
 from fastdpo.training.config import SFTConfig, SFTDatasetConfig, TrainingConfig, to_dict
+from fastdpo.training.data import load_examples
 from fastdpo.training.logprobs import sequence_logprobs
 from fastdpo.training.loop import Task, Trainer
 from fastdpo.training.runs import join_ranks, prepare_run_dir, resolve_tokenizer, train_to_completion
@@ -78,22 +83,50 @@ def init_model(init: str | Path | GPTConfig, tok: Tokenizer, device: torch.devic
     return load_checkpoint(init, tokenizer=tok, map_location=device)[0]
 
 
+def train_data_tokenizer(dataset_config: SFTDatasetConfig, vocab_size: int, path: Path) -> Path:
+    """A byte-level BPE trained on the SFT data's prompts and answers, saved at ``path``."""
+    examples = load_examples(dataset_config.paths, dataset_config.format, dataset_config.on_error, "sft",
+                             dataset_config.max_rows)
+    texts = [text for ex in examples for text in (*(t for _, t in ex.turns), ex.response)]
+    return Tokenizer.train(texts, vocab_size=vocab_size).save(path)
+
+
+def _data_tokenizer(init, train_config: TrainingConfig, sft_config: SFTConfig,
+                    dataset_config: SFTDatasetConfig, resume_path: Path | None, say) -> Tokenizer:
+    """For a fresh model given no tokenizer: one trained on the data (as large as a ``GPTConfig``'s
+    vocabulary, else ``sft.tokenizer_vocab_size``), or, resuming, the one the checkpoint holds."""
+    if resume_path is not None:
+        return load_tokenizer(resume_path)
+    vocab = init.vocab_size if isinstance(init, GPTConfig) else sft_config.tokenizer_vocab_size
+    path = runtime.run_on_main(train_data_tokenizer, dataset_config, vocab,
+                               train_config.run_dir / "tokenizer.json")
+    tok = Tokenizer.load(path)
+    say(f"tokenizer: none given for a fresh model; trained a {tok.vocab_size}-token BPE on the data "
+        f"-> {path}", flush=True)
+    return tok
+
+
 def run_sft(init_checkpoint: str | Path | GPTConfig, train_config: TrainingConfig, sft_config: SFTConfig,
             dataset_config: SFTDatasetConfig, tokenizer: Tokenizer | str | Path | None = None, *,
             resume: bool | str | Path = False, on_step: Callable | None = None) -> Path:
     """Fine-tune ``init_checkpoint`` (a checkpoint dir, a preset name, or a ``GPTConfig`` for a fresh
-    model) on answer tokens; returns the final checkpoint directory."""
-    tok = resolve_tokenizer(tokenizer, None if _is_fresh(init_checkpoint) else Path(init_checkpoint),
-                            train_config)
+    model) on answer tokens; returns the final checkpoint directory. ``tokenizer`` may be None for a
+    fresh model: one is trained on the data (see the module docstring)."""
+    fresh = _is_fresh(init_checkpoint)
+    train_tokenizer = tokenizer is None and not train_config.tokenizer_name and fresh
+    tok = None if train_tokenizer else resolve_tokenizer(tokenizer, None if fresh else Path(init_checkpoint),
+                                                         train_config)
     train_config = join_ranks(train_config, "examples")
     resume_path = prepare_run_dir(train_config, resume)
+    say = print if runtime.is_main() else (lambda *a, **k: None)   # progress: false hides bars only
+    if tok is None:
+        tok = _data_tokenizer(init_checkpoint, train_config, sft_config, dataset_config, resume_path, say)
     torch.manual_seed(train_config.seed)
     device = resolve_device(train_config.device)
     model = init_model(init_checkpoint, tok, device)
     train, val, stats = load_sft_data(dataset_config, tok, sft_config.max_length,
                                       sft_config.max_prompt_length, model.config.block_size,
-                                      train_config.seed)
-    say = print if train_config.progress else (lambda *a, **k: None)
+                                      train_config.seed, sft_config.max_completion_length)
     say(f"data: {len(train)} train / {len(val)} val examples ({stats.summary()})", flush=True)
     config = {"train": to_dict(train_config), "sft": to_dict(sft_config), "data": to_dict(dataset_config),
               "init": str(init_checkpoint)}
