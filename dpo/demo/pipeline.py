@@ -180,8 +180,9 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
                                  rpo_alpha=float(arm.get("rpo_alpha", 0.0)), max_length=gpt_config.block_size,
                                  max_prompt_length=gpt_config.block_size,
                                  reference_cache_dir=out / name / "ref_cache")
-                # on_error=skip: the loader refuses empty answers, and an SFT sample that is just
-                # <|end|> is a legitimate (rejected) answer here; such pairs are counted and dropped.
+                # Mined rows carry their sampled token ids: an answer that is <|end|> alone (empty
+                # text) trains as sampled. on_error=skip keeps any unusable row from ending the demo;
+                # such rows are counted in the data line.
                 pref = PreferenceDatasetConfig(path=[pairs_path], format="prompt", on_error="skip")
                 arm_ckpts[name] = run_dpo(sft_ckpt, tc, dcfg, pref, tok)
                 row["count"] = tc.max_steps * tc.batch_size * pair_seq

@@ -269,19 +269,10 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                 replies = iter(judge.score_many(work))
                 stats.judge_s += time.perf_counter() - t0
                 scores = [next(replies) if ok else None for ok in usable]
+                _count(stats, samples, usable, scores)
                 lines = []
                 for j, i in enumerate(idx):
                     group, s = samples[j * k:(j + 1) * k], scores[j * k:(j + 1) * k]
-                    for x, ok, v in zip(group, usable[j * k:(j + 1) * k], s):
-                        stats.samples_truncated += x.kind == "truncated"
-                        stats.samples_malformed += x.kind == "malformed"
-                        if not ok:
-                            continue
-                        stats.samples_judged += 1
-                        if v is None:
-                            stats.invalid_scores += 1
-                        else:
-                            stats.score_hist[str(v)] = stats.score_hist.get(str(v), 0) + 1
                     pick = select_pair(s, min_gap, min_best, [x.kind == "ok" for x in group])
                     if pick is not None:
                         lines.append(pair_line(instructions[i], rendered[i], group, s, *pick, tokenizer.hash))
@@ -322,6 +313,18 @@ def pair_line(instruction: str, prompt_ids: list[int], group: Sequence[Sample], 
         "chosen_finish": group[hi].finish, "rejected_finish": group[lo].finish,
         "tokenizer_hash": tokenizer_hash, "prompt_ids": prompt_ids,
         "chosen_ids": group[hi].ids, "rejected_ids": group[lo].ids}, ensure_ascii=False) + "\n"
+
+
+def _count(stats: MiningStats, samples: Sequence[Sample], judged: Sequence[bool], scores: Sequence) -> None:
+    for x, ok, v in zip(samples, judged, scores):
+        stats.samples_truncated += x.kind == "truncated"
+        stats.samples_malformed += x.kind == "malformed"
+        if ok:
+            stats.samples_judged += 1
+            if v is None:
+                stats.invalid_scores += 1
+            else:
+                stats.score_hist[str(v)] = stats.score_hist.get(str(v), 0) + 1
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> None:
