@@ -8,7 +8,7 @@ assistant marker) and the two answers as ``render_answer`` ids (text + end-of-tu
 tokenizer (same hash); otherwise its text is encoded again (counted), and an answer that was cut
 off (finish ``length``) is never closed with an end-of-turn it did not have.
 
-Lengths (``fit_answer``), the same in SFT and DPO, as TRL names them: ``max_length`` is prompt +
+Lengths (``answer_room``), the same in SFT and DPO, as TRL names them: ``max_length`` is prompt +
 answer (each answer, in DPO; the model's context caps it too), ``max_prompt_length`` drops longer
 prompts (never left-truncated), ``max_completion_length`` caps the answer; an answer is cut on the
 right to fit, losing its end-of-turn token. Dropped examples and cut answers are counted.

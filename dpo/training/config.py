@@ -124,7 +124,7 @@ def _resolve_batch(batch, micro, accum) -> tuple[int, int, int]:
 
 @dataclass
 class LengthLimits:
-    """Sequence lengths as TRL names them, with one meaning in SFT and DPO (``batches.fit_lengths``):
+    """Sequence lengths as TRL names them, with one meaning in SFT and DPO (``batches.answer_room``):
     a prompt longer than ``max_prompt_length`` drops the example (never left-truncated: a prompt
     missing its start asks another question); an answer is cut on the right to
     ``max_completion_length`` and then to what ``max_length`` (prompt + answer, the total; also the
