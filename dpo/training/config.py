@@ -28,7 +28,11 @@ from typing import ClassVar
 
 import yaml
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+# the loss types of fastdpo.training.losses (kept here: configs load without importing torch)
+LOSS_TYPES = ("sigmoid", "sigmoid_norm", "robust", "hinge", "ipo", "ipo_sum", "apo_zero", "simpo", "orpo")
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")                       # no reference model at all
+LENGTH_NORMALISED_LOSSES = ("sigmoid_norm", "ipo", "simpo", "orpo")  # divide by answer token counts
+SMOOTHED_LOSSES = ("sigmoid", "sigmoid_norm", "robust", "simpo")
 REFERENCE_MODES = ("auto", "cached", "model", "none")
 DATA_FORMATS = ("auto", "prompt", "conversations", "hh")
 SFT_FORMATS = ("auto", "prompt", "conversations")
@@ -125,8 +129,9 @@ def _resolve_batch(batch, micro, accum) -> tuple[int, int, int]:
 @dataclass
 class DPOConfig:
     beta: float = 0.1
-    loss_type: str = "sigmoid"                # sigmoid | ipo | hinge
-    label_smoothing: float = 0.0              # sigmoid only: the conservative-DPO noise rate
+    loss_type: str = "sigmoid"                # one of LOSS_TYPES (formulas: fastdpo.training.losses)
+    label_smoothing: float = 0.0              # the label-noise rate (sigmoid, sigmoid_norm, robust, simpo)
+    simpo_gamma: float = 0.5                  # SimPO's target reward margin
     max_length: int = 512                     # tokens per response (longer ones are truncated)
     max_prompt_length: int = 512              # longer prompts are dropped (and counted)
     reference: str = "auto"                   # auto | cached | model | none (reference-free)
@@ -139,6 +144,11 @@ class DPOConfig:
     def __post_init__(self):
         _choice("loss_type", self.loss_type, LOSS_TYPES)
         _choice("reference", self.reference, REFERENCE_MODES)
+        if self.loss_type in REFERENCE_FREE_LOSSES:
+            if self.reference not in ("auto", "none") or self.reference_checkpoint is not None:
+                raise ValueError(f"DPOConfig.loss_type {self.loss_type!r} is reference-free: leave reference "
+                                 f"at auto (or none) and reference_checkpoint unset")
+            self.reference = "none"
         if self.reference_free:
             self.reference = "none"
         self.reference_free = self.reference == "none"
@@ -146,8 +156,11 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ValueError("DPOConfig.label_smoothing applies to loss_type 'sigmoid' only")
+        if self.label_smoothing and self.loss_type not in SMOOTHED_LOSSES:
+            raise ValueError(f"DPOConfig.label_smoothing applies to loss_type {list(SMOOTHED_LOSSES)} only, "
+                             f"not {self.loss_type!r}")
+        if not math.isfinite(self.simpo_gamma):
+            raise ValueError(f"DPOConfig.simpo_gamma must be finite, got {self.simpo_gamma}")
         if self.rpo_alpha < 0:
             raise ValueError(f"DPOConfig.rpo_alpha must be >= 0, got {self.rpo_alpha}")
         for name in ("max_length", "max_prompt_length"):

@@ -84,8 +84,10 @@ class DPOTask(Task):
         pairs = [self._pairs(train)[i] for i in idx]
         pc, pr = self.logprobs(self.policy, pairs)
         rc, rr = self.reference_logprobs(idx, pairs, train)
+        nc, nr = answer_tokens(pairs, pc.device)
         losses, rew_c, rew_r = dpo_losses(pc, pr, rc, rr, self.cfg.beta, self.cfg.loss_type,
-                                          self.cfg.label_smoothing)
+                                          self.cfg.label_smoothing, chosen_tokens=nc, rejected_tokens=nr,
+                                          simpo_gamma=self.cfg.simpo_gamma)
         loss = losses.sum() / norm["pairs"]
         stats = {"pairs": len(idx), "dpo_loss": losses.detach().sum(), "rewards/chosen": rew_c.sum(),
                  "rewards/rejected": rew_r.sum(), "rewards/accuracies": (rew_c > rew_r).float().sum(),
@@ -107,6 +109,12 @@ class DPOTask(Task):
             out[k] = float(sums[k]) / n
         out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
         return out
+
+
+def answer_tokens(pairs: Sequence[TokenizedPair], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair's chosen and rejected answer token counts ``(B,)`` (the length-normalised losses)."""
+    return (torch.tensor([len(p.chosen) for p in pairs], device=device),
+            torch.tensor([len(p.rejected) for p in pairs], device=device))
 
 
 def reference_layout_shared(dpo_cfg: DPOConfig) -> bool:
