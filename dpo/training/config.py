@@ -62,6 +62,7 @@ class TrainingConfig:
     log_every: int = 10
     eval_every: int = 0                       # 0: only at the end (when there is a val split)
     mixed_precision: str = "auto"             # "bf16" | "fp32" | "auto" (bf16 where supported)
+    gradient_checkpointing: bool = False      # recompute each block's activations in backward
     seed: int = 1337
     device: str = "auto"                      # "auto" | "cpu" | "cuda" | "cuda:1" ...
     kernel: str = "auto"                      # auto (Triton on CUDA, else torch) | triton | torch | oracle

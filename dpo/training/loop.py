@@ -26,6 +26,7 @@ import torch
 
 from fastdpo import runtime
 from fastdpo.models.checkpoint import load_checkpoint, save_checkpoint
+from fastdpo.models.recompute import set_gradient_checkpointing
 from fastdpo.runtime import autocast, resolve_device, resolve_precision
 from fastdpo.training import parallel
 from fastdpo.training.batches import epoch_batches
@@ -121,6 +122,8 @@ class Trainer:
         self.precision = precision or resolve_precision(cfg.mixed_precision, self.device)
         self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
         self.tokenizer, self.meta, self.logger, self.on_step = tokenizer, meta or {}, logger, on_step
+        if cfg.gradient_checkpointing:
+            set_gradient_checkpointing(model, True)
         # Under torchrun: DDP or FSDP2 (which turns parameters into shards: before the optimizer).
         self.world = runtime.world_size()
         self.parallel = parallel.parallelize(model, cfg.parallel, self.device) if self.world > 1 else None
