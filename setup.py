@@ -35,7 +35,9 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5"],
+        # trl and peft: the tests compare fastdpo's losses with TRL's code and load fastdpo's LoRA
+        # adapters with peft onto the equivalent transformers model (both keep the CPU torch build)
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "transformers", "trl", "peft"],
         "judge": ["vllm"],
         "peers": ["transformers", "trl", "liger-kernel"],
     },

@@ -57,6 +57,12 @@ def resolve_tokenizer(tokenizer, checkpoint: Path | None, train_cfg: TrainingCon
     return load_tokenizer(checkpoint)
 
 
+def say_on_main() -> Callable:
+    """A run's messages (data summary, "resumed from", "saved" ...): ``print`` on the main rank, a
+    no-op on the others. ``progress: false`` hides the progress bars, not these."""
+    return print if runtime.is_main() else (lambda *a, **k: None)
+
+
 def prepare_run_dir(train_cfg: TrainingConfig, resume) -> Path | None:
     """The checkpoint to resume from (or None); refuses to silently overwrite an earlier run.
     Under torchrun rank 0 decides (and cleans up) and every rank resumes from its answer."""
