@@ -21,9 +21,9 @@ def temp_sibling(path: Path, kind: str = "tmp") -> Path:
     return path.parent / f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}"
 
 
-def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], None], private: bool = False) -> Path:
     """Replace ``path`` with ``data`` (bytes, text as UTF-8, or a function that writes the file
-    it is given) all at once."""
+    it is given) all at once. ``private`` creates it owner read/write only (users' text)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
@@ -31,7 +31,8 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], None]) -
         if callable(data):
             data(tmp)
         else:
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
+            with os.fdopen(fd, "wb") as f:
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
         fsync_path(tmp)
         os.replace(tmp, path)

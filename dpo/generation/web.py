@@ -25,6 +25,7 @@ from urllib.parse import parse_qs
 try:
     import uvicorn
     from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import Request
     from starlette.responses import JSONResponse
@@ -137,6 +138,12 @@ def make_app(title: str, *, api_key: str | None, max_body: int, page_paths=()) -
         message = {404: f"no route {where}", 405: f"method not allowed: {where}"}.get(e.status_code,
                                                                                      str(e.detail))
         return JSONResponse(error_body(e.status_code, message), status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        return JSONResponse(error_body(400, f"'{where}': {first['msg']}", where or None), status_code=400)
 
     asgi = BodyLimit(app, max_body)
     if api_key:
