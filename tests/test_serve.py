@@ -161,13 +161,20 @@ def test_chat_turns_folds_system_and_text_parts():
 
 
 def test_cli_serve_port_zero_and_clean_shutdown(ckpt):
+    """SIGTERM while an answer is streaming: the answer finishes, then the server exits 0."""
     proc, url, name = start_server(ckpt, env={"OMP_NUM_THREADS": "1"})
     try:
         client = OpenAI(base_url=url, api_key="x")
         assert client.chat.completions.create(model=name, max_tokens=3, messages=[
             {"role": "user", "content": "hi"}]).choices[0].message.role == "assistant"
+        stream = client.chat.completions.create(model=name, max_tokens=200, stream=True, temperature=1.0,
+                                                stream_options={"include_usage": True},
+                                                messages=[{"role": "user", "content": "tell me more"}])
+        next(iter(stream))                                   # the answer has started
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+        rest = list(stream)                                  # ... and is not cut off
+        assert rest[-1].usage is not None and rest[-2].choices[0].finish_reason is not None
+        assert proc.wait(timeout=30) == 0
         assert "stopped" in proc.stderr.read()
     finally:
         if proc.poll() is None:

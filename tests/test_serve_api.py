@@ -413,3 +413,17 @@ def test_interaction_conversations_fold_system_text_and_dedupe(tmp_path):
     log.write_text(json.dumps(recs[0]) + "\n{oops\n")
     with pytest.raises(ValueError, match=r"i.jsonl:2: invalid JSON"):
         interaction_prompts(log)
+
+
+def test_the_listening_socket_turns_nagle_off_for_its_connections():
+    """asyncio disables Nagle only on sockets whose proto says TCP; without it a response written in
+    two parts waits ~40 ms for the client's delayed ACK on every keep-alive request."""
+    import socket
+
+    from fastdpo.generation.web import bind
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        sock.close()

@@ -275,9 +275,9 @@ def serve(ckpt: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model_
                            max_queued_rows=max_queued_rows, max_body=max_body,
                            request_timeout=request_timeout, api_key=api_key,
                            log_interactions=log_interactions, tokens_as_ids=tokens_as_ids)
-    print(f"fastdpo serve: listening on {server.url} (model {server.model_name})", flush=True)
     try:
-        server.web.run_until_signal()
+        server.web.run_until_signal(lambda: print(f"fastdpo serve: listening on {server.url} "
+                                                  f"(model {server.model_name})", flush=True))
     finally:
         server.close()
     print("fastdpo serve: stopped", file=sys.stderr, flush=True)

@@ -139,10 +139,10 @@ def label(out: str | Path, *, candidates: str | Path | None = None, prompts: str
         raise
     p = session.progress()
     key_hint = " (add ?key=YOUR_KEY)" if api_key else ""
-    print(f"fastdpo label: open {server.url}{key_hint} -- {p['done']} of {p['total']} labelled, "
-          f"choices go to {out}", flush=True)
     try:
-        server.web.run_until_signal()
+        server.web.run_until_signal(lambda: print(
+            f"fastdpo label: open {server.url}{key_hint} -- {p['done']} of {p['total']} labelled, choices go "
+            f"to {out}", flush=True))
     finally:
         store.close()
     print(f"fastdpo label: stopped ({session.progress()['done']} of {p['total']} labelled)", file=sys.stderr,
