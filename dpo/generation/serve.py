@@ -47,13 +47,14 @@ from fastdpo.generation.openai_api import (
     parse_request,
     usage,
 )
-from fastdpo.generation.web import WebServer, json_body, make_app
+from fastdpo.generation.web import Served, WebServer, json_body, make_app
 
 MAX_BODY = 8 << 20
 
 
-class ChatServer:
-    """A model behind the OpenAI routes, bound to ``host:port`` (``port=0``: a free one)."""
+class ChatServer(Served):
+    """A model behind the OpenAI routes, bound to ``host:port`` (``port=0``: a free one);
+    ``start_in_thread()`` / ``stop()`` from ``web.Served``."""
 
     def __init__(self, model, tokenizer, *, host: str = "127.0.0.1", port: int = 8000,
                  model_name: str = "fastdpo", default_max_tokens: int = 256, top_k: int | None = 50,
@@ -84,16 +85,8 @@ class ChatServer:
     def url(self) -> str:
         return f"{self.web.base_url}/v1"
 
-    def start_in_thread(self) -> ChatServer:
-        self.web.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop accepting, finish in-flight answers, stop the batcher, release the port."""
-        self.web.stop()
-        self.close()
-
     def close(self) -> None:
+        """Stop the batcher (after the answers in flight) and close the log."""
         self.batcher.close()
         if self.log is not None:
             self.log.close()

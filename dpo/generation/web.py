@@ -242,3 +242,20 @@ class WebServer:
             self.stop()
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+class Served:
+    """Base of the objects that own a ``WebServer`` (``self.web``) and resources of their own."""
+    web: WebServer
+
+    def start_in_thread(self):
+        self.web.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting, finish what is in flight, release the port, then ``close()``."""
+        self.web.stop()
+        self.close()
+
+    def close(self) -> None:
+        pass

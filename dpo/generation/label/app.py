@@ -19,7 +19,7 @@ from fastdpo.generation.label.answers import Answerer
 from fastdpo.generation.label.session import MAX_NOTE, MAX_PROMPT, LabelSession
 from fastdpo.generation.label.sources import candidate_items, prompt_items
 from fastdpo.generation.label.store import LabelStore
-from fastdpo.generation.web import WebServer, check_exposure, make_app
+from fastdpo.generation.web import Served, WebServer, check_exposure, make_app
 
 
 class _Tab(BaseModel):
@@ -45,7 +45,7 @@ def page_html() -> str:
     return resources.files("fastdpo.generation.label").joinpath("page.html").read_text(encoding="utf-8")
 
 
-class LabelServer:
+class LabelServer(Served):
     """The page and API for ``session`` on ``host:port`` (``port=0``: a free one)."""
 
     def __init__(self, session: LabelSession, *, host: str = "127.0.0.1", port: int = 7860,
@@ -90,12 +90,7 @@ class LabelServer:
     def url(self) -> str:
         return f"{self.web.base_url}/"
 
-    def start_in_thread(self) -> LabelServer:
-        self.web.start()
-        return self
-
-    def stop(self) -> None:
-        self.web.stop()
+    def close(self) -> None:
         self.session.store.close()
 
 
@@ -144,7 +139,7 @@ def label(out: str | Path, *, candidates: str | Path | None = None, prompts: str
             f"fastdpo label: open {server.url}{key_hint} -- {p['done']} of {p['total']} labelled, choices go "
             f"to {out}", flush=True))
     finally:
-        store.close()
+        server.close()
     print(f"fastdpo label: stopped ({session.progress()['done']} of {p['total']} labelled)", file=sys.stderr,
           flush=True)
     return 0
