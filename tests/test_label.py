@@ -329,3 +329,23 @@ def test_100_choices_survive_sigkill_at_random_moments(tmp_path):
     assert len(load_examples([out])) == len(pairs)
     for r in pairs:
         assert r["chosen"].startswith("good") == (r["meta"]["sides"][r["meta"]["choice"]] == "chosen")
+
+
+def test_fastdpo_train_runs_on_the_labels_as_written(tmp_path, ckpts, one_thread):
+    """The label file goes straight into DPO training (metadata and all)."""
+    from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
+    from fastdpo.training.dpo import run_dpo
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Sort: fox cat {i}"} for i in range(6)])
+    answerer = Answerer(*ckpts, max_new_tokens=6, temperature=1.0)
+    s = LabelSession(prompt_items(prompts, answerer.models, settings=answerer.settings),
+                     LabelStore(tmp_path / "labels.jsonl"), answerer)
+    while (view := s.next("t")["item"]) is not None:
+        pairable = not view["identical"] and view["a"].strip() and view["b"].strip()
+        s.choose("t", view["id"], ("A" if len(view["a"]) >= len(view["b"]) else "B") if pairable else "tie")
+    s.store.close()
+    assert len(load_examples([tmp_path / "labels.jsonl"])) >= 2
+    tc = TrainingConfig(run_name="dpo", output_dir=tmp_path / "runs", batch_size=2, micro_batch_size=2,
+                        max_steps=2, mixed_precision="fp32", wandb="disabled", progress=False, device="cpu")
+    data = PreferenceDatasetConfig(path=tmp_path / "labels.jsonl")
+    final = run_dpo(ckpts[0], tc, DPOConfig(beta=0.1), data)
+    assert (final / "config.json").is_file()
