@@ -253,6 +253,12 @@ def test_cli_needs_one_source_and_names_the_extra_when_missing(tmp_path, capsys,
     from fastdpo.cli import main
     assert main(["label", "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "exactly one source" in capsys.readouterr().err
+    monkeypatch.delenv("FASTDPO_API_KEY", raising=False)
+    cands = pairs_file(tmp_path / "c.jsonl", 2)
+    out = str(tmp_path / "o.jsonl")
+    assert main(["label", "--out", out, "--candidates", str(cands), "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--allow-unauthenticated" in err and not (tmp_path / "o.jsonl").exists()
     import importlib.util
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
