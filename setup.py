@@ -39,9 +39,12 @@ setup(
         # fastdpo serve and fastdpo label (the same web stack under the name each is known by)
         "serve": WEB,
         "ui": WEB,
-        # the tests drive the server with the openai client and the labeling page with Playwright
-        # through the system's Chromium (Debian's `chromium`; the browser tests skip without it)
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", *WEB, "playwright>=1.40"],
+        # trl and peft: the tests compare fastdpo's losses with TRL's code and load fastdpo's LoRA
+        # adapters with peft onto the equivalent transformers model (both keep the CPU torch build);
+        # the web stack and Playwright: the tests drive the server with the openai client and the
+        # labeling page through the system's Chromium (Debian's `chromium`; that test skips without it)
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "transformers", "trl", "peft", *WEB,
+                "playwright>=1.40"],
         "judge": ["vllm"],
         "peers": ["transformers", "trl", "liger-kernel"],
     },
