@@ -15,6 +15,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from fastdpo.files import atomic_write
+from fastdpo.models.token_count import TokenCounter
 
 PAD, USER, ASSISTANT, END = "<|pad|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS = (PAD, USER, ASSISTANT, END)
@@ -34,6 +35,8 @@ class Tokenizer:
         self.pad_id, self.user_id, self.assistant_id, self.end_id = (
             hf.token_to_id(t) for t in SPECIAL_TOKENS)
         self.eos_id = self.end_id
+        self._nl = self.encode("\n")
+        self._counter = None   # a TokenCounter, made on first use
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -102,16 +105,25 @@ class Tokenizer:
         return self._hf.token_to_id(token)
 
     # -- chat template -------------------------------------------------------------------
-    def render_turn(self, role: str, text: str, closed: bool = True) -> list[int]:
-        """One turn. User turns: ``<|user|>\\n{text}\\n<|end|>\\n``; assistant turns:
-        ``<|assistant|>\\n{text}<|end|>\\n`` (``closed=False`` leaves the answer open)."""
+    def _turn_parts(self, role: str, text: str, closed: bool = True) -> tuple[list[int], str, list[int]]:
+        """A turn as (ids before, text to encode, ids after): the one statement of the template,
+        shared by the renderers and the length counters."""
         marker = ROLES.get(role.lower())
         if marker is None:
             raise ValueError(f"unknown chat role {role!r}; expected one of {sorted(ROLES)}")
         if marker == USER:
-            return [self.user_id, *self.encode(f"\n{text}\n"), self.end_id, *self.encode("\n")]
-        ids = [self.assistant_id, *self.encode(f"\n{text}")]
-        return ids + [self.end_id, *self.encode("\n")] if closed else ids
+            return [self.user_id], f"\n{text}\n", [self.end_id, *self._nl]
+        return [self.assistant_id], f"\n{text}", [self.end_id, *self._nl] if closed else []
+
+    def _opening(self) -> list[int]:
+        """What follows the history: the assistant's marker, which the model continues."""
+        return [self.assistant_id, *self._nl]
+
+    def render_turn(self, role: str, text: str, closed: bool = True) -> list[int]:
+        """One turn. User turns: ``<|user|>\\n{text}\\n<|end|>\\n``; assistant turns:
+        ``<|assistant|>\\n{text}<|end|>\\n`` (``closed=False`` leaves the answer open)."""
+        before, text, after = self._turn_parts(role, text, closed)
+        return [*before, *self.encode(text), *after]
 
     def render_prompt(self, instruction: str) -> list[int]:
         """``<|user|>\\n{instruction}\\n<|end|>\\n<|assistant|>\\n``: what the model continues."""
@@ -124,11 +136,30 @@ class Tokenizer:
         ids: list[int] = []
         for role, text in turns:
             ids += self.render_turn(role, text)
-        return ids + [self.assistant_id, *self.encode("\n")]
+        return ids + self._opening()
 
     def render_answer(self, answer: str) -> list[int]:
         """The assistant's answer tokens, closed by ``<|end|>`` (what DPO and SFT score)."""
         return [*self.encode(answer), self.end_id]
+
+    # -- lengths without ids (the data audit) --------------------------------------------
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """``len(encode(t))`` for each text, without building the ids (``models.token_count``)."""
+        if self._counter is None:
+            self._counter = TokenCounter(self.encode, self.encode_batch, self._hf)
+        return self._counter(texts)
+
+    def conversation_lengths(self, conversations: Sequence[Sequence[tuple[str, str]]]) -> list[int]:
+        """``len(render_conversation(turns))`` for each history."""
+        parts = [[self._turn_parts(role, text) for role, text in turns] for turns in conversations]
+        counts = iter(self.count_tokens([text for turns in parts for _, text, _ in turns]))
+        tail = len(self._opening())
+        return [sum(len(before) + next(counts) + len(after) for before, _, after in turns) + tail
+                for turns in parts]
+
+    def answer_lengths(self, answers: Sequence[str]) -> list[int]:
+        """``len(render_answer(a))`` for each answer."""
+        return [n + len(self.render_answer("")) for n in self.count_tokens(answers)]
 
 
 def _as_files(texts) -> list[Path] | None:

@@ -20,6 +20,7 @@ counted instead of stopping the run.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -66,21 +67,31 @@ class DataStats:
 
 
 def read_records(path: Path) -> Iterator[tuple[int, object, str | None]]:
-    """Yield ``(line, value, error)`` for each record of a JSONL file or a JSON array file."""
+    """Yield ``(line, value, error)`` for each record of a JSONL file or a JSON array file.
+
+    JSONL is streamed line by line (memory does not grow with the file); a JSON array is one
+    document and is read whole. Lines split on ``\\n`` only, so a raw U+2028 inside a string
+    does not cut a record in two."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        yield from _read_array(path, text)
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+        while not head and f.peek(1):   # a long run of leading blank space
+            head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        yield from _read_array(path, path.read_text(encoding="utf-8"))
         return
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield i, json.loads(line), None
-        except json.JSONDecodeError as e:
-            yield i, None, f"invalid JSON ({e.msg} at column {e.colno})"
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield i, json.loads(raw), None
+            except json.JSONDecodeError as e:
+                yield i, None, f"invalid JSON ({e.msg} at column {e.colno})"
+            except UnicodeDecodeError:
+                yield i, None, "not valid UTF-8"
 
 
 def _read_array(path: Path, text: str) -> Iterator[tuple[int, object, str | None]]:
@@ -211,20 +222,18 @@ def parse_sft(row: object, fmt: str, source: str) -> SFTExample:
     return SFTExample(turns, response, source, {k: v for k, v in row.items() if k not in used})
 
 
-def load_examples(paths: Sequence[Path], fmt: str = "auto", on_error: str = "raise", kind: str = "preference",
-                  max_rows: int | None = None, stats: DataStats | None = None) -> list:
-    """Parse every file into examples; bad rows raise ``DataError`` or are skipped and counted."""
-    if not paths:
-        raise ValueError("no data files given (set data.path)")
+def iter_rows(paths: Sequence[Path], fmt: str = "auto", on_error: str = "raise", kind: str = "preference",
+              stats: DataStats | None = None) -> Iterator[tuple[PreferenceExample | SFTExample, object]]:
+    """Stream ``(example, record)`` for every good row of the files, in order (``record`` is the
+    row as read). Bad rows raise ``DataError`` naming file and line, or with ``on_error="skip"``
+    are counted in ``stats`` and skipped."""
     stats = stats if stats is not None else DataStats()
     parse = parse_preference if kind == "preference" else parse_sft
     kinds = ("prompt", "conversations", "hh") if kind == "preference" else ("prompt", "conversations")
-    out: list = []
     for path in paths:
         file_fmt = None if fmt == "auto" else fmt
+        stats.formats[str(path)] = file_fmt
         for line, row, err in read_records(Path(path)):
-            if max_rows is not None and len(out) >= max_rows:
-                break
             stats.rows += 1
             source = f"{path}:{line}"
             try:
@@ -236,7 +245,8 @@ def load_examples(paths: Sequence[Path], fmt: str = "auto", on_error: str = "rai
                         raise DataError(f"cannot detect the data format from this row (fields "
                                         f"{sorted(row) if isinstance(row, dict) else type(row).__name__}); "
                                         f"set data.format to one of {list(kinds)}")
-                out.append(parse(row, file_fmt, source))
+                    stats.formats[str(path)] = file_fmt
+                example = parse(row, file_fmt, source)
             except DataError as e:
                 msg = f"{source}: {e}"
                 if on_error == "raise":
@@ -244,7 +254,19 @@ def load_examples(paths: Sequence[Path], fmt: str = "auto", on_error: str = "rai
                 stats.skipped += 1
                 if len(stats.errors) < 20:
                     stats.errors.append(msg)
-        stats.formats[str(path)] = file_fmt
+                continue
+            yield example, row
+
+
+def load_examples(paths: Sequence[Path], fmt: str = "auto", on_error: str = "raise", kind: str = "preference",
+                  max_rows: int | None = None, stats: DataStats | None = None) -> list:
+    """Parse every file into examples; bad rows raise ``DataError`` or are skipped and counted."""
+    if not paths:
+        raise ValueError("no data files given (set data.path)")
+    stats = stats if stats is not None else DataStats()
+    rows = iter_rows(paths, fmt, on_error, kind, stats)
+    out = [ex for ex, _ in itertools.islice(rows, max_rows)]
+    rows.close()
     if not out:
         raise DataError(f"no usable rows in {[str(p) for p in paths]} ({stats.summary()})")
     return out
