@@ -35,7 +35,8 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "tensorboard>=2.14"],
+        "tensorboard": ["tensorboard>=2.14"],
         "judge": ["vllm"],
         "peers": ["transformers", "trl", "liger-kernel"],
     },

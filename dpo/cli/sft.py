@@ -20,6 +20,8 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json (needed for a fresh model)")
     p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     p.add_argument("--wandb", choices=["auto", "disabled", "offline", "online"], help="W&B mode")
+    p.add_argument("--report-to", default=None, metavar="LIST",
+                   help="trackers besides metrics.jsonl: wandb,tensorboard or none (train.report_to)")
     p.set_defaults(func=_cli)
 
 
@@ -27,6 +29,8 @@ def _cli(args) -> int:
     overrides = list(args.overrides)
     if args.wandb:
         overrides.append(f"train.wandb={args.wandb}")
+    if args.report_to:
+        overrides.append(f"train.report_to=[{args.report_to}]")
     cfg = load_config(args.config, overrides, kind="sft")
     init = args.init or cfg["init_checkpoint"] or cfg["model"]
     if init is None:

@@ -22,6 +22,8 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the checkpoint's own)")
     p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     p.add_argument("--wandb", choices=["auto", "disabled", "offline", "online"], help="W&B mode")
+    p.add_argument("--report-to", default=None, metavar="LIST",
+                   help="trackers besides metrics.jsonl: wandb,tensorboard or none (train.report_to)")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="train one run per value (e.g. beta=0.05,0.1,0.5) sharing cached reference log-probs")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
@@ -33,7 +35,7 @@ def add_subcommand(subparsers) -> None:
 def _relaunch_argv(args) -> list[str]:
     argv = ["train", *(["--config", str(args.config)] if args.config else [])]
     for flag, value in (("--sft-checkpoint", args.sft_checkpoint), ("--tokenizer", args.tokenizer),
-                        ("--wandb", args.wandb)):
+                        ("--wandb", args.wandb), ("--report-to", args.report_to)):
         if value is not None:
             argv += [flag, str(value)]
     argv += [x for o in args.overrides for x in ("--set", o)]
@@ -47,6 +49,8 @@ def _cli(args) -> int:
     overrides = list(args.overrides)
     if args.wandb:
         overrides.append(f"train.wandb={args.wandb}")
+    if args.report_to:
+        overrides.append(f"train.report_to=[{args.report_to}]")
     cfg = load_config(args.config, overrides, kind="dpo")
     sft = args.sft_checkpoint or cfg["sft_checkpoint"]
     if sft is None:

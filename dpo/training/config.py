@@ -34,6 +34,7 @@ DATA_FORMATS = ("auto", "prompt", "conversations", "hh")
 SFT_FORMATS = ("auto", "prompt", "conversations")
 # the kernel choices of fastdpo.training.logprobs (kept here: configs load without importing torch)
 KERNELS = ("auto", "triton", "torch", "oracle")
+REPORT_TO = ("wandb", "tensorboard", "none")
 
 
 @dataclass
@@ -62,6 +63,9 @@ class TrainingConfig:
     device: str = "auto"                      # "auto" | "cpu" | "cuda" | "cuda:1" ...
     kernel: str = "auto"                      # auto (Triton on CUDA, else torch) | triton | torch | oracle
     parallel: str = "ddp"                     # under torchrun: "ddp" (replicas) | "fsdp" (FSDP2 shards)
+    # Where metrics go besides metrics.jsonl (always written), HF-style: wandb | tensorboard | none.
+    # TensorBoard event files go to run_dir/tensorboard (needs the extra: pip install fastdpo[tensorboard]).
+    report_to: list[str] = field(default_factory=lambda: ["wandb"])
     wandb: str = "auto"                       # "auto" (online with an API key, else offline) | ...
     wandb_project: str = "fastdpo"
     overwrite: bool = False                   # a fresh run may replace an existing run directory
@@ -80,6 +84,12 @@ class TrainingConfig:
         _choice("TrainingConfig.kernel", self.kernel, KERNELS)
         _choice("parallel", self.parallel, ("ddp", "fsdp"))
         _choice("wandb", self.wandb, ("auto", "disabled", "offline", "online"))
+        self.report_to = ([self.report_to] if isinstance(self.report_to, str)
+                          else ["none"] if self.report_to is None else list(self.report_to))
+        for tracker in self.report_to:
+            _choice("TrainingConfig.report_to entries", tracker, REPORT_TO)
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ValueError(f"TrainingConfig.report_to: 'none' cannot be combined with {self.report_to}")
         for name in ("learning_rate", "epochs"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainingConfig.{name} must be > 0, got {getattr(self, name)}")

@@ -85,7 +85,8 @@ def train_to_completion(build: Callable[[RunLogger | None], Trainer], train_conf
     it, resume if asked, train, write the final checkpoint, and always close the logger."""
     logger = RunLogger(train_config.run_dir, mode=train_config.wandb, project=train_config.wandb_project,
                        name=train_config.run_name, config=config,
-                       resume_step=_checkpoint_step(resume_path)) if runtime.is_main() else None
+                       resume_step=_checkpoint_step(resume_path),
+                       report_to=train_config.report_to) if runtime.is_main() else None
     try:
         trainer = build(logger)
         if resume_path is not None:
