@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fastdpo.generation.heldout import HeldoutProbe
 from fastdpo.models.gpt import PRESETS
 from fastdpo.training.config import load_config
 from fastdpo.training.sft import run_sft
@@ -37,5 +38,6 @@ def _cli(args) -> int:
         raise ValueError("nothing to fine-tune: set init_checkpoint (a checkpoint) or model (a preset: "
                          f"{sorted(PRESETS)}) in the config, or pass --init")
     tokenizer = args.tokenizer or cfg["tokenizer"]
-    run_sft(init, cfg["train"], cfg["sft"], cfg["data"], tokenizer, resume=args.resume)
+    run_sft(init, cfg["train"], cfg["sft"], cfg["data"], tokenizer, resume=args.resume,
+            health=cfg["health"], heldout_probe=HeldoutProbe.from_config(cfg["health"]))
     return 0

@@ -6,6 +6,7 @@ from pathlib import Path
 import yaml
 
 from fastdpo import runtime
+from fastdpo.generation.heldout import HeldoutProbe
 from fastdpo.training.config import load_config
 from fastdpo.training.dpo import run_dpo
 from fastdpo.training.sweep import run_sweep
@@ -63,7 +64,9 @@ def _cli(args) -> int:
             if not sep or not values:
                 raise ValueError(f"--sweep expects key=v1,v2,..., got {item!r}")
             sweep[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
-        run_sweep(sft, cfg["train"], cfg["dpo"], cfg["data"], tokenizer, sweep=sweep, resume=args.resume)
+        run_sweep(sft, cfg["train"], cfg["dpo"], cfg["data"], tokenizer, sweep=sweep, resume=args.resume,
+                  health=cfg["health"], heldout_probe=HeldoutProbe.from_config(cfg["health"]))
     else:
-        run_dpo(sft, cfg["train"], cfg["dpo"], cfg["data"], tokenizer, resume=args.resume)
+        run_dpo(sft, cfg["train"], cfg["dpo"], cfg["data"], tokenizer, resume=args.resume,
+                health=cfg["health"], heldout_probe=HeldoutProbe.from_config(cfg["health"]))
     return 0

@@ -12,6 +12,7 @@ A YAML file holds one section per dataclass plus the top-level run inputs::
     dpo: {...}                         # DPOConfig            (configs for ``fastdpo train``)
     data: {...}                        # PreferenceDatasetConfig
     sft: {...} / data: {...}           # SFTConfig / SFTDatasetConfig (``fastdpo sft``)
+    health: {...}                      # HealthConfig: training alarms (both commands)
 
 Unknown keys are errors naming the file and the key: a typo must never silently fall back to a
 default and train something else than what the file says.
@@ -213,6 +214,40 @@ class SFTDatasetConfig(_DatasetConfig):
     FORMATS: ClassVar[tuple[str, ...]] = SFT_FORMATS    # auto | prompt | conversations
 
 
+@dataclass
+class HealthConfig:
+    """Alarms during training, each a console warning and a metrics.jsonl row (split "alarm");
+    see ``fastdpo.training.health``. The defaults flag clear trouble, not ordinary DPO drift."""
+    enabled: bool = True
+    # -- on the logged training metrics
+    displacement_per_token: float = 0.5   # chosen answers' NLL per token rose this much above its first
+    #                                       logged value while the reward margin grew
+    max_margin: float = 10.0              # rewards/margins above this: saturated, log-probs being destroyed
+    grad_norm_spike: float = 10.0         # grad norm above this multiple of the median of earlier logs
+    # -- on answers to held-out prompts at each evaluation, against the reference model's (step 0)
+    prompts: Path | None = None           # JSONL with a "prompt" field; default: the val split's prompts
+    n_prompts: int = 32                   # 0 turns the held-out answers off
+    max_new_tokens: int = 64
+    temperature: float = 0.0              # 0: greedy (no sampling noise between evaluations)
+    judge: str | None = None              # a judge name ("task", module:fn) scoring the held-out answers
+    length_drift: float = 0.5             # mean answer length off the reference's by more than this fraction
+    repetition_rise: float = 0.15         # repeated-4-gram fraction above the reference's by more than this
+    distinct_drop: float = 0.5            # distinct-2 below (1 - this) x the reference's
+    hacking_drop: float = 0.1             # held-out score (judge) or val preference accuracy this fraction
+    #                                       below its best while the training reward keeps rising
+
+    def __post_init__(self):
+        if self.prompts is not None:
+            self.prompts = Path(self.prompts)
+        for name in ("displacement_per_token", "max_margin", "grad_norm_spike", "length_drift",
+                     "repetition_rise", "distinct_drop", "hacking_drop", "temperature"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"HealthConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("n_prompts", "max_new_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"HealthConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
 def _choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
@@ -242,8 +277,10 @@ def _paths(path, dataset_name, split) -> list[Path]:
 # --------------------------------------------------------------------------- YAML + overrides
 
 SECTIONS = {
-    "dpo": {"train": TrainingConfig, "dpo": DPOConfig, "data": PreferenceDatasetConfig},
-    "sft": {"train": TrainingConfig, "sft": SFTConfig, "data": SFTDatasetConfig},
+    "dpo": {"train": TrainingConfig, "dpo": DPOConfig, "data": PreferenceDatasetConfig,
+            "health": HealthConfig},
+    "sft": {"train": TrainingConfig, "sft": SFTConfig, "data": SFTDatasetConfig,
+            "health": HealthConfig},
 }
 TOP_LEVEL = {"dpo": ("sft_checkpoint", "tokenizer"), "sft": ("init_checkpoint", "model", "tokenizer")}
 

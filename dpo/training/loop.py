@@ -95,6 +95,10 @@ class Task(abc.ABC):
     def val_batches(self) -> list[list[int]]:
         return []
 
+    def heldout_prompts(self) -> list[list[int]]:
+        """Rendered prompts the health checks answer when no prompts file is configured."""
+        return []
+
     def bind_policy(self, policy: torch.nn.Module) -> None:
         """Run the trained model's forwards through ``policy``, its DDP/FSDP2 wrapper."""
         raise TypeError(f"{type(self).__name__} does not support multi-process training")
@@ -138,6 +142,7 @@ class Trainer:
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
         self._stop_requested = False
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self.health = None   # a training.health.HealthMonitor: alarms (train_to_completion attaches it)
 
     # -- data position -------------------------------------------------------------------
     def micro_batches(self, step: int) -> list[list[int]]:
@@ -216,6 +221,8 @@ class Trainer:
                    desc=self.run_dir.name, dynamic_ncols=True, leave=False)
         sums: dict = {}
         seconds = 0.0   # training time only: evaluation and checkpoint writes do not count in tokens/s
+        if self.health is not None:
+            self._health(self.health.on_start(self))
         with self._sigint_saves():
             try:
                 while self.state.step < end:
@@ -251,14 +258,21 @@ class Trainer:
 
     def finish(self) -> Path:
         """Final evaluation and the final checkpoint (with its trainer state)."""
-        if self.task.n_val:
+        if self.task.n_val or (self.health is not None and self.health.probes(self)):
             self.evaluate()
         path = self._save(self.run_dir / FINAL)
         self._prune()
         return path
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
+        """Loss metrics on the val split (when there is one), then the health checks' held-out answers."""
+        metrics = self._val_metrics() if self.task.n_val else {}
+        if self.health is not None:
+            self._health(self.health.on_evaluate(self))
+        return metrics
+
+    @torch.no_grad()
+    def _val_metrics(self) -> dict:
         self.model.eval()
         sums: dict = {}
         for idx in self.task.val_batches():
@@ -272,6 +286,13 @@ class Trainer:
                                                                               "rewards/margins"))
         self._console(f"eval step={self.state.step} {shown}")
         return metrics
+
+    def _health(self, rows: list[tuple[str, dict]]) -> None:
+        """Log the health monitor's rows; an alarm is also a console warning."""
+        for split, row in rows:
+            self._record(row, split)
+            if split == "alarm":
+                self._console(f"WARNING [health] step {self.state.step}: {row['message']}")
 
     def _log_train(self, sums: dict, seconds: float) -> None:
         sums = runtime.all_reduce_sums(sums, keep=("grad_norm", "steps"))
@@ -293,6 +314,8 @@ class Trainer:
         self.state.history.append({"step": self.state.step, "split": split, **metrics})
         if self.logger is not None:
             self.logger.log(self.state.step, metrics, split)
+        if self.health is not None and split in ("train", "val"):
+            self._health(self.health.on_record(metrics, split))
 
     def _console(self, line: str) -> None:
         if self.logger is not None:

@@ -14,6 +14,7 @@ from fastdpo import runtime
 from fastdpo.models.checkpoint import load_tokenizer, read_config, restore_interrupted_swap
 from fastdpo.models.tokenizer import Tokenizer
 from fastdpo.training.config import TrainingConfig
+from fastdpo.training.health import HealthMonitor
 from fastdpo.training.metrics import RunLogger
 
 if TYPE_CHECKING:
@@ -80,15 +81,18 @@ def _prepare_run_dir(train_cfg: TrainingConfig, resume) -> Path | None:
 
 
 def train_to_completion(build: Callable[[RunLogger | None], Trainer], train_config: TrainingConfig,
-                        config: dict, resume_path: Path | None, say) -> Path:
+                        config: dict, resume_path: Path | None, say,
+                        health: HealthMonitor | None = None) -> Path:
     """The run shared by SFT and DPO: open the run's logger (rank 0 only), build the trainer with
-    it, resume if asked, train, write the final checkpoint, and always close the logger."""
+    it, attach the health alarms, resume if asked, train, write the final checkpoint, and always
+    close the logger."""
     logger = RunLogger(train_config.run_dir, mode=train_config.wandb, project=train_config.wandb_project,
                        name=train_config.run_name, config=config,
                        resume_step=_checkpoint_step(resume_path),
                        report_to=train_config.report_to) if runtime.is_main() else None
     try:
         trainer = build(logger)
+        trainer.health = health if runtime.is_main() else None
         if resume_path is not None:
             trainer.resume_from(resume_path)
             say(f"resumed from {resume_path} at step {trainer.state.step}", flush=True)

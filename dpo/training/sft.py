@@ -17,7 +17,8 @@ from fastdpo.models.gpt import GPT, PRESETS, GPTConfig, config_from_preset
 from fastdpo.models.tokenizer import Tokenizer
 from fastdpo.runtime import resolve_device, resolve_precision
 from fastdpo.training.batches import TokenizedSFT, collate_sft, eval_batches, load_sft_data
-from fastdpo.training.config import SFTConfig, SFTDatasetConfig, TrainingConfig, to_dict
+from fastdpo.training.config import HealthConfig, SFTConfig, SFTDatasetConfig, TrainingConfig, to_dict
+from fastdpo.training.health import HealthMonitor
 from fastdpo.training.logprobs import sequence_logprobs
 from fastdpo.training.loop import Task, Trainer
 from fastdpo.training.runs import join_ranks, prepare_run_dir, resolve_tokenizer, train_to_completion
@@ -46,6 +47,9 @@ class SFTTask(Task):
 
     def val_batches(self):
         return self._val_batches
+
+    def heldout_prompts(self):
+        return [x.prompt for x in self.val]
 
     def bind_policy(self, policy):
         self.model = policy
@@ -80,9 +84,11 @@ def init_model(init: str | Path | GPTConfig, tok: Tokenizer, device: torch.devic
 
 def run_sft(init_checkpoint: str | Path | GPTConfig, train_config: TrainingConfig, sft_config: SFTConfig,
             dataset_config: SFTDatasetConfig, tokenizer: Tokenizer | str | Path | None = None, *,
-            resume: bool | str | Path = False, on_step: Callable | None = None) -> Path:
+            resume: bool | str | Path = False, on_step: Callable | None = None,
+            health: HealthConfig | None = None, heldout_probe=None) -> Path:
     """Fine-tune ``init_checkpoint`` (a checkpoint dir, a preset name, or a ``GPTConfig`` for a fresh
-    model) on answer tokens; returns the final checkpoint directory."""
+    model) on answer tokens; returns the final checkpoint directory. ``health`` and
+    ``heldout_probe`` as in ``run_dpo`` (the reference is the starting model)."""
     tok = resolve_tokenizer(tokenizer, None if _is_fresh(init_checkpoint) else Path(init_checkpoint),
                             train_config)
     train_config = join_ranks(train_config, "examples")
@@ -106,4 +112,5 @@ def run_sft(init_checkpoint: str | Path | GPTConfig, train_config: TrainingConfi
                        meta={"kind": "sft", "run_name": train_config.run_name, "config": config},
                        logger=logger, on_step=on_step)
 
-    return train_to_completion(build, train_config, config, resume_path, say)
+    return train_to_completion(build, train_config, config, resume_path, say,
+                               HealthMonitor(health, heldout_probe))
