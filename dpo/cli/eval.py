@@ -13,8 +13,10 @@ def add_subcommand(sub) -> None:
     p = sub.add_parser("eval", help="win rate of checkpoint A vs B (position-swapped judging)")
     p.add_argument("--a", required=True, help="challenger checkpoint directory (e.g. the DPO model)")
     p.add_argument("--b", required=True, help="baseline checkpoint directory (e.g. the SFT model)")
-    p.add_argument("--prompts", required=True, help="held-out prompts JSONL ('prompt' field)")
-    p.add_argument("--n-prompts", type=int, default=None)
+    p.add_argument("--prompts", required=True,
+                   help="held-out prompts: JSONL with a 'prompt' field, an MT-Bench question file "
+                        "(question_id, category, turns) or an AlpacaEval file (instruction, input)")
+    p.add_argument("--n-prompts", type=int, default=None, help="use the first N prompts (or questions)")
     p.add_argument("--mode", choices=MODES, default="compare")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-new-tokens", type=int, default=128)
