@@ -22,7 +22,9 @@ _API = {
     "PreferenceDatasetConfig": "fastdpo.training.config",
     "SFTConfig": "fastdpo.training.config",
     "SFTDatasetConfig": "fastdpo.training.config",
+    "HealthConfig": "fastdpo.training.config",
     "load_config": "fastdpo.training.config",
+    "audit_preferences": "fastdpo.training.audit",
     "Tokenizer": "fastdpo.models.tokenizer",
     "GPT": "fastdpo.models.gpt",
     "GPTConfig": "fastdpo.models.gpt",
@@ -33,6 +35,7 @@ _API = {
     "make_judge": "fastdpo.generation.judge",
     "mine_pairs": "fastdpo.generation.mining",
     "evaluate": "fastdpo.generation.evaluate",
+    "HeldoutProbe": "fastdpo.generation.heldout",
     "run_demo": "fastdpo.demo.pipeline",
 }
 

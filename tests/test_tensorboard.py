@@ -13,6 +13,7 @@ from fastdpo.models.gpt import GPT, GPTConfig
 from fastdpo.models.tokenizer import Tokenizer
 from fastdpo.training.config import (
     DPOConfig,
+    HealthConfig,
     PreferenceDatasetConfig,
     SFTConfig,
     SFTDatasetConfig,
@@ -54,11 +55,18 @@ def assert_events_equal_metrics(run_dir):
     acc.Reload()
     expected = {}
     for row in rows:
+        if row["split"] == "alarm":   # health alarms are text, checked below
+            continue
         prefix = "" if row["split"] == "train" else f"{row['split']}/"
         for k, v in row.items():
             if k not in ("step", "split") and isinstance(v, (int, float)):
                 expected.setdefault(prefix + k, []).append((row["step"], v))
     assert set(acc.Tags()["scalars"]) == set(expected)
+    alarms = {f"alarm/{r['alarm']}": (r["step"], r["message"]) for r in rows if r["split"] == "alarm"}
+    assert {t.removesuffix("/text_summary") for t in acc.Tags()["tensors"]} == set(alarms)
+    for tag, (step, message) in alarms.items():
+        (event,) = acc.Tensors(tag + "/text_summary")
+        assert event.step == step and event.tensor_proto.string_val[0].decode() == message
     for tag, points in expected.items():
         got = [(e.step, e.value) for e in acc.Scalars(tag)]
         assert [s for s, _ in got] == [s for s, _ in points], tag
@@ -69,8 +77,11 @@ def assert_events_equal_metrics(run_dir):
 def test_dpo_event_files_hold_the_metrics_jsonl_scalars(setup):
     d, tok = setup
     run_dpo(d / "sft", train_cfg(d, "dpo"), DPOConfig(max_length=16, max_prompt_length=24),
-            PreferenceDatasetConfig(path=d / "pairs.jsonl", val_size=8), tok)
+            PreferenceDatasetConfig(path=d / "pairs.jsonl", val_size=8), tok,
+            health=HealthConfig(max_margin=0.0))     # an alarm as soon as the margin is positive
     tags = assert_events_equal_metrics(d / "runs" / "dpo")
+    rows = [json.loads(ln) for ln in (d / "runs" / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["alarm"] for r in rows if r["split"] == "alarm"] == ["margin_blowup"]
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                  "logps/chosen", "logps/rejected", "loss", "lr", "grad_norm", "tokens/s", "val/loss",
                  "val/rewards/margins"):

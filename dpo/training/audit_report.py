@@ -14,8 +14,9 @@ def _pct(k: int, n: int) -> str:
 def format_audit(r: dict) -> str:
     """The report as a plain-text table."""
     n, unit = r["good_rows"], r["length_unit"]
-    fmts = ", ".join(f"{k} {v:,}" for k, v in r["formats"].items())
-    lines = [f"fastdpo audit: {len(r['files'])} file(s), {r['rows']:,} rows ({fmts}), lengths in {unit}", ""]
+    fmts = ", ".join(f"{k} format" for k in r["formats"])
+    lines = [f"fastdpo audit: {len(r['files'])} file(s), {r['rows']:,} rows: {n:,} good ({fmts}), "
+             f"{r['bad_rows']:,} bad; lengths in {unit}", ""]
     lines.append(f"{'length (' + unit + ')':<20}{'mean':>9}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}")
     for name in ("prompt", "chosen", "rejected"):
         s = r["lengths"][name]

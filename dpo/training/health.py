@@ -15,12 +15,13 @@
   falling below its best while the training reward margin keeps rising).
 
 An alarm is a console warning plus a metrics.jsonl row ``{"split": "alarm", "alarm": name,
-"message": ..., name: value, name + "_threshold": threshold}``; it fires when its condition starts
-to hold and again only after it has cleared. Held-out answers come from a *probe* the caller passes
-(``fastdpo.generation.heldout.HeldoutProbe``: sampling lives in the generation room, above this
-one); without a probe only the metric alarms run. The held-out statistics are logged as
-``heldout`` rows, the step-0 row being the reference's (a resumed run reads it back from
-metrics.jsonl).
+"message": ..., name: value, name + "_threshold": threshold}``; each alarm fires once per run, the
+first time its condition holds (a condition hovering at its threshold would otherwise warn at every
+log; the train, val and heldout rows keep the values over time). Held-out answers come from a
+*probe* the caller passes (``fastdpo.generation.heldout.HeldoutProbe``: sampling lives in the
+generation room, above this one); without a probe only the metric alarms run. The held-out
+statistics are logged as ``heldout`` rows, the step-0 row being the reference's (a resumed run
+reads it back from metrics.jsonl).
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ class HealthMonitor:
         self._last_val: dict = {}
         self._reference: dict | None = None         # held-out statistics of the reference model
         self._best: tuple[float, float] | None = None   # (best held-out signal, train margin then)
-        self._active: set[str] = set()
+        self._fired: set[str] = set()
 
     def probes(self, trainer) -> bool:
         """Whether held-out answers are sampled: a probe, prompts to answer, and one process (a
@@ -154,7 +155,7 @@ class HealthMonitor:
                         f"earlier logs ({median:.3g}); the update was clipped to max_grad_norm, but a "
                         f"spike often precedes divergence", grad / median, cfg.grad_norm_spike)
             self._grad_norms.append(grad)
-        return self._edges(found, ("likelihood_displacement", "margin_blowup", "grad_norm_spike"))
+        return self._first_time(found)
 
     def check_evaluation(self, heldout: dict | None) -> list[Alarm]:
         """Alarms on the held-out answers of an evaluation (and the val metrics logged just before)."""
@@ -196,12 +197,11 @@ class HealthMonitor:
                     f"be gaming the preference signal", 1 - signal / self._best[0], cfg.hacking_drop)
             if self._best is None or signal > self._best[0]:
                 self._best = (signal, margin)
-        return self._edges(found, ("length_drift", "repetition", "reward_hacking"))
+        return self._first_time(found)
 
-    def _edges(self, found: dict[str, Alarm], names: Sequence[str]) -> list[Alarm]:
-        """The alarms that just started (an alarm holding since the last check stays quiet)."""
-        new = [a for name, a in found.items() if name not in self._active]
-        self._active = (self._active - set(names)) | set(found)
+    def _first_time(self, found: dict[str, Alarm]) -> list[Alarm]:
+        new = [a for name, a in found.items() if name not in self._fired]
+        self._fired |= set(found)
         return new
 
 

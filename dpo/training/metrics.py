@@ -5,7 +5,7 @@
 ``--resume`` the lines past the resumed step are dropped first, so the file always describes the
 weights that exist rather than a run that was thrown away (TensorBoard hides its events past that
 step the same way). Every numeric value of a row goes to each tracker under the same name, prefixed
-with ``{split}/`` unless the split is ``train``.
+with ``{split}/`` unless the split is ``train``; a health alarm goes to TensorBoard as text.
 """
 from __future__ import annotations
 
@@ -97,6 +97,12 @@ class RunLogger:
         row = {"step": step, "split": split, **metrics}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        if split == "alarm":   # a health alarm (training.health): its message, not a one-point curve
+            if self._wandb is not None:
+                self._wandb.log({f"alarm/{metrics['alarm']}": metrics[metrics["alarm"]]}, step=step)
+            if self._tensorboard is not None:
+                self._tensorboard.add_text(f"alarm/{metrics['alarm']}", metrics["message"], step)
+            return
         if self._wandb is not None:
             self._wandb.log(tracker_scalars(metrics, split), step=step)
         if self._tensorboard is not None:
