@@ -2,7 +2,9 @@
 train reads is audited alike, token lengths and limits agree with training's own tokenization."""
 import itertools
 import json
+import math
 import random
+import statistics
 
 import pytest
 
@@ -180,6 +182,15 @@ def test_token_lengths_and_limits_match_training(tmp_path, tok):
     assert r["lengths"]["prompt"]["mean"] == pytest.approx(sum(len(p) for p, _, _ in full) / len(full))
     longer = sum(len(c) > len(rj) for _, c, rj in full) / len(full)
     assert r["length_bias"]["chosen_longer_fraction"] == pytest.approx(longer)
+    # streaming summaries (counts per length, a fine ratio histogram) against the direct ones
+    for i, name in enumerate(("prompt", "chosen", "rejected")):
+        xs = sorted(len(row[i]) for row in full)
+        for q in (50, 90, 99):   # nearest rank
+            assert r["lengths"][name][f"p{q}"] == xs[math.ceil(q / 100 * len(xs)) - 1]
+        assert r["lengths"][name]["min"] == xs[0]
+    ratios = [len(c) / len(rj) for _, c, rj in full]
+    assert r["length_bias"]["mean_ratio"] == pytest.approx(sum(ratios) / len(ratios))
+    assert r["length_bias"]["median_ratio"] == pytest.approx(statistics.median_low(ratios), rel=3e-3)
 
 
 def test_token_counts_without_ids_equal_rendered_lengths(tok):
