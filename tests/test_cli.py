@@ -8,7 +8,8 @@ import pytest
 
 from fastdpo.cli import main
 
-SUBCOMMANDS = ["demo", "sft", "pairs", "train", "eval", "bench", "serve", "audit"]   # the documented contract
+SUBCOMMANDS = ["demo", "sft", "pairs", "train", "eval", "bench", "serve", "label",
+               "audit"]   # the documented contract
 
 
 def test_help_and_version(capsys):

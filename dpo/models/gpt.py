@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastdpo.models.recompute import run_block
+
 
 @dataclass
 class GPTConfig:
@@ -148,6 +150,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    gradient_checkpointing = False   # per-block activation checkpointing (fastdpo.models.recompute)
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
@@ -207,7 +211,8 @@ class GPT(nn.Module):
             raise ValueError(f"position {int(pos.max())} exceeds block_size {self.config.block_size}")
         x = self.transformer.drop(self.transformer.wte(ids) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, pos=pos, kv_cache=None if kv_caches is None else kv_caches[i], attn_mask=attn_mask)
+            x = run_block(self, block, x, pos=pos, kv_cache=None if kv_caches is None else kv_caches[i],
+                          attn_mask=attn_mask)
         return self.transformer.ln_f(x)
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor | None = None, kv_caches=None,
