@@ -92,7 +92,8 @@ def train_to_completion(build: Callable[[RunLogger | None], Trainer], train_conf
                        report_to=train_config.report_to) if runtime.is_main() else None
     try:
         trainer = build(logger)
-        trainer.health = health if runtime.is_main() else None
+        if health is not None and runtime.is_main():
+            trainer.health = health
         if resume_path is not None:
             trainer.resume_from(resume_path)
             say(f"resumed from {resume_path} at step {trainer.state.step}", flush=True)
