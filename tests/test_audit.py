@@ -124,6 +124,20 @@ def test_planted_problems_are_found_exactly_and_write_clean_removes_them(tmp_pat
     assert kept[0] == rows[0]                                              # rows as read, in order
 
 
+def test_duplicates_and_contradictions_in_one_group(tmp_path):
+    rows = [("p", "alpha", "beta"), ("p", "alpha", "beta"), ("p", "beta", "alpha"), ("q", "alpha", "beta"),
+            ("q", "gamma", "delta"), ("q", "delta", "gamma"), ("q", "delta", "gamma")]
+    path = write_jsonl(tmp_path / "g.jsonl", [{"prompt": q, "chosen": c, "rejected": r} for q, c, r in rows])
+    r = audit_preferences([path], write_clean=tmp_path / "d.jsonl", drop=["duplicates"])
+    assert (r["duplicate_pairs"], r["contradictions"], r["distinct_prompts"]) == (2, 6, 2)
+    kept = [json.loads(ln) for ln in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert [(k["prompt"], k["chosen"]) for k in kept] == [("p", "alpha"), ("p", "beta"), ("q", "alpha"),
+                                                          ("q", "gamma"), ("q", "delta")]
+    audit_preferences([path], write_clean=tmp_path / "c.jsonl", drop=["contradictions"])
+    kept = [json.loads(ln) for ln in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert kept == [{"prompt": "q", "chosen": "alpha", "rejected": "beta"}]
+
+
 def test_drop_only_the_named_classes(tmp_path):
     rows, expect, good = planted()
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
