@@ -10,7 +10,7 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "dpo" / "__init__.py").r
 setup(
     name="fastdpo",
     version=VERSION,
-    description="Fast, kernel-accelerated Direct Preference Optimization for small GPT models",
+    description="Fast, kernel-accelerated Direct Preference Optimization for GPT-2 and Llama-family models",
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -26,6 +26,7 @@ setup(
         "torch>=2.13",
         "triton>=3.2; platform_system == 'Linux'",
         "tokenizers>=0.19",
+        "jinja2>=3.1.6",   # Hugging Face chat templates (sandboxed; older versions have known escapes)
         "safetensors>=0.4",
         "pyyaml>=6",
         "openai>=1.30",
@@ -35,7 +36,10 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "transformers>=4.45"],
+        # transformers is not needed to import, train or export Hugging Face models; it is what
+        # reads the exported directories (and what the tests compare against)
+        "hf": ["transformers>=4.45"],
         "judge": ["vllm"],
         "peers": ["transformers", "trl", "liger-kernel"],
     },

@@ -21,7 +21,8 @@ def add_subcommand(sub) -> None:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: A's checkpoint's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json or tokenizer directory (default: A's checkpoint's)")
     add_device_arg(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--report", default=None, help="write the JSON report here")
@@ -34,7 +35,7 @@ def _cli(args) -> int:
     judge = judge_from_args(args)
     device = resolve_device(args.device)
     model_a, tok = load_policy(args.a, args.tokenizer, device)
-    model_b, _ = load_policy(args.b, args.tokenizer or (Path(args.a) / "tokenizer.json"), device)
+    model_b, _ = load_policy(args.b, args.tokenizer or args.a, device)
     try:
         report = evaluate(model_a, model_b, tok, args.prompts, judge, mode=args.mode,
                           temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_k=args.top_k,

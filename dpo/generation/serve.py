@@ -185,27 +185,24 @@ def _text_content(content, where: str) -> str:
 
 
 def chat_turns(messages) -> list[tuple[str, str]]:
-    """OpenAI messages -> template turns. System text is folded into the first user turn (the
-    template has no system role); the conversation must end with a user turn."""
+    """OpenAI messages -> template turns, system turns included (the tokenizer's chat template
+    renders them; fastdpo's own folds them into the first user turn); the conversation must end
+    with a user turn."""
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "'messages' must be a non-empty list", "messages")
-    system: list[str] = []
     turns: list[tuple[str, str]] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise RequestError(400, f"messages[{i}] must be an object", "messages")
         role, text = m.get("role"), _text_content(m.get("content"), f"messages[{i}]")
         if role in ("system", "developer"):
-            system.append(text)
+            turns.append(("system", text))
         elif role in ("user", "assistant"):
             turns.append((role, text))
         else:
             raise RequestError(400, f"messages[{i}]: unsupported role {role!r}", "messages")
     if not turns or turns[-1][0] != "user":
         raise RequestError(400, "the last non-system message must have role 'user'", "messages")
-    if system:
-        first = next(i for i, t in enumerate(turns) if t[0] == "user")
-        turns[first] = ("user", "\n\n".join(system + [turns[first][1]]))
     return turns
 
 
@@ -274,7 +271,10 @@ class ChatServer(ThreadingHTTPServer):
             raise RequestError(404, f"model {requested!r} not found; this server serves {self.model_name!r}",
                                "model", "model_not_found")
         if chat:
-            prompts = [self.tokenizer.render_conversation(chat_turns(body.get("messages")))]
+            try:
+                prompts = [self.tokenizer.render_conversation(chat_turns(body.get("messages")))]
+            except ValueError as e:   # the chat template refused the messages
+                raise RequestError(400, str(e), "messages") from None
         else:
             raw = body.get("prompt")
             raw = [raw] if isinstance(raw, str) else raw

@@ -30,8 +30,8 @@ import yaml
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 REFERENCE_MODES = ("auto", "cached", "model", "none")
-DATA_FORMATS = ("auto", "prompt", "conversations", "hh")
-SFT_FORMATS = ("auto", "prompt", "conversations")
+DATA_FORMATS = ("auto", "prompt", "implicit", "conversations", "hh")   # see fastdpo.training.data
+SFT_FORMATS = ("auto", "prompt", "messages", "conversations")
 # the kernel choices of fastdpo.training.logprobs (kept here: configs load without importing torch)
 KERNELS = ("auto", "triton", "torch", "oracle")
 
@@ -184,7 +184,7 @@ class _DatasetConfig:
 
 @dataclass
 class PreferenceDatasetConfig(_DatasetConfig):
-    FORMATS: ClassVar[tuple[str, ...]] = DATA_FORMATS   # auto | prompt | conversations | hh
+    FORMATS: ClassVar[tuple[str, ...]] = DATA_FORMATS   # auto | prompt | implicit | conversations | hh
 
 
 @dataclass
@@ -200,7 +200,7 @@ class SFTConfig:
 
 @dataclass
 class SFTDatasetConfig(_DatasetConfig):
-    FORMATS: ClassVar[tuple[str, ...]] = SFT_FORMATS    # auto | prompt | conversations
+    FORMATS: ClassVar[tuple[str, ...]] = SFT_FORMATS    # auto | prompt | messages | conversations
 
 
 def _choice(name, value, allowed):
