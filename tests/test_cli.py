@@ -8,7 +8,8 @@ import pytest
 
 from fastdpo.cli import main
 
-SUBCOMMANDS = ["demo", "sft", "pairs", "train", "eval", "bench", "serve"]   # the documented contract
+# the documented contract
+SUBCOMMANDS = ["demo", "sft", "pairs", "train", "eval", "bench", "serve", "export", "tokenizer"]
 
 
 def test_help_and_version(capsys):

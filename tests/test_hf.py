@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fastdpo.generation.sampler import sample
 from fastdpo.models.checkpoint import CheckpointError, load_checkpoint, load_policy, save_checkpoint
 from fastdpo.models.hf_export import export_hf
+from fastdpo.models.hf_weights import from_hf_name, is_conv1d, to_hf_name
 from fastdpo.models.tokenizer import open_tokenizer
 from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
 from fastdpo.training.dpo import run_dpo
@@ -41,6 +42,23 @@ def test_logits_match_transformers_with_per_row_positions(hf_dirs, family):
     with torch.no_grad():
         assert (ours(ids) - ref(ids).logits).abs().max() <= 1e-4
         assert (ours(ids, pos=pos) - ref(ids, position_ids=pos).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_name_mapping_covers_every_parameter_and_module(hf_dirs, family):
+    """What a LoRA adapter in PEFT's format needs: every fastdpo parameter and projection module has
+    a transformers name, and the Conv1D ones (stored transposed) are the ones flagged."""
+    ours, _ = load_checkpoint(hf_dirs[family])
+    ref = reference(hf_dirs[family])
+    theirs = ref.state_dict()
+    tied = {"lm_head.weight"} if getattr(ours.config, "tie_word_embeddings", True) else set()   # GPT-2 ties
+    assert {to_hf_name(ours.family, n) for n in ours.state_dict()} == set(theirs) - tied
+    for name in ours.state_dict():
+        assert from_hf_name(ours.family, to_hf_name(ours.family, name)) == name
+    for name, module in ours.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            target = ref.get_submodule(to_hf_name(ours.family, name))
+            assert is_conv1d(ours.family, f"{name}.weight") == (type(target).__name__ == "Conv1D"), name
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -201,7 +201,7 @@ def chat_turns(messages) -> list[tuple[str, str]]:
             turns.append((role, text))
         else:
             raise RequestError(400, f"messages[{i}]: unsupported role {role!r}", "messages")
-    if not turns or turns[-1][0] != "user":
+    if [role for role, _ in turns if role != "system"][-1:] != ["user"]:
         raise RequestError(400, "the last non-system message must have role 'user'", "messages")
     return turns
 

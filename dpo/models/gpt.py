@@ -10,19 +10,20 @@ The forward pass takes positions explicitly (one per row and token) instead of a
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fastdpo.models.kv_cache import KVCache, attend, checked_positions
+from fastdpo.models.model_config import DictConfig
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "PRESETS", "config_from_preset"]
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(DictConfig):
     vocab_size: int = 50304
     block_size: int = 1024
     n_layer: int = 12
@@ -37,17 +38,6 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GPTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig fields: {unknown}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # Named shapes. vocab_size is usually overridden by the tokenizer's size.

@@ -43,8 +43,12 @@ def _token_text(value) -> str | None:
 class HFTokenizer(ChatTokenizer):
     kind = "hf"
 
-    def __init__(self, tok: RawTokenizer, config: dict, template: str, source: str = "<memory>"):
+    def __init__(self, tok: RawTokenizer, config: dict, template: str, source: str = "<memory>",
+                 template_source: str | None = None):
+        """``source`` names the tokenizer_config.json in errors; ``template_source`` where the
+        template came from (default: that file's ``chat_template`` field)."""
         self._hf, self.config, self.template, self.source = tok, dict(config), template, source
+        self.template_source = template_source or f"{source}: field 'chat_template'"
         self.special_tokens = {name: text for name in chat_template.SPECIAL_TOKEN_NAMES
                                if (text := _token_text(config.get(name))) is not None}
         for name, text in self.special_tokens.items():
@@ -73,9 +77,10 @@ class HFTokenizer(ChatTokenizer):
         if (directory / SPECIAL_TOKENS_MAP).is_file():   # older files keep the special tokens here
             legacy = _read_json(directory / SPECIAL_TOKENS_MAP)
             config = {**{k: v for k, v in legacy.items() if k in chat_template.SPECIAL_TOKEN_NAMES}, **config}
-        template = config.get("chat_template")
-        if (directory / TEMPLATE_FILE).is_file():
+        template, template_source = config.get("chat_template"), None
+        if (directory / TEMPLATE_FILE).is_file():   # newer transformers keep the template here
             template = (directory / TEMPLATE_FILE).read_text(encoding="utf-8")
+            template_source = str(directory / TEMPLATE_FILE)
         if isinstance(template, list):   # named templates: [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
@@ -83,14 +88,14 @@ class HFTokenizer(ChatTokenizer):
             raise ValueError(f"{config_file}: field 'chat_template': missing; fastdpo renders every prompt "
                              f"with the tokenizer's chat template (an instruct model's tokenizer has one; "
                              f"for a base model add one to tokenizer_config.json)")
-        return cls(tok, config, template, str(config_file))
+        return cls(tok, config, template, str(config_file), template_source)
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         try:
             return chat_template.render(self.template, messages, add_generation_prompt=add_generation_prompt,
                                         special_tokens=self.special_tokens)
         except chat_template.TemplateError as e:
-            raise ValueError(f"{self.source}: field 'chat_template': {e}") from None
+            raise ValueError(f"{self.template_source}: {e}") from None
 
     def _probe(self) -> tuple[str, str, str]:
         """(answer prefix, text between answer and end-of-turn, end-of-turn token): see the module
@@ -98,7 +103,7 @@ class HFTokenizer(ChatTokenizer):
         question = [{"role": "user", "content": _PROBE_QUESTION}]
         prompt = self._render(question, add_generation_prompt=True)
         full = self._render([*question, {"role": "assistant", "content": _PROBE_ANSWER}], False)
-        where = f"{self.source}: field 'chat_template'"
+        where = self.template_source
         if not full.startswith(prompt) or _PROBE_ANSWER not in full[len(prompt):]:
             raise ValueError(f"{where}: the generation prompt is not the start of the rendered assistant "
                              f"turn; fastdpo cannot tell where an answer starts")

@@ -13,13 +13,14 @@ own position.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fastdpo.models.kv_cache import KVCache, attend, checked_positions
+from fastdpo.models.model_config import DictConfig
 
 VARIANTS = ("llama", "mistral", "qwen2", "qwen3")   # transformers' model_type on export
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -28,7 +29,7 @@ _ROPE_KEYS = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
 
 
 @dataclass
-class LlamaConfig:
+class LlamaConfig(DictConfig):
     vocab_size: int = 32000
     block_size: int = 2048              # the context: transformers' max_position_embeddings
     n_layer: int = 12
@@ -71,17 +72,6 @@ class LlamaConfig:
         problem = _variant_problem(self)
         if problem:
             raise ValueError(f"LlamaConfig: model_type {self.model_type!r} {problem}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LlamaConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown LlamaConfig fields: {unknown}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _normalized_rope_scaling(scaling: dict | None) -> dict | None:

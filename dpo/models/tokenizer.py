@@ -36,7 +36,8 @@ TOKENIZER_FILE, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
 
 
 def normalize_turns(turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Chat turns with canonical roles (system, user, assistant); a prompt must end with a user turn."""
+    """Chat turns with canonical roles (system, user, assistant); a prompt's last turn other than a
+    system one must be a user turn."""
     if not turns:
         raise ValueError("a conversation needs at least one turn")
     out = []
@@ -45,7 +46,7 @@ def normalize_turns(turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
         if canonical is None:
             raise ValueError(f"unknown chat role {role!r}; expected one of {sorted(ROLE_NAMES)}")
         out.append((canonical, text))
-    if out[-1][0] != "user":
+    if [role for role, _ in out if role != "system"][-1:] != ["user"]:
         raise ValueError("a prompt must end with a user turn")
     return out
 
