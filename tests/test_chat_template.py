@@ -64,6 +64,8 @@ def test_answers_end_at_the_templates_end_of_turn(tokenizers, name):
         prompt, tokens = ours.render_conversation(turns), ours.render_answer(answer)
         assert full[:len(prompt) + len(tokens)] == prompt + tokens
         assert tokens[-1] == ours.eos_id and ours.decode(tokens[:-1]) == prefix + answer + before_end
+    # a sampled answer decoded as is already opens with the prefix: it is not added twice
+    assert ours.render_answer(prefix + "Fine, thanks.") == ours.render_answer("Fine, thanks.")
 
 
 def test_special_token_text_in_a_message_is_that_token_as_in_transformers(tokenizers):

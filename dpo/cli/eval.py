@@ -11,8 +11,10 @@ from fastdpo.runtime import resolve_device
 
 def add_subcommand(sub) -> None:
     p = sub.add_parser("eval", help="win rate of checkpoint A vs B (position-swapped judging)")
-    p.add_argument("--a", required=True, help="challenger checkpoint directory (e.g. the DPO model)")
-    p.add_argument("--b", required=True, help="baseline checkpoint directory (e.g. the SFT model)")
+    p.add_argument("--a", required=True,
+                   help="challenger checkpoint or Hugging Face model directory (e.g. the DPO model)")
+    p.add_argument("--b", required=True,
+                   help="baseline checkpoint or Hugging Face model directory (e.g. the SFT model)")
     p.add_argument("--prompts", required=True, help="held-out prompts JSONL ('prompt' field)")
     p.add_argument("--n-prompts", type=int, default=None)
     p.add_argument("--mode", choices=MODES, default="compare")

@@ -135,7 +135,10 @@ class HFTokenizer(ChatTokenizer):
         return self.encode(self.render_text(normalize_turns(turns)))
 
     def render_answer(self, answer: str) -> list[int]:
-        return [*self.encode(self.answer_prefix + answer + self.before_end), self.eos_id]
+        """``prefix + answer + end``; an answer that already opens with the template's prefix (a
+        sampled one decoded as is, e.g. with Qwen3's empty thinking block) keeps just that one."""
+        prefix = "" if answer.startswith(self.answer_prefix) else self.answer_prefix
+        return [*self.encode(prefix + answer + self.before_end), self.eos_id]
 
     def special_ids(self) -> dict[str, int]:
         return {name: self._hf.token_to_id(text) for name, text in self.special_tokens.items()}
