@@ -80,7 +80,8 @@ def test_trl_conversational_rows_load_to_the_same_pairs(tmp_path, tok):
                                                    "chosen": c, "rejected": r}])
     from_value = write_jsonl(tmp_path / "f.jsonl", [{"conversations": [{"from": "system", "value": system},
                                                                        {"from": "human", "value": q}],
-                                                     "chosen": c, "rejected": r}])
+                                                     "chosen": {"from": "gpt", "value": c},   # LLaMA-Factory
+                                                     "rejected": {"from": "gpt", "value": r}}])
     stats = DataStats()
     examples = [load_examples([p], stats=stats)[0] for p in (explicit, implicit, sharegpt, from_value)]
     assert all((e.turns, e.chosen, e.rejected) == ([("system", system), ("user", q)], c, r) for e in examples)

@@ -13,8 +13,9 @@ Preference formats (detected per file from its first row, or forced with ``forma
   messages, and one assistant message per answer).
 - ``implicit``:      TRL's conversational rows with an implicit prompt: ``chosen`` and ``rejected``
   are whole conversations sharing every message but their last, assistant, one.
-- ``conversations``: ``{"conversations": [messages], "chosen": str, "rejected": str}``; the history
-  ends with a user turn, the two answers are the competing next assistant turns.
+- ``conversations``: ``{"conversations": [messages], "chosen": ..., "rejected": ...}`` (answers as
+  strings, or one assistant message each, as LLaMA-Factory writes them); the history ends with a
+  user turn, the two answers are the competing next assistant turns.
 - ``hh``:            HH-RLHF transcripts, ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...",
   "rejected": ...}``; both share everything up to their last assistant turn.
 
@@ -166,8 +167,11 @@ def _prompt_field(row: dict) -> list[tuple[str, str]]:
 
 
 def _answer_field(row: dict, name: str) -> str:
-    """An answer: a string, or a message list holding one assistant message."""
+    """An answer: a string, a message list holding one assistant message, or that one message
+    (LLaMA-Factory's ShareGPT preference rows: ``"chosen": {"from": "gpt", "value": ...}``)."""
     value = row.get(name)
+    if isinstance(value, dict):
+        value = [value]
     if not isinstance(value, list):
         return _string_field(row, name)
     turns = _messages(value, name)
