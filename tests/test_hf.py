@@ -154,6 +154,10 @@ def test_export_loads_in_transformers_with_equal_logits_and_template(trained, hf
     assert theirs == tok.render_conversation([(m["role"], m["content"]) for m in messages])
     generation = json.loads((exported / "generation_config.json").read_text())
     assert tok.eos_id in generation["eos_token_id"]
+    # transformers 5's own class name, which transformers 4 cannot resolve, is not exported
+    assert json.loads((exported / "tokenizer_config.json").read_text())["tokenizer_class"] != \
+        "TokenizersBackend"
+    assert open_tokenizer(exported).hash == tok.hash   # what decides the ids is unchanged
 
 
 def test_sharded_safetensors_import(tmp_path, hf_dirs):

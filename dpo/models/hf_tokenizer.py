@@ -145,25 +145,32 @@ class HFTokenizer(ChatTokenizer):
 
     @property
     def hash(self) -> str:
+        """Over what decides the ids: the tokenizer.json, the template and the special tokens (not
+        the rest of tokenizer_config.json, which export rewrites)."""
         h = hashlib.sha256(self._hf.to_str().encode())
-        config = {**self.config, "chat_template": self.template}
-        h.update(json.dumps(config, sort_keys=True, default=str).encode())
+        h.update(json.dumps([self.template, self.special_tokens], sort_keys=True).encode())
         return h.hexdigest()[:16]
 
     def save(self, path: str | Path) -> Path:
         """tokenizer.json and tokenizer_config.json (the chat template inline) into ``path``'s
-        directory (``path`` is the directory or its tokenizer.json)."""
+        directory (``path`` is the directory or its tokenizer.json), as they were read."""
         path = Path(path)
         directory = path.parent if path.suffix == ".json" else path
-        self.save_hf(directory)
+        self._write(directory, {**self.config, "chat_template": self.template})
         return directory / TOKENIZER_FILE
 
     def save_hf(self, directory: str | Path, model_max_length: int | None = None) -> None:
-        directory = Path(directory)
-        atomic_write(directory / TOKENIZER_FILE, self._hf.to_str())
         config = {**self.config, "chat_template": self.template}
+        if config.get("tokenizer_class") == "TokenizersBackend":
+            # transformers 5 writes this name, which transformers 4 (and a vLLM built on it) cannot
+            # resolve; both read the generic fast-tokenizer class from tokenizer.json alike
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
         if model_max_length and not config.get("model_max_length"):
             config["model_max_length"] = int(model_max_length)
+        self._write(Path(directory), config)
+
+    def _write(self, directory: Path, config: dict) -> None:
+        atomic_write(directory / TOKENIZER_FILE, self._hf.to_str())
         write_json(directory / TOKENIZER_CONFIG, config)
 
 
