@@ -36,10 +36,13 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "transformers>=4.45"],
+        # trl and peft: the tests compare fastdpo's losses with TRL's code and load fastdpo's LoRA
+        # adapters with peft onto the equivalent transformers model (both keep the CPU torch build);
+        # transformers: what the Hugging Face import/export tests compare against
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "transformers>=4.51", "trl", "peft"],
         # transformers is not needed to import, train or export Hugging Face models; it is what
-        # reads the exported directories (and what the tests compare against)
-        "hf": ["transformers>=4.45"],
+        # reads the exported directories (4.51: the first with Qwen3)
+        "hf": ["transformers>=4.51"],
         "judge": ["vllm"],
         "peers": ["transformers", "trl", "liger-kernel"],
     },

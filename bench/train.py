@@ -22,6 +22,14 @@ see ``bench.kernels.measure``); ``resident_MB`` is what the variant keeps beside
 and its optimizer: the frozen reference model (naive) or the cached log-probs (fast). The ratio is
 on their sum. The one-off cost of precomputing the reference log-probs is reported separately
 (a β sweep pays it once for all its runs).
+
+Memory-saving variants of the fast path (``--variants fast,checkpointing,lora``), each compared
+with ``fast`` on the whole training footprint ``train_peak_MB`` = parameters + optimizer state +
+the resident reference + the step's peak (activations, gradients, temporaries):
+- checkpointing: ``gradient_checkpointing`` (each block's activations recomputed in backward);
+- lora / lora+checkpointing: LoRA rank 16, alpha 32 on every projection (the LLaMA-Factory seed's
+  setting): the base is frozen, so no base gradients and no optimizer state for it; the reference
+  is the base with the adapters off.
 """
 from __future__ import annotations
 
@@ -66,11 +74,27 @@ def _mb(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
+# variant -> (kernel setting, reference mode, TrainingConfig overrides)
+VARIANTS = {
+    "fast": ("auto", "cached", {}),
+    "naive": ("oracle", "model", {}),
+    "checkpointing": ("auto", "cached", {"gradient_checkpointing": True}),
+    "lora": ("auto", "cached", {"finetuning_type": "lora", "lora_rank": 16, "lora_alpha": 32}),
+    "lora+checkpointing": ("auto", "cached", {"finetuning_type": "lora", "lora_rank": 16, "lora_alpha": 32,
+                                              "gradient_checkpointing": True}),
+}
+
+
 def run_train_bench(preset: str = "tiny", rounds: int = 3, steps: int = 2, precision: str = "auto",
                     micro_batch_size: int | None = None, prompt: tuple[int, int] | None = None,
-                    answer: tuple[int, int] | None = None, seed: int = 0, verbose: bool = True) -> list[dict]:
-    """One row per variant (fast, naive) with tokens/s and memory, the fast row carrying the ratios.
-    ``prompt``/``answer`` override the preset's (min, max) token lengths of the synthetic pairs."""
+                    answer: tuple[int, int] | None = None, seed: int = 0, verbose: bool = True,
+                    variants: tuple[str, ...] = ("fast", "naive")) -> list[dict]:
+    """One row per variant with tokens/s and memory; the fast row carries the ratios vs naive, the
+    memory-saving variants theirs vs fast. ``prompt``/``answer`` override the preset's (min, max)
+    token lengths of the synthetic pairs."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     shape = dict(SHAPES[preset])
     for key, value in (("micro_batch_size", micro_batch_size), ("prompt", prompt), ("answer", answer)):
         if value:
@@ -86,17 +110,22 @@ def run_train_bench(preset: str = "tiny", rounds: int = 3, steps: int = 2, preci
                   max_steps=10**6, log_every=0, mixed_precision=precision, wandb="disabled", progress=False,
                   device="cpu", seed=seed, length_bucket=1)
     trainers, info = {}, {}
-    for name, kernel, reference in (("fast", "auto", "cached"), ("naive", "oracle", "model")):
-        tc = TrainingConfig(run_name=f"bench-{name}", kernel=kernel, **common)
+    for name in variants:
+        kernel, reference, extra = VARIANTS[name]
+        tc = TrainingConfig(run_name=f"bench-{name}", kernel=kernel, **common, **extra)
         t0 = time.perf_counter()
         # naive = the seed's recipe: chosen and rejected as separate rows (prompt run twice)
-        dc = DPOConfig(reference=reference, shared_prompt=name == "fast")
+        dc = DPOConfig(reference=reference, shared_prompt=name != "naive")
         trainer = prepare_dpo(copy.deepcopy(base), pairs, [], tc, dc, pad_id=0, tokenizer_hash="synthetic")
         setup = time.perf_counter() - t0
         task = trainer.task
-        resident = (_mb(task.ref_model.parameters()) if task.ref_model is not None
+        own = task.ref_model is None or task.ref_model is trainer.model   # LoRA: the policy's base view
+        resident = (_mb(task.ref_model.parameters()) if not own
                     else _mb([task.ref_train]) if task.ref_train is not None else 0.0)
-        info[name] = {"setup_s": setup, "resident_MB": resident, "precision": trainer.precision}
+        params = list(trainer.model.parameters())
+        info[name] = {"setup_s": setup, "resident_MB": resident, "precision": trainer.precision,
+                      "params_MB": _mb(params),
+                      "trainable_params": sum(p.numel() for p in params if p.requires_grad)}
         # Warm-up: the optimizer state, then one untimed pass over exactly the batches measured
         # below (the step counter is rewound), so the timed pass sees the steady state of a long
         # run: every batch shape has been seen once and oneDNN's primitive cache and the allocator
@@ -106,6 +135,8 @@ def run_train_bench(preset: str = "tiny", rounds: int = 3, steps: int = 2, preci
         start = trainer.state.step
         trainer.train(steps=rounds * steps)
         trainer.state.step = start
+        info[name]["optimizer_MB"] = _mb(t for st in trainer.optimizer.state.values() for t in st.values()
+                                         if isinstance(t, torch.Tensor))
         trainers[name] = trainer
     tokens_per_step = statistics.mean(sum(p.n_tokens for p in pairs[i * mb:(i + 1) * mb])
                                       for i in range(n_pairs // mb))
@@ -135,11 +166,25 @@ def run_train_bench(preset: str = "tiny", rounds: int = 3, steps: int = 2, preci
                      "step_s": statistics.median(times[name]) / steps, "step_peak_MB": peak,
                      "resident_MB": info[name]["resident_MB"],
                      "peak_MB": None if peak is None else peak + info[name]["resident_MB"],
-                     "setup_s": info[name]["setup_s"]})
-    fast, naive = rows
-    fast["speedup_vs_naive"] = fast["tokens_per_s"] / naive["tokens_per_s"]
-    if fast["peak_MB"] is not None:
-        fast["memory_vs_naive"] = fast["peak_MB"] / naive["peak_MB"]
+                     "setup_s": info[name]["setup_s"],
+                     "gradient_checkpointing": trainers[name].cfg.gradient_checkpointing,
+                     "finetuning_type": trainers[name].cfg.finetuning_type,
+                     "trainable_params": info[name]["trainable_params"],
+                     "params_MB": info[name]["params_MB"], "optimizer_MB": info[name]["optimizer_MB"],
+                     "train_peak_MB": None if peak is None else (peak + info[name]["resident_MB"]
+                                                                 + info[name]["params_MB"]
+                                                                 + info[name]["optimizer_MB"])})
+    by = {r["variant"]: r for r in rows}
+    fast, naive = by.get("fast"), by.get("naive")
+    if fast and naive:
+        fast["speedup_vs_naive"] = fast["tokens_per_s"] / naive["tokens_per_s"]
+        if fast["peak_MB"] is not None:
+            fast["memory_vs_naive"] = fast["peak_MB"] / naive["peak_MB"]
+    for r in rows:
+        if fast and r["variant"] not in ("fast", "naive"):
+            r["tokens_per_s_vs_fast"] = r["tokens_per_s"] / fast["tokens_per_s"]
+            if r["train_peak_MB"] is not None:
+                r["train_memory_vs_fast"] = r["train_peak_MB"] / fast["train_peak_MB"]
     if verbose:
         print(format_rows(rows), flush=True)
     return rows
@@ -156,6 +201,12 @@ def format_rows(rows: list[dict]) -> str:
         if "speedup_vs_naive" in r:
             mem = r.get("memory_vs_naive", float("nan"))
             line += f"  x{r['speedup_vs_naive']:.2f} tok/s, x{mem:.2f} memory"
+        if r.get("train_peak_MB") is not None:
+            line += (f"\n      training footprint {r['train_peak_MB']:8.1f} MB (params {r['params_MB']:.1f}, "
+                     f"optimizer {r['optimizer_MB']:.1f}, trainable {r['trainable_params']:,})")
+        if "tokens_per_s_vs_fast" in r:
+            mem = r.get("train_memory_vs_fast", float("nan"))
+            line += f"  vs fast: x{r['tokens_per_s_vs_fast']:.2f} tok/s, x{mem:.2f} footprint"
         out.append(line)
     return "\n".join(out)
 
@@ -169,6 +220,10 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (1 is steadier on a shared machine: no thread waits on a "
                          "descheduled peer)")
+    ap.add_argument("--micro-batch-size", type=int, default=None,
+                    help="pairs per step (default: the preset's; a larger batch makes activations matter)")
+    ap.add_argument("--variants", default="fast,naive",
+                    help=f"comma-separated, from {','.join(VARIANTS)} (memory: fast,checkpointing,lora)")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -176,7 +231,9 @@ def main(argv=None) -> None:
     rows = []
     for preset in (SHAPES if args.preset == "all" else [args.preset]):
         steps = args.steps or (4 if preset == "tiny" else 1)
-        rows += run_train_bench(preset, rounds=args.rounds, steps=steps, precision=args.precision)
+        rows += run_train_bench(preset, rounds=args.rounds, steps=steps, precision=args.precision,
+                                micro_batch_size=args.micro_batch_size,
+                                variants=tuple(v.strip() for v in args.variants.split(",")))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,6 +1,7 @@
 """`fastdpo bench` end to end on its cheapest phase: the JSON keys the README documents exist."""
 import json
 
+import pytest
 import torch
 
 from fastdpo.cli import main
@@ -47,3 +48,28 @@ def test_bench_quick_eval_phase_writes_json_and_png(tmp_path, monkeypatch):
 def test_unknown_phase_is_a_clear_error(tmp_path, capsys):
     assert main(["bench", "--phases", "sample,nope", "--out", str(tmp_path)]) == 2
     assert "unknown bench phases ['nope']" in capsys.readouterr().err
+
+
+def test_train_bench_memory_variants_report_the_training_footprint():
+    from fastdpo.bench.train import run_train_bench
+
+    threads = torch.get_num_threads()
+    try:
+        rows = run_train_bench("tiny", rounds=1, steps=1, micro_batch_size=2, prompt=(8, 8), answer=(8, 12),
+                               variants=("fast", "checkpointing", "lora"), verbose=False)
+    finally:
+        torch.set_num_threads(threads)
+    by = {r["variant"]: r for r in rows}
+    fast, ckpt, lora = by["fast"], by["checkpointing"], by["lora"]
+    assert ckpt["gradient_checkpointing"] and lora["finetuning_type"] == "lora"
+    # the same model and optimizer state with checkpointing; LoRA trains ~10% of the tiny model's
+    # weights (rank 16 on every projection) and keeps Adam state for those only
+    assert ckpt["trainable_params"] == fast["trainable_params"]
+    assert ckpt["optimizer_MB"] == fast["optimizer_MB"]
+    assert lora["trainable_params"] < fast["trainable_params"] / 5
+    assert lora["optimizer_MB"] == pytest.approx(2 * 4 * lora["trainable_params"] / 2**20, rel=1e-3)
+    for r in (ckpt, lora):
+        assert r["tokens_per_s_vs_fast"] > 0
+        if r["train_peak_MB"] is not None:   # /proc readings exist (Linux)
+            assert r["train_peak_MB"] >= r["params_MB"] + r["optimizer_MB"]
+            assert r["train_memory_vs_fast"] == r["train_peak_MB"] / fast["train_peak_MB"]

@@ -185,6 +185,20 @@ def test_ddp_two_ranks_match_one_process_with_twice_the_batch(work, single):
     assert len(list((work / "runs" / "ref_cache").glob("ref-logps-*.safetensors"))) == 2
 
 
+def test_ddp_lora_with_gradient_checkpointing_matches_one_process(work):
+    """Only the adapters are DDP's to reduce; the per-step reference is each rank's base view."""
+    lora = dict(finetuning_type="lora", lora_rank=4, gradient_checkpointing=True)
+    one = spec(work, "single-lora", batch_size=8, progress=False, **lora)
+    one["dpo"]["reference"] = "model"
+    run_spec(one)
+    two = spec(work, "ddp-lora", **lora)
+    two["dpo"]["reference"] = "model"
+    proc = worker("train", two)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    assert_same_run(work / "runs" / "ddp-lora", work / "runs" / "single-lora")
+    assert (work / "runs" / "ddp-lora" / "final" / "adapter_model.safetensors").is_file()
+
+
 def test_fsdp2_two_ranks_match_one_process_and_save_one_file(work, single):
     s = spec(work, "fsdp", parallel="fsdp", save_every=2)
     proc = worker("train", s)

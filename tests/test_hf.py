@@ -11,6 +11,7 @@ from hf_helpers import FAMILIES, build_hf_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastdpo.generation.sampler import sample
+from fastdpo.models import lora
 from fastdpo.models.checkpoint import CheckpointError, load_checkpoint, load_policy, save_checkpoint
 from fastdpo.models.hf_export import export_hf
 from fastdpo.models.hf_weights import from_hf_name, is_conv1d, to_hf_name
@@ -59,6 +60,23 @@ def test_name_mapping_covers_every_parameter_and_module(hf_dirs, family):
         if isinstance(module, torch.nn.Linear):
             target = ref.get_submodule(to_hf_name(ours.family, name))
             assert is_conv1d(ours.family, f"{name}.weight") == (type(target).__name__ == "Conv1D"), name
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")   # transformers' own deprecations inside peft
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peft_loads_our_lora_adapter_onto_the_transformers_model(hf_dirs, family, tmp_path):
+    peft = pytest.importorskip("peft")
+    ours, _ = load_checkpoint(hf_dirs[family])
+    lora.apply_lora(ours, ["all"], rank=4, alpha=8)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in lora.lora_modules(ours).values():   # a trained-looking adapter, not the zero start
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+    lora.save_adapter(tmp_path, ours, str(hf_dirs[family]))
+    theirs = peft.PeftModel.from_pretrained(reference(hf_dirs[family]), tmp_path).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 16), generator=g)
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours.eval()(ids)).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -114,6 +114,25 @@ def test_packed_shared_prompt_layout_equals_separate_rows():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_gradient_checkpointing_recomputes_blocks_with_equal_gradients():
+    from fastdpo.models.recompute import set_gradient_checkpointing
+
+    ids = torch.randint(0, V, (2, 12))
+    grads, calls = [], []
+    for on in (False, True):
+        m = small(seed=5).train()
+        set_gradient_checkpointing(m, on)
+        seen = []
+        for block in m.blocks:
+            block.register_forward_pre_hook(lambda *a, seen=seen: seen.append(1))
+        m(ids).logsumexp(-1).sum().backward()
+        grads.append([p.grad for p in m.parameters()])
+        calls.append(len(seen))
+    assert calls == [2, 4]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_gradients_reach_every_parameter():
     m = small(qkv_bias=True, o_bias=True, mlp_bias=True).train()
     m(torch.randint(0, V, (2, 8))).logsumexp(-1).sum().backward()

@@ -5,6 +5,11 @@ the tokenizer (and with it the chat template) is saved next to the weights, so r
 serve find it. Every reader also takes a local Hugging Face model directory
 (``fastdpo.models.hf_import``).
 
+A model with LoRA adapters is saved as its adapter in the PEFT format (``adapter_config.json`` +
+``adapter_model.safetensors``, see ``fastdpo.models.lora``) with ``config.json`` naming the
+``base_checkpoint`` it applies to, plus the merged ``model.safetensors`` when asked (or when no
+base is recorded). Loading an adapter-only checkpoint loads its base and merges the adapter in.
+
 Writes are atomic: everything goes into a hidden temporary directory next to the target, is
 flushed to disk, and only then renamed into place, so a crash mid-save leaves the previous
 checkpoint intact. Nothing is ever unpickled: weights are safetensors, and the seed's legacy
@@ -22,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fastdpo.files import fsync_path, temp_sibling
+from fastdpo.models import lora
 from fastdpo.models.errors import CheckpointError
 from fastdpo.models.families import build_model, config_from_dict, family_of
 from fastdpo.models.gpt import GPT, GPTConfig
@@ -55,16 +61,24 @@ def write_directory(path: str | Path, fill: Callable[[Path], None]) -> Path:
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, *, step: int = 0,
                     tokenizer: ChatTokenizer | None = None, meta: dict | None = None,
-                    extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:
+                    extra_files: dict[str, Callable[[Path], None]] | None = None,
+                    merged: bool = False) -> Path:
     """Write ``model`` (and optionally its tokenizer) to the directory ``path`` atomically.
 
     ``meta`` is merged into config.json; ``extra_files`` maps a file name to a function that
     writes it (the trainer stores optimizer and RNG state this way), inside the same atomic
-    swap so a checkpoint's parts always belong together.
+    swap so a checkpoint's parts always belong together. A model with LoRA adapters writes its
+    adapter, and the merged weights too when ``merged`` or when ``meta`` has no ``base_checkpoint``.
     """
     def fill(tmp: Path) -> None:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+        adapted = isinstance(model, torch.nn.Module) and lora.has_lora(model)
+        base = (meta or {}).get("base_checkpoint")
+        if adapted:
+            lora.save_adapter(tmp, model, base)
+        if not adapted or merged or base is None:
+            state = lora.merged_state_dict(model) if adapted else model.state_dict()
+            state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+            save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
         config = {"format": FORMAT, "family": family_of(model.config), "model": model.config.to_dict(),
                   "step": int(step)}
         if tokenizer is not None:
@@ -148,6 +162,8 @@ def load_checkpoint(path: str | Path, tokenizer: ChatTokenizer | None = None, ma
     if tokenizer is not None and check_tokenizer:
         check_tokenizer_matches(path, config, tokenizer)
     weights = path / WEIGHTS
+    if not weights.is_file() and lora.is_adapter_dir(path):
+        return _load_with_adapter(path, config, tokenizer, map_location, check_tokenizer), config
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing")
     try:
@@ -157,6 +173,31 @@ def load_checkpoint(path: str | Path, tokenizer: ChatTokenizer | None = None, ma
     model = build_model(model_config)
     _load_state(model, state, weights)
     return model.to(map_location), config
+
+
+def _load_with_adapter(path: Path, config: dict, tokenizer, map_location, check_tokenizer) -> torch.nn.Module:
+    """An adapter-only checkpoint: its base (itself possibly one) with the adapter merged in."""
+    model = load_base(path, config, tokenizer, map_location, check_tokenizer)
+    try:
+        lora.load_adapter(path, model)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    return lora.merge_lora(model)
+
+
+def load_base(path: Path, config: dict, tokenizer=None, map_location="cpu",
+              check_tokenizer: bool = True) -> torch.nn.Module:
+    """The model the adapter in the checkpoint ``path`` applies to (``config.json``'s
+    ``base_checkpoint``), loaded."""
+    base = config.get("base_checkpoint")
+    if not base:
+        raise CheckpointError(f"{path / CONFIG}: field 'base_checkpoint' is missing: an adapter-only "
+                              f"checkpoint needs the checkpoint its adapter applies to")
+    try:
+        return load_checkpoint(base, tokenizer=tokenizer, map_location=map_location,
+                               check_tokenizer=check_tokenizer)[0]
+    except CheckpointError as e:
+        raise CheckpointError(f"{path / CONFIG}: field 'base_checkpoint': {e}") from e
 
 
 def check_tokenizer_matches(path: Path, config: dict, tokenizer: ChatTokenizer) -> None:

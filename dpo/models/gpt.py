@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from fastdpo.models.kv_cache import KVCache, attend, checked_positions
 from fastdpo.models.model_config import DictConfig
+from fastdpo.models.recompute import run_block
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "PRESETS", "config_from_preset"]
 
@@ -101,6 +102,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     family = "gpt2"
+    gradient_checkpointing = False   # per-block activation checkpointing (fastdpo.models.recompute)
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -158,7 +160,8 @@ class GPT(nn.Module):
         pos = checked_positions(ids, pos, kv_caches, self.config)
         x = self.transformer.drop(self.transformer.wte(ids) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, pos=pos, kv_cache=None if kv_caches is None else kv_caches[i], attn_mask=attn_mask)
+            x = run_block(self, block, x, pos=pos, kv_cache=None if kv_caches is None else kv_caches[i],
+                          attn_mask=attn_mask)
         return self.transformer.ln_f(x)
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor | None = None, kv_caches=None,

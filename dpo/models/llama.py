@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from fastdpo.models.kv_cache import KVCache, attend, checked_positions
 from fastdpo.models.model_config import DictConfig
+from fastdpo.models.recompute import run_block
 
 VARIANTS = ("llama", "mistral", "qwen2", "qwen3")   # transformers' model_type on export
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -231,6 +232,7 @@ class Block(nn.Module):
 
 class Llama(nn.Module):
     family = "llama"
+    gradient_checkpointing = False   # per-block activation checkpointing (fastdpo.models.recompute)
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -289,7 +291,8 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(pos, self._frequencies(ids.device))
         x = self.model.embed_tokens(ids)
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, pos, None if kv_caches is None else kv_caches[i], attn_mask)
+            x = run_block(self, block, x, cos, sin, pos, kv_cache=None if kv_caches is None else kv_caches[i],
+                          attn_mask=attn_mask)
         return self.model.norm(x)
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor | None = None, kv_caches=None,

@@ -15,10 +15,16 @@ A YAML file holds one section per dataclass plus the top-level run inputs::
 
 Unknown keys are errors naming the file and the key: a typo must never silently fall back to a
 default and train something else than what the file says.
+
+LLaMA-Factory's names (``pref_beta``, ``pref_loss``, ``cutoff_len`` ...; table ``ALIASES``) are
+accepted too, inside their section or at the top level of a flat LLaMA-Factory-style file, where
+every key that names one section's field goes to that section. This module is long because the
+fields, their checks, the loader and the alias table have to agree, and one place keeps them so.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -28,7 +34,11 @@ from typing import ClassVar
 
 import yaml
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+# the loss types of fastdpo.training.losses (kept here: configs load without importing torch)
+LOSS_TYPES = ("sigmoid", "sigmoid_norm", "robust", "hinge", "ipo", "ipo_sum", "apo_zero", "simpo", "orpo")
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")                       # no reference model at all
+LENGTH_NORMALISED_LOSSES = ("sigmoid_norm", "ipo", "simpo", "orpo")  # divide by answer token counts
+SMOOTHED_LOSSES = ("sigmoid", "sigmoid_norm", "robust", "simpo")
 REFERENCE_MODES = ("auto", "cached", "model", "none")
 DATA_FORMATS = ("auto", "prompt", "implicit", "conversations", "hh")   # see fastdpo.training.data
 SFT_FORMATS = ("auto", "prompt", "messages", "conversations")
@@ -48,6 +58,7 @@ class TrainingConfig:
     max_steps: int | None = None              # wins over epochs when set
     epochs: float = 1.0
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0                 # or warmup over this fraction of the steps
     min_lr_ratio: float = 0.0                 # cosine decays to learning_rate * min_lr_ratio
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.95)
@@ -58,6 +69,14 @@ class TrainingConfig:
     log_every: int = 10
     eval_every: int = 0                       # 0: only at the end (when there is a val split)
     mixed_precision: str = "auto"             # "bf16" | "fp32" | "auto" (bf16 where supported)
+    gradient_checkpointing: bool = False      # recompute each block's activations in backward
+    finetuning_type: str = "full"             # full | lora (adapters train, the base is frozen)
+    lora_target: str | list[str] = "all"      # "all" linear projections, or module names (c_attn, q_proj ...)
+    lora_rank: int = 8
+    lora_alpha: float | None = None           # default 2 x lora_rank
+    lora_dropout: float = 0.0
+    create_new_adapter: bool = False          # from a LoRA checkpoint: merge its adapter, train a new one
+    lora_save_merged: bool = False            # final/ also holds the merged model.safetensors
     seed: int = 1337
     device: str = "auto"                      # "auto" | "cpu" | "cuda" | "cuda:1" ...
     kernel: str = "auto"                      # auto (Triton on CUDA, else torch) | triton | torch | oracle
@@ -79,10 +98,15 @@ class TrainingConfig:
         _choice("mixed_precision", self.mixed_precision, ("bf16", "fp32", "auto"))
         _choice("TrainingConfig.kernel", self.kernel, KERNELS)
         _choice("parallel", self.parallel, ("ddp", "fsdp"))
+        self._check_lora()
         _choice("wandb", self.wandb, ("auto", "disabled", "offline", "online"))
         for name in ("learning_rate", "epochs"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainingConfig.{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"TrainingConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_ratio and self.warmup_steps:
+            raise ValueError("TrainingConfig: set warmup_steps or warmup_ratio, not both")
         if self.length_bucket < 1:
             raise ValueError(f"TrainingConfig.length_bucket must be >= 1, got {self.length_bucket}")
         for name in ("warmup_steps", "save_every", "log_every", "eval_every", "keep_checkpoints"):
@@ -92,6 +116,27 @@ class TrainingConfig:
             raise ValueError(f"TrainingConfig.max_steps must be > 0, got {self.max_steps}")
         self.batch_size, self.micro_batch_size, self.gradient_accumulation_steps = _resolve_batch(
             self.batch_size, self.micro_batch_size, self.gradient_accumulation_steps)
+
+    def _check_lora(self):
+        _choice("finetuning_type", self.finetuning_type, ("full", "lora"))
+        targets = self.lora_target
+        if isinstance(targets, str):   # LLaMA-Factory writes "q_proj,v_proj"
+            targets = targets.split(",")
+        if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"TrainingConfig.lora_target must be 'all' or a list of module names, "
+                             f"got {targets!r}")
+        self.lora_target = [t.strip() for t in targets if t.strip()]
+        if not self.lora_target or ("all" in self.lora_target and len(self.lora_target) > 1):
+            raise ValueError(f"TrainingConfig.lora_target must be 'all' or module names, "
+                             f"got {self.lora_target}")
+        if self.lora_rank < 1:
+            raise ValueError(f"TrainingConfig.lora_rank must be >= 1, got {self.lora_rank}")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"TrainingConfig.lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"TrainingConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.finetuning_type == "lora" and self.parallel == "fsdp":
+            raise ValueError("finetuning_type lora with parallel fsdp is not supported; use parallel: ddp")
 
     @property
     def run_dir(self) -> Path:
@@ -125,8 +170,9 @@ def _resolve_batch(batch, micro, accum) -> tuple[int, int, int]:
 @dataclass
 class DPOConfig:
     beta: float = 0.1
-    loss_type: str = "sigmoid"                # sigmoid | ipo | hinge
-    label_smoothing: float = 0.0              # sigmoid only: the conservative-DPO noise rate
+    loss_type: str = "sigmoid"                # one of LOSS_TYPES (formulas: fastdpo.training.losses)
+    label_smoothing: float = 0.0              # the label-noise rate (sigmoid, sigmoid_norm, robust, simpo)
+    simpo_gamma: float = 0.5                  # SimPO's target reward margin
     max_length: int = 512                     # tokens per response (longer ones are truncated)
     max_prompt_length: int = 512              # longer prompts are dropped (and counted)
     reference: str = "auto"                   # auto | cached | model | none (reference-free)
@@ -139,6 +185,11 @@ class DPOConfig:
     def __post_init__(self):
         _choice("loss_type", self.loss_type, LOSS_TYPES)
         _choice("reference", self.reference, REFERENCE_MODES)
+        if self.loss_type in REFERENCE_FREE_LOSSES:
+            if self.reference not in ("auto", "none") or self.reference_checkpoint is not None:
+                raise ValueError(f"DPOConfig.loss_type {self.loss_type!r} is reference-free: leave reference "
+                                 f"at auto (or none) and reference_checkpoint unset")
+            self.reference = "none"
         if self.reference_free:
             self.reference = "none"
         self.reference_free = self.reference == "none"
@@ -146,8 +197,11 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ValueError("DPOConfig.label_smoothing applies to loss_type 'sigmoid' only")
+        if self.label_smoothing and self.loss_type not in SMOOTHED_LOSSES:
+            raise ValueError(f"DPOConfig.label_smoothing applies to loss_type {list(SMOOTHED_LOSSES)} only, "
+                             f"not {self.loss_type!r}")
+        if not math.isfinite(self.simpo_gamma):
+            raise ValueError(f"DPOConfig.simpo_gamma must be finite, got {self.simpo_gamma}")
         if self.rpo_alpha < 0:
             raise ValueError(f"DPOConfig.rpo_alpha must be >= 0, got {self.rpo_alpha}")
         for name in ("max_length", "max_prompt_length"):
@@ -238,6 +292,128 @@ SECTIONS = {
 TOP_LEVEL = {"dpo": ("sft_checkpoint", "tokenizer"), "sft": ("init_checkpoint", "model", "tokenizer")}
 
 
+# LLaMA-Factory's names -> fastdpo's "section.field" (or a top-level key). "{task}" is the dpo or
+# sft section, "{checkpoint}" the top-level starting checkpoint. Names LLaMA-Factory shares with
+# fastdpo (learning_rate, warmup_ratio, gradient_checkpointing, finetuning_type, lora_rank,
+# lora_alpha, lora_target, lora_dropout, create_new_adapter, val_size, ...) need no entry.
+ALIASES = {
+    "model_name_or_path": "{checkpoint}",
+    "ref_model": "dpo.reference_checkpoint",
+    "pref_beta": "dpo.beta",
+    "pref_loss": "dpo.loss_type",
+    "cutoff_len": "{task}.max_length",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "num_train_epochs": "train.epochs",
+    "logging_steps": "train.log_every",
+    "save_steps": "train.save_every",
+    "eval_steps": "train.eval_every",
+    "overwrite_output_dir": "train.overwrite",
+    "max_samples": "data.max_rows",
+}
+# Flat-file keys whose value is translated (or only checked); see _llamafactory_key.
+LLAMAFACTORY_KEYS = ("stage", "do_train", "dataset", "dataset_dir", "template", "fp16", "bf16",
+                     "lr_scheduler_type", "eval_strategy", "evaluation_strategy", "output_dir")
+
+
+def _alias_target(key: str, kind: str) -> str | None:
+    target = ALIASES.get(key)
+    if target is None:
+        return None
+    return target.format(task=kind, checkpoint=TOP_LEVEL[kind][0])
+
+
+def _owners(key: str, kind: str) -> list[str]:
+    """The sections of a ``kind`` config that have a field ``key``."""
+    return [s for s, cls in SECTIONS[kind].items() if key in {f.name for f in dataclasses.fields(cls)}]
+
+
+def translate_aliases(raw: dict, kind: str, source: str) -> dict:
+    """``raw`` with LLaMA-Factory's names and flat layout turned into fastdpo's sections."""
+    sections, top = SECTIONS[kind], TOP_LEVEL[kind]
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items() if k in sections or k in top}
+
+    def put(target: str, value, key: str) -> None:
+        section, _, name = target.partition(".")
+        node = out if not name else out.setdefault(section, {})
+        name = name or section
+        if not isinstance(node, dict):
+            raise ValueError(f"{source}: section {section!r} must be a mapping")
+        if name in node:
+            raise ValueError(f"{source}: {key!r} sets {target}, which is set already")
+        node[name] = value
+
+    for section in sections:           # aliases inside a section
+        node = out.get(section)
+        for key in list(node) if isinstance(node, dict) else ():
+            target = _alias_target(key, kind)
+            if target and target.startswith(section + "."):
+                put(target, node.pop(key), f"{section}.{key}")
+    for key, value in raw.items():     # a flat file's top-level keys
+        if key in sections or key in top:
+            continue
+        if key in LLAMAFACTORY_KEYS:
+            for target, v in _llamafactory_key(key, value, kind, raw, source):
+                put(target, v, key)
+            continue
+        owners = _owners(key, kind)
+        target = _alias_target(key, kind) or (f"{owners[0]}.{key}" if len(owners) == 1 else None)
+        if target is None:
+            raise ValueError(f"{source}: unknown key {key!r} (top-level keys: {sorted([*sections, *top])}, "
+                             f"a field of one section, or a LLaMA-Factory name)")
+        put(target, value, key)
+    return out
+
+
+def _llamafactory_key(key: str, value, kind: str, raw: dict, source: str) -> list[tuple[str, object]]:
+    """The fastdpo settings one of LLAMAFACTORY_KEYS stands for (an empty list: only checked)."""
+    where = f"{source}: {key}"
+    if key == "stage" and value != kind:
+        raise ValueError(f"{where}: {value!r}, but this command trains stage {kind!r}")
+    if key == "do_train" and value is not True:
+        raise ValueError(f"{where}: must be true (fastdpo train and fastdpo sft train)")
+    if key == "dataset":
+        return [("data.path", _llamafactory_datasets(value, raw.get("dataset_dir") or "data", where))]
+    if key in ("fp16", "bf16") and value:
+        # fastdpo's half precision is bf16 (no fp16 loss scaling): "auto" takes it where supported
+        return [("train.mixed_precision", "bf16" if key == "bf16" else "auto")]
+    if key == "lr_scheduler_type" and value != "cosine":
+        raise ValueError(f"{where}: {value!r}; fastdpo's schedule is warmup then cosine")
+    if key in ("eval_strategy", "evaluation_strategy"):
+        if value not in ("steps", "no"):
+            raise ValueError(f"{where}: {value!r}; fastdpo evaluates every eval_steps steps ('steps') or "
+                             f"only at the end ('no')")
+        return [("train.eval_every", 0)] if value == "no" else []
+    if key == "output_dir":   # LLaMA-Factory's output_dir is the run's own directory
+        path = Path(value)
+        return [("train.output_dir", str(path.parent)), ("train.run_name", path.name)]
+    return []   # stage/do_train as expected; dataset_dir (read with dataset); template: prompts are
+    #             rendered with the checkpoint tokenizer's own chat template
+
+
+def _llamafactory_datasets(names, dataset_dir: str, where: str) -> list[str]:
+    """LLaMA-Factory dataset names -> local files: ``dataset_dir/dataset_info.json``'s ``file_name``
+    for a registered name, else the name as a path (in ``dataset_dir`` or as given)."""
+    names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names or [])
+    info_file = Path(dataset_dir) / "dataset_info.json"
+    info = {}
+    if info_file.is_file():
+        try:
+            info = json.loads(info_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{info_file}:{e.lineno}: invalid JSON ({e.msg})") from e
+    paths = []
+    for name in names:
+        entry = info.get(name) if isinstance(info, dict) else None
+        if isinstance(entry, dict) and entry.get("file_name"):
+            paths.append(str(Path(dataset_dir) / entry["file_name"]))
+        elif Path(dataset_dir, name).is_file() or Path(name).is_file():
+            paths.append(str(Path(dataset_dir, name) if Path(dataset_dir, name).is_file() else Path(name)))
+        else:
+            raise ValueError(f"{where}: {name!r} is neither a file_name entry of {info_file} nor a local "
+                             f"file (fastdpo reads local JSONL; it does not download datasets)")
+    return paths
+
+
 def read_yaml(path: str | Path) -> tuple[dict, str]:
     """A YAML mapping and the file it came from. A name that is not a file here but is one of the
     configs fastdpo ships (``dpo.yaml``, ``sft.yaml``, ``configs/demo.yaml`` ...) is read from the
@@ -267,6 +443,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), kind: str = 
     Relative paths in the file are taken relative to the current directory, like the CLI's.
     """
     raw, source = read_yaml(path) if path else ({}, "<defaults>")
+    raw = translate_aliases(raw, kind, source)   # so that overrides replace what the file says
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -277,8 +454,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), kind: str = 
 
 def _set_dotted(raw: dict, key: str, value, kind: str) -> None:
     """``beta=0.2`` finds the one section with a field ``beta``; ``train.seed=1`` is explicit."""
+    if "." not in key and _alias_target(key, kind):
+        key = _alias_target(key, kind)   # --set pref_beta=0.2 is --set dpo.beta=0.2
     if "." not in key and key not in TOP_LEVEL[kind]:
-        owners = [s for s, cls in SECTIONS[kind].items() if key in {f.name for f in dataclasses.fields(cls)}]
+        owners = _owners(key, kind)
         if len(owners) != 1:
             where = "no section" if not owners else f"sections {owners}"
             raise ValueError(f"--set {key}: {where} of a {kind} config has that key; write section.key")
@@ -293,11 +472,8 @@ def _set_dotted(raw: dict, key: str, value, kind: str) -> None:
 
 
 def build_configs(raw: dict, kind: str, source: str = "<dict>") -> dict:
+    raw = translate_aliases(raw, kind, source)
     out: dict = {k: raw.get(k) for k in TOP_LEVEL[kind]}
-    unknown = sorted(set(raw) - set(SECTIONS[kind]) - set(TOP_LEVEL[kind]))
-    if unknown:
-        raise ValueError(f"{source}: unknown key {unknown[0]!r} (top-level keys: "
-                         f"{sorted([*SECTIONS[kind], *TOP_LEVEL[kind]])})")
     for section, cls in SECTIONS[kind].items():
         values = raw.get(section) or {}
         if not isinstance(values, dict):

@@ -11,6 +11,7 @@ step, ``reference: none`` trains reference-free.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Callable, Sequence
@@ -19,11 +20,13 @@ from pathlib import Path
 import torch
 
 from fastdpo import kernels, runtime
+from fastdpo.models import lora
 from fastdpo.models.checkpoint import load_checkpoint
 from fastdpo.models.tokenizer import ChatTokenizer
 from fastdpo.runtime import autocast, resolve_device, resolve_precision
 from fastdpo.training.batches import TokenizedPair, eval_batches, load_preference_data
 from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig, to_dict
+from fastdpo.training.finetuning import apply_finetuning, load_trainable
 from fastdpo.training.logprobs import kernel_backend, pair_logprobs
 from fastdpo.training.loop import Task, Trainer
 from fastdpo.training.losses import dpo_losses
@@ -36,10 +39,12 @@ class DPOTask(Task):
     def __init__(self, policy, train: Sequence[TokenizedPair], val: Sequence[TokenizedPair], cfg: DPOConfig,
                  *, pad_id: int, device: torch.device, kernel: str = "auto",
                  ref_train: torch.Tensor | None = None, ref_val: torch.Tensor | None = None,
-                 ref_model: torch.nn.Module | None = None, eval_batch_size: int = 8):
+                 ref_model: torch.nn.Module | None = None, eval_batch_size: int = 8,
+                 ref_view: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         self.policy, self.train, self.val, self.cfg = policy, list(train), list(val), cfg
         self.pad_id, self.device, self.kernel = pad_id, device, kernel
         self.ref_train, self.ref_val, self.ref_model = ref_train, ref_val, ref_model
+        self.ref_view = ref_view   # entered around reference forwards (a LoRA policy: its base view)
         # The layout the policy's forward actually takes; a wrapped (DDP/FSDP2) policy takes
         # separate rows, and the reference must then be computed the same way.
         self.shared_prompt = cfg.shared_prompt
@@ -75,7 +80,7 @@ class DPOTask(Task):
         if self.cfg.reference == "none":
             return None, None
         if self.ref_model is not None:
-            with torch.no_grad():
+            with torch.no_grad(), self.ref_view():
                 return self.logprobs(self.ref_model, pairs)
         ref = (self.ref_train if train else self.ref_val)[idx].to(self.device)
         return ref[:, 0], ref[:, 1]
@@ -84,8 +89,10 @@ class DPOTask(Task):
         pairs = [self._pairs(train)[i] for i in idx]
         pc, pr = self.logprobs(self.policy, pairs)
         rc, rr = self.reference_logprobs(idx, pairs, train)
+        nc, nr = answer_tokens(pairs, pc.device)
         losses, rew_c, rew_r = dpo_losses(pc, pr, rc, rr, self.cfg.beta, self.cfg.loss_type,
-                                          self.cfg.label_smoothing)
+                                          self.cfg.label_smoothing, chosen_tokens=nc, rejected_tokens=nr,
+                                          simpo_gamma=self.cfg.simpo_gamma)
         loss = losses.sum() / norm["pairs"]
         stats = {"pairs": len(idx), "dpo_loss": losses.detach().sum(), "rewards/chosen": rew_c.sum(),
                  "rewards/rejected": rew_r.sum(), "rewards/accuracies": (rew_c > rew_r).float().sum(),
@@ -109,11 +116,29 @@ class DPOTask(Task):
         return out
 
 
+def answer_tokens(pairs: Sequence[TokenizedPair], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair's chosen and rejected answer token counts ``(B,)`` (the length-normalised losses)."""
+    return (torch.tensor([len(p.chosen) for p in pairs], device=device),
+            torch.tensor([len(p.rejected) for p in pairs], device=device))
+
+
 def reference_layout_shared(dpo_cfg: DPOConfig) -> bool:
     """Whether reference log-probs use the packed shared-prompt layout: only when the policy does,
     i.e. in one process (under torchrun the DDP/FSDP2-wrapped policy takes separate rows, and
     policy and reference log-probs must come from the same layout)."""
     return dpo_cfg.shared_prompt and runtime.world_size() == 1
+
+
+@contextlib.contextmanager
+def base_view(model: torch.nn.Module):
+    """A LoRA policy as its own reference: the base (adapters off) in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with lora.adapters_disabled(model):
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def prepare_dpo(policy: torch.nn.Module, train: Sequence[TokenizedPair], val: Sequence[TokenizedPair],
@@ -123,7 +148,8 @@ def prepare_dpo(policy: torch.nn.Module, train: Sequence[TokenizedPair], val: Se
                 device: torch.device | None = None) -> Trainer:
     """A ready-to-run DPO ``Trainer`` from in-memory objects (``run_dpo`` and the bench use it).
 
-    ``reference`` is the frozen reference model (default: a copy of ``policy`` as it is now)."""
+    ``reference`` is the frozen reference model (default: ``policy`` as it is now: a copy, or for a
+    new LoRA adapter the policy itself with its adapters off)."""
     device = device or resolve_device(train_cfg.device)
     precision = resolve_precision(train_cfg.mixed_precision, device)
     policy.to(device)
@@ -135,9 +161,14 @@ def prepare_dpo(policy: torch.nn.Module, train: Sequence[TokenizedPair], val: Se
         visits = steps * train_cfg.batch_size
         mode = "cached" if visits >= len(train) else "model"
         dpo_cfg = dataclasses.replace(dpo_cfg, reference=mode)
-    ref_model, ref_train, ref_val = None, None, None
-    if mode != "none":
+    apply_finetuning(policy, train_cfg)
+    ref_model, ref_train, ref_val, ref_view = None, None, None, contextlib.nullcontext
+    if mode != "none" and reference is None and lora.has_lora(policy) and lora.adapters_are_noop(policy):
+        # A new LoRA adapter: the reference is the base, i.e. the policy with its adapters off (no copy).
+        ref_model, ref_view = policy, lambda: base_view(policy)
+    elif mode != "none":
         ref_model = copy.deepcopy(reference if reference is not None else policy).to(device).eval()
+        lora.merge_lora(ref_model)   # a continued adapter: the reference is base + adapter as they start
         for p in ref_model.parameters():
             p.requires_grad_(False)
     if mode == "cached":
@@ -151,17 +182,18 @@ def prepare_dpo(policy: torch.nn.Module, train: Sequence[TokenizedPair], val: Se
             return pair_logprobs(model, pairs, pad_id=pad_id, device=device, kernel=train_cfg.kernel,
                                  shared_prompt=shared)
 
-        logps, path, hit = cached_reference_logprobs(
-            ref_model, [*train, *val], cache_dir=cache_dir, tokenizer_hash=tokenizer_hash, settings=settings,
-            batch_size=2 * train_cfg.micro_batch_size, pair_logprobs_fn=ref_logprobs,
-            autocast_ctx=lambda: autocast(device, precision), progress=train_cfg.progress)
+        with ref_view():   # the cache key hashes the weights that compute the reference
+            logps, path, hit = cached_reference_logprobs(
+                ref_model, [*train, *val], cache_dir=cache_dir, tokenizer_hash=tokenizer_hash,
+                settings=settings, batch_size=2 * train_cfg.micro_batch_size, pair_logprobs_fn=ref_logprobs,
+                autocast_ctx=lambda: autocast(device, precision), progress=train_cfg.progress)
         ref_train, ref_val = logps[:len(train)], logps[len(train):]
         if train_cfg.progress:
             print(f"reference log-probs: {'cache hit' if hit else 'computed'} ({path})", flush=True)
-        ref_model = None  # the cache replaces it: one model in memory
+        ref_model, ref_view = None, contextlib.nullcontext  # the cache replaces it: one model in memory
     task = DPOTask(policy, train, val, dpo_cfg, pad_id=pad_id, device=device, kernel=train_cfg.kernel,
-                   ref_train=ref_train, ref_val=ref_val,
-                   ref_model=ref_model, eval_batch_size=2 * train_cfg.micro_batch_size)
+                   ref_train=ref_train, ref_val=ref_val, ref_model=ref_model, ref_view=ref_view,
+                   eval_batch_size=2 * train_cfg.micro_batch_size)
     return Trainer(policy, task, train_cfg, tokenizer=tokenizer, meta=meta, device=device,
                    precision=precision, logger=logger, on_step=on_step)
 
@@ -183,22 +215,30 @@ def run_dpo(sft_checkpoint: str | Path, train_config: TrainingConfig, dpo_config
     resume_path = prepare_run_dir(train_config, resume)
     torch.manual_seed(train_config.seed)
     device = resolve_device(train_config.device)
-    policy, _ = load_checkpoint(sft_checkpoint, tokenizer=tok, map_location=device)
+    policy, base = load_trainable(sft_checkpoint, train_config, tok, device, say=_say(train_config))
     train, val, stats = load_preference_data(preference_config, tok, dpo_config.max_length,
                                              dpo_config.max_prompt_length, policy.config.block_size,
                                              train_config.seed)
-    say = print if train_config.progress else (lambda *a, **k: None)
+    say = _say(train_config)
     say(f"data: {len(train)} train / {len(val)} val pairs ({stats.summary()})", flush=True)
     for msg in stats.errors[:5]:
         say(f"  skipped {msg}", flush=True)
     reference = None
-    if dpo_config.reference_checkpoint is not None:
+    # a reference_checkpoint that is the starting checkpoint is the default reference (LLaMA-Factory
+    # configs often name it twice): no second model to load, and a LoRA run keeps its base view
+    if dpo_config.reference_checkpoint is not None and (
+            Path(dpo_config.reference_checkpoint).resolve() != sft_checkpoint.resolve()):
         reference, _ = load_checkpoint(dpo_config.reference_checkpoint, tokenizer=tok, map_location=device)
     config = {"train": to_dict(train_config), "dpo": to_dict(dpo_config), "data": to_dict(preference_config),
               "sft_checkpoint": str(sft_checkpoint)}
     return train_to_completion(
         lambda logger: prepare_dpo(policy, train, val, train_config, dpo_config, pad_id=tok.pad_id,
                                    tokenizer_hash=tok.hash, reference=reference, tokenizer=tok,
-                                   meta={"kind": "dpo", "run_name": train_config.run_name, "config": config},
+                                   meta={"kind": "dpo", "run_name": train_config.run_name, "config": config,
+                                         **({"base_checkpoint": base} if base else {})},
                                    logger=logger, on_step=on_step, device=device),
         train_config, config, resume_path, say)
+
+
+def _say(train_config: TrainingConfig):
+    return print if train_config.progress else (lambda *a, **k: None)

@@ -25,11 +25,14 @@ from pathlib import Path
 import torch
 
 from fastdpo import runtime
+from fastdpo.models import lora
 from fastdpo.models.checkpoint import load_checkpoint, save_checkpoint
+from fastdpo.models.recompute import set_gradient_checkpointing
 from fastdpo.runtime import autocast, resolve_device, resolve_precision
 from fastdpo.training import parallel
 from fastdpo.training.batches import epoch_batches
 from fastdpo.training.config import TrainingConfig
+from fastdpo.training.finetuning import apply_finetuning
 from fastdpo.training.metrics import RunLogger
 from fastdpo.training.runs import FINAL, STATE_FILE, _step_dirs, latest_checkpoint
 
@@ -42,11 +45,13 @@ class TrainingDiverged(ValueError):
 
 
 def lr_at(step: int, cfg: TrainingConfig, total_steps: int) -> float:
-    """Linear warmup to ``learning_rate`` over ``warmup_steps``, then cosine to ``min_lr_ratio``.
-    A pure function of the step, so restoring the step restores the schedule."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    """Linear warmup to ``learning_rate`` over ``warmup_steps`` (or ``warmup_ratio`` of the run),
+    then cosine to ``min_lr_ratio``. A pure function of the step, so restoring the step restores
+    the schedule."""
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    if step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
+    t = (step - warmup) / max(1, total_steps - warmup)
     floor = cfg.min_lr_ratio
     return cfg.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
@@ -121,6 +126,9 @@ class Trainer:
         self.precision = precision or resolve_precision(cfg.mixed_precision, self.device)
         self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
         self.tokenizer, self.meta, self.logger, self.on_step = tokenizer, meta or {}, logger, on_step
+        apply_finetuning(model, cfg)   # LoRA: adapters (unless continued), everything else frozen
+        if cfg.gradient_checkpointing:
+            set_gradient_checkpointing(model, True)
         # Under torchrun: DDP or FSDP2 (which turns parameters into shards: before the optimizer).
         self.world = runtime.world_size()
         self.parallel = parallel.parallelize(model, cfg.parallel, self.device) if self.world > 1 else None
@@ -253,7 +261,7 @@ class Trainer:
         """Final evaluation and the final checkpoint (with its trainer state)."""
         if self.task.n_val:
             self.evaluate()
-        path = self._save(self.run_dir / FINAL)
+        path = self._save(self.run_dir / FINAL, merged=self.cfg.lora_save_merged)
         self._prune()
         return path
 
@@ -301,17 +309,18 @@ class Trainer:
             print(line, flush=True)
 
     # -- checkpoints -----------------------------------------------------------------------
-    def _save(self, path: Path) -> Path:
+    def _save(self, path: Path, merged: bool = False) -> Path:
+        """``merged``: a LoRA model's checkpoint also holds the merged weights."""
         if self.parallel is not None:
-            return self._save_distributed(path)
+            return self._save_distributed(path, merged)
         # Never persist weights that may hold a bad update (the CUDA path checks lazily).
         for p in self._params:
             if not torch.isfinite(p).all():
                 raise TrainingDiverged(f"non-finite weights at step {self.state.step}; not saving {path}; "
                                        f"the last good checkpoint is {latest_checkpoint(self.run_dir)}")
-        return self._write_checkpoint(path, self.model, self.optimizer.state_dict())
+        return self._write_checkpoint(path, self.model, self.optimizer.state_dict(), merged=merged)
 
-    def _save_distributed(self, path: Path) -> Path:
+    def _save_distributed(self, path: Path, merged: bool = False) -> Path:
         """Every rank joins the gather (FSDP2 shards, RNG states); rank 0 writes; all wait for it."""
         model, optim = parallel.gather_for_save(self.model, self.optimizer, self.parallel)
         rngs = runtime.all_gather_object(torch.get_rng_state())
@@ -321,18 +330,19 @@ class Trainer:
             raise TrainingDiverged(f"non-finite weights at step {self.state.step}; not saving {path}; "
                                    f"the last good checkpoint is {latest_checkpoint(self.run_dir)}")
         if runtime.is_main():
-            self._write_checkpoint(path, model, optim, rng_per_rank=rngs)
+            self._write_checkpoint(path, model, optim, merged=merged, rng_per_rank=rngs)
         runtime.barrier()
         return path
 
-    def _write_checkpoint(self, path: Path, model, optimizer_state: dict, **extra) -> Path:
+    def _write_checkpoint(self, path: Path, model, optimizer_state: dict, merged: bool = False,
+                          **extra) -> Path:
         state = {"optimizer": optimizer_state, "step": self.state.step,
                  "total_steps": self.state.total_steps, "rng": torch.get_rng_state(), **extra}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         meta = {**self.meta, "step": self.state.step}
         return save_checkpoint(path, model, step=self.state.step, tokenizer=self.tokenizer, meta=meta,
-                               extra_files={STATE_FILE: lambda f: torch.save(state, f)})
+                               extra_files={STATE_FILE: lambda f: torch.save(state, f)}, merged=merged)
 
     def _prune(self, keep: int | None = None) -> None:
         if not runtime.is_main():
@@ -345,21 +355,22 @@ class Trainer:
     def resume_from(self, path: Path) -> None:
         """Restore weights, optimizer, RNG and the step (= data position and lr schedule)."""
         path = Path(path)
-        model, _ = load_checkpoint(path, map_location=self.device)
         state_file = path / STATE_FILE
-        if parallel.is_fsdp(self.parallel):   # every rank reads the full checkpoint, keeps its shard
-            if not state_file.is_file():
-                raise ValueError(f"{path}: no {STATE_FILE}; it is not a resumable training checkpoint")
-            state = torch.load(state_file, map_location="cpu", weights_only=True)
+        if not state_file.is_file():
+            raise ValueError(f"{path}: no {STATE_FILE}; it is not a resumable training checkpoint")
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        if lora.has_lora(self.model):   # the frozen base is this run's own: only the adapters trained
+            lora.load_adapter_weights(path, self.model)
+            self.optimizer.load_state_dict(state["optimizer"])
+        elif parallel.is_fsdp(self.parallel):   # every rank reads the full checkpoint, keeps its shard
+            model, _ = load_checkpoint(path, map_location=self.device)
             parallel.load_full_state(self.model, self.optimizer, self.parallel, model.state_dict(),
-                                        state["optimizer"])
+                                     state["optimizer"])
         else:
+            model, _ = load_checkpoint(path, map_location=self.device)
             with torch.no_grad():
                 for p, q in zip(self.model.state_dict().values(), model.state_dict().values()):
                     p.copy_(q)
-            if not state_file.is_file():
-                raise ValueError(f"{path}: no {STATE_FILE}; it is not a resumable training checkpoint")
-            state = torch.load(state_file, map_location="cpu", weights_only=True)
             self.optimizer.load_state_dict(state["optimizer"])
         rngs = state.get("rng_per_rank")
         torch.set_rng_state(rngs[runtime.rank()] if rngs and len(rngs) == self.world else state["rng"])

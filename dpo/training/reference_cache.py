@@ -6,7 +6,8 @@ key hashes what determines the numbers: the reference weights and architecture (
 weights under another ``n_head`` are another function), the tokenized pairs (hence data, tokenizer
 and truncation), the tokenizer's own hash, and the settings the caller passes (precision, kernel,
 resolved backend, device type, batch layout). A β sweep
-over the same data and reference therefore computes them once.
+over the same data and reference therefore computes them once. A LoRA run's reference is its base
+(adapters off), which hashes as the base alone: it shares the cache of a full fine-tune of that base.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from fastdpo import runtime
 from fastdpo.files import atomic_write
+from fastdpo.models.lora import function_state_dict
 from fastdpo.training.batches import TokenizedPair, eval_batches
 
 
@@ -28,7 +30,7 @@ def model_hash(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     if config is not None:
         h.update(json.dumps(config.to_dict(), sort_keys=True).encode())
-    for name, t in model.state_dict().items():
+    for name, t in function_state_dict(model).items():   # LoRA adapters switched off are not part of it
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())

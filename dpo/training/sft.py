@@ -19,6 +19,7 @@ from fastdpo.models.tokenizer import ChatTokenizer
 from fastdpo.runtime import resolve_device, resolve_precision
 from fastdpo.training.batches import TokenizedSFT, collate_sft, eval_batches, load_sft_data
 from fastdpo.training.config import SFTConfig, SFTDatasetConfig, TrainingConfig, to_dict
+from fastdpo.training.finetuning import load_trainable
 from fastdpo.training.logprobs import sequence_logprobs
 from fastdpo.training.loop import Task, Trainer
 from fastdpo.training.runs import join_ranks, prepare_run_dir, resolve_tokenizer, train_to_completion
@@ -94,11 +95,18 @@ def run_sft(init_checkpoint, train_config: TrainingConfig, sft_config: SFTConfig
     resume_path = prepare_run_dir(train_config, resume)
     torch.manual_seed(train_config.seed)
     device = resolve_device(train_config.device)
-    model = init_model(init_checkpoint, tok, device)
+    say = print if train_config.progress else (lambda *a, **k: None)
+    base = None
+    if _is_fresh(init_checkpoint):
+        if train_config.finetuning_type == "lora":
+            raise ValueError("finetuning_type lora needs a checkpoint to adapt; a fresh model "
+                             f"({init_checkpoint}) has no base worth keeping frozen")
+        model = init_model(init_checkpoint, tok, device)
+    else:
+        model, base = load_trainable(init_checkpoint, train_config, tok, device, say=say)
     train, val, stats = load_sft_data(dataset_config, tok, sft_config.max_length,
                                       sft_config.max_prompt_length, model.config.block_size,
                                       train_config.seed)
-    say = print if train_config.progress else (lambda *a, **k: None)
     say(f"data: {len(train)} train / {len(val)} val examples ({stats.summary()})", flush=True)
     config = {"train": to_dict(train_config), "sft": to_dict(sft_config), "data": to_dict(dataset_config),
               "init": str(init_checkpoint)}
@@ -108,7 +116,8 @@ def run_sft(init_checkpoint, train_config: TrainingConfig, sft_config: SFTConfig
                        eval_batch_size=2 * train_config.micro_batch_size)
         return Trainer(model, task, train_config, tokenizer=tok, device=device,
                        precision=resolve_precision(train_config.mixed_precision, device),
-                       meta={"kind": "sft", "run_name": train_config.run_name, "config": config},
+                       meta={"kind": "sft", "run_name": train_config.run_name, "config": config,
+                             **({"base_checkpoint": base} if base else {})},
                        logger=logger, on_step=on_step)
 
     return train_to_completion(build, train_config, config, resume_path, say)
