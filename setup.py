@@ -5,6 +5,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+WEB = ["fastapi>=0.110", "uvicorn>=0.29"]
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "dpo" / "__init__.py").read_text()).group(1)
 
 setup(
@@ -19,7 +20,7 @@ setup(
                  "fastdpo.configs": "configs"},
     packages=["fastdpo", *(f"fastdpo.{p}" for p in find_packages("dpo")),
               "fastdpo.kernels", "fastdpo.bench", "fastdpo.configs"],
-    package_data={"fastdpo.configs": ["*.yaml", "*.txt"]},
+    package_data={"fastdpo.configs": ["*.yaml", "*.txt"], "fastdpo.generation.label": ["*.html"]},
     install_requires=[
         # A range the CPU wheel 2.13.0 satisfies: install it first (see README) so pip
         # does not fetch a multi-GB CUDA build on machines without a GPU.
@@ -36,10 +37,16 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
+        # fastdpo serve and fastdpo label (the same web stack under the name each is known by)
+        "serve": WEB,
+        "ui": WEB,
         # trl and peft: the tests compare fastdpo's losses with TRL's code and load fastdpo's LoRA
         # adapters with peft onto the equivalent transformers model (both keep the CPU torch build);
-        # transformers: what the Hugging Face import/export tests compare against
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "transformers>=4.51", "trl", "peft"],
+        # the web stack and Playwright: the tests drive the server with the openai client and the
+        # labeling page through the system's Chromium (Debian's `chromium`; that test skips without it);
+        # transformers: also what the Hugging Face import/export tests compare against
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "transformers>=4.51", "trl", "peft", *WEB,
+                "playwright>=1.40"],
         # transformers is not needed to import, train or export Hugging Face models; it is what
         # reads the exported directories (4.51: the first with Qwen3)
         "hf": ["transformers>=4.51"],

@@ -21,9 +21,9 @@ def temp_sibling(path: Path, kind: str = "tmp") -> Path:
     return path.parent / f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}"
 
 
-def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], None], private: bool = False) -> Path:
     """Replace ``path`` with ``data`` (bytes, text as UTF-8, or a function that writes the file
-    it is given) all at once."""
+    it is given) all at once. ``private`` creates it owner read/write only (users' text)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
@@ -31,7 +31,8 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], None]) -
         if callable(data):
             data(tmp)
         else:
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
+            with os.fdopen(fd, "wb") as f:
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
         fsync_path(tmp)
         os.replace(tmp, path)
@@ -54,3 +55,43 @@ def append_durable(f, data: bytes) -> None:
     f.write(data)
     f.flush()
     os.fsync(f.fileno())
+
+
+def open_append(path: str | Path, private: bool = False):
+    """Open ``path`` for appending (binary), creating it -- owner read/write only when ``private``
+    (files that hold users' text) -- after cutting a torn last line left by a killed writer."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cut_torn_tail(path)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600 if private else 0o666)
+    return os.fdopen(fd, "ab")
+
+
+def cut_torn_tail(path: str | Path) -> int:
+    """Truncate a line-oriented file after its last newline (a kill mid-append can leave part of
+    a line); returns the number of bytes removed."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    if size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        pos = size
+        while pos > 0:
+            step = min(65536, pos)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                end = pos - step + nl + 1
+                break
+            pos -= step
+        else:
+            end = 0
+        if end < size:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+        return size - end

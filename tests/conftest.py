@@ -19,3 +19,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say plainly when the browser test did not run (pytest -q hides skip reasons)."""
+    for rep in terminalreporter.stats.get("skipped", []):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        if "browser test skipped" in reason:
+            terminalreporter.write_line(f"NOTE: {reason.removeprefix('Skipped: ')}")
+            break

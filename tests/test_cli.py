@@ -9,7 +9,7 @@ import pytest
 from fastdpo.cli import main
 
 # the documented contract
-SUBCOMMANDS = ["demo", "sft", "pairs", "train", "eval", "bench", "serve", "export", "tokenizer"]
+SUBCOMMANDS = ["demo", "sft", "pairs", "train", "eval", "bench", "serve", "label", "export", "tokenizer"]
 
 
 def test_help_and_version(capsys):

@@ -224,3 +224,45 @@ def test_finish_reason_says_whether_a_row_stopped_or_ran_out_of_budget():
             assert reason == ("length" if len(row) == b and eos not in row else "stop"), (row, reason, b)
         assert finish[0] == "stop" and toks[0] == free[0][:free[0].index(eos)]
         assert finish[3] == "length" and toks[3] == []
+
+
+def test_on_token_sees_each_kept_token_and_can_end_a_row_on_it():
+    """The hook gets exactly the tokens a row keeps (eos excluded) with the logits they were drawn
+    from; a row it ends keeps that token and finishes 'stop'. Fast path and oracle agree."""
+    m = tiny_model(11)
+    prompts = ragged_prompts(5, seed=11)
+    temps, budgets = [0.0, 1.0, 0.7, 1.3, 0.0], [9, 9, 4, 9, 9]
+    free = sample(m, prompts, temps, budgets, None, None, seed=4)
+    eos = free[4][5]
+    halt_on = free[1][2]   # a token row 1 draws at step 2: rows that draw it end there
+
+    def run(fn):
+        seen: dict[int, list[int]] = {}
+        logit_rows: dict[tuple[int, int], torch.Tensor] = {}
+
+        def hook(step, rows, tokens, logits):
+            assert rows.shape == tokens.shape and logits.shape == (len(rows), V)
+            for r, t, lg in zip(rows.tolist(), tokens.tolist(), logits):
+                seen.setdefault(r, []).append(t)
+                logit_rows[(r, step)] = lg.clone()
+            return tokens == halt_on
+
+        toks, finish = fn(m, prompts, temps, budgets, None, eos, seed=4, on_token=hook, return_finish=True)
+        return toks, finish, seen, logit_rows
+
+    fast, slow = run(sample), run(sample_reforward)
+    assert fast[0] == slow[0] and fast[1] == slow[1]
+    toks, finish, seen, _ = fast
+    for i, row in enumerate(toks):
+        assert seen.get(i, []) == row               # every kept token, nothing else (no eos)
+        expect = free[i][:budgets[i]]
+        if eos in expect:
+            expect = expect[:expect.index(eos)]
+        if halt_on in expect:                        # ended on the halting token, which it keeps
+            expect = expect[:expect.index(halt_on) + 1]
+        assert row == expect
+        ended = (row and row[-1] == halt_on) or len(row) < budgets[i]
+        assert finish[i] == ("stop" if ended else "length")
+    assert halt_on in toks[1] and finish[1] == "stop"
+    for key, lg in fast[3].items():
+        torch.testing.assert_close(lg, slow[3][key], rtol=1e-4, atol=1e-4)

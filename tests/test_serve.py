@@ -14,8 +14,10 @@ from openai import OpenAI
 
 from fastdpo.bench.judge import make_tiny_checkpoint, start_server
 from fastdpo.generation import sampler
+from fastdpo.generation.batcher import Batcher, Job, Row
+from fastdpo.generation.openai_api import RequestError, chat_turns
 from fastdpo.generation.sampler import sample
-from fastdpo.generation.serve import Batcher, ChatServer, RequestError, _Job, chat_turns
+from fastdpo.generation.serve import ChatServer
 from fastdpo.models.checkpoint import load_policy
 
 
@@ -121,18 +123,25 @@ def test_n_choices_and_stop_strings(server):
 
 
 @pytest.mark.parametrize("body,status,needle", [
-    ({"messages": [{"role": "user", "content": "hi"}], "stream": True}, 400, "streaming is not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "'stream'"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, "limit of 16"),
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, 400, "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "needs 'logprobs'"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, 400, "up to 4"),
     ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404, "not found"),
     ({"messages": []}, 400, "non-empty list"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "role 'user'"),
     ({"messages": [{"role": "tool", "content": "hi"}]}, 400, "unsupported role"),
-    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "out of range"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400, "integer"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "'temperature'"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400,
+     "'max_tokens': Input should be a valid integer"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "greater than or equal to 1"),
     ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "context is 256 tokens"),
 ])
 def test_bad_requests_get_openai_style_errors(server, body, status, needle):
     code, payload = _post(server.url + "/chat/completions", body)
-    assert code == status and needle in payload["error"]["message"]
+    assert code == status and needle in payload["error"]["message"], payload
+    assert payload["error"]["type"] == "invalid_request_error"
 
 
 def test_bad_json_and_unknown_route(server):
@@ -152,13 +161,20 @@ def test_chat_turns_keep_system_and_join_text_parts():
 
 
 def test_cli_serve_port_zero_and_clean_shutdown(ckpt):
+    """SIGTERM while an answer is streaming: the answer finishes, then the server exits 0."""
     proc, url, name = start_server(ckpt, env={"OMP_NUM_THREADS": "1"})
     try:
         client = OpenAI(base_url=url, api_key="x")
         assert client.chat.completions.create(model=name, max_tokens=3, messages=[
             {"role": "user", "content": "hi"}]).choices[0].message.role == "assistant"
+        stream = client.chat.completions.create(model=name, max_tokens=200, stream=True, temperature=1.0,
+                                                stream_options={"include_usage": True},
+                                                messages=[{"role": "user", "content": "tell me more"}])
+        next(iter(stream))                                   # the answer has started
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+        rest = list(stream)                                  # ... and is not cut off
+        assert rest[-1].usage is not None and rest[-2].choices[0].finish_reason is not None
+        assert proc.wait(timeout=30) == 0
         assert "stopped" in proc.stderr.read()
     finally:
         if proc.poll() is None:
@@ -168,8 +184,16 @@ def test_cli_serve_port_zero_and_clean_shutdown(ckpt):
         urllib.request.urlopen(url + "/models", timeout=2)
 
 
+class _Tok:
+    eos_id = 0
+
+    @staticmethod
+    def decode(ids):
+        return "".join(chr(97 + t % 26) for t in ids)
+
+
 def _job(top_p=1.0):
-    return _Job([[1, 2]], [0.0], [2], [0], None, top_p)
+    return Job([Row([1, 2], 0.0, 2, 0)], None, top_p)
 
 
 @pytest.fixture
@@ -180,19 +204,23 @@ def fake_sample(monkeypatch):
 
     def fake(model, prompts, *a, **k):
         gate.wait(10)
-        return [[7] for _ in prompts]
+        return [[7] for _ in prompts], ["length" for _ in prompts]
 
     monkeypatch.setattr(sampler, "sample", fake)
     return gate
 
 
+def _tokens(future):
+    return [r.tokens for r in future.result(timeout=5)]
+
+
 def test_submit_racing_close_never_strands_a_job(fake_sample):
-    batcher = Batcher(None, eos_id=0, window_s=0.0)
+    batcher = Batcher(None, _Tok, window_s=0.0)
     put = batcher._q.put
     closer = []
 
     def put_while_closing(item):
-        if item is not None and not closer:   # close() runs between submit's check and its put
+        if item is not None and not closer:   # close() runs while submit holds its lock
             closer.append(threading.Thread(target=batcher.close))
             closer[0].start()
             time.sleep(0.2)
@@ -201,11 +229,11 @@ def test_submit_racing_close_never_strands_a_job(fake_sample):
     batcher._q.put = put_while_closing
     future = batcher.submit(_job())
     closer[0].join(10)
-    assert future.result(timeout=5) == [[7]]   # before the sentinel, so served, not left waiting
+    assert _tokens(future) == [[7]]   # before the sentinel, so served, not left waiting
 
 
 def test_close_fails_jobs_the_worker_never_reached(fake_sample):
-    batcher = Batcher(None, eos_id=0, window_s=0.0)
+    batcher = Batcher(None, _Tok, window_s=0.0)
     fake_sample.clear()                        # the worker is stuck in a long batch
     first = batcher.submit(_job())
     time.sleep(0.1)
@@ -214,27 +242,41 @@ def test_close_fails_jobs_the_worker_never_reached(fake_sample):
     with pytest.raises(RequestError, match="shutting down"):
         second.result(timeout=5)
     fake_sample.set()
-    assert first.result(timeout=5) == [[7]]
+    assert _tokens(first) == [[7]]
     with pytest.raises(RequestError, match="shutting down"):
         batcher.submit(_job())
 
 
 def test_a_bug_in_the_batcher_fails_the_batch_and_keeps_serving(fake_sample):
-    batcher = Batcher(None, eos_id=0, window_s=0.0)
+    batcher = Batcher(None, _Tok, window_s=0.0)
     with pytest.raises(TypeError):
         batcher.submit(_job(top_p=[1.0])).result(timeout=5)   # unhashable: grouping itself fails
-    assert batcher.submit(_job()).result(timeout=5) == [[7]]
+    assert _tokens(batcher.submit(_job())) == [[7]]
+    batcher.close()
+
+
+def test_a_full_queue_is_a_503_at_once(fake_sample):
+    batcher = Batcher(None, _Tok, window_s=0.0, max_queued_rows=3)
+    fake_sample.clear()                        # the worker holds one job; the queue fills behind it
+    running = batcher.submit(_job())
+    time.sleep(0.1)
+    queued = [batcher.submit(_job()) for _ in range(3)]
+    with pytest.raises(RequestError, match="busy") as e:
+        batcher.submit(_job())
+    assert e.value.status == 503
+    fake_sample.set()
+    assert [_tokens(f) for f in (running, *queued)] == [[[7]]] * 4
     batcher.close()
 
 
 def test_generation_timeout_is_a_503(ckpt, monkeypatch):
     model, tok = load_policy(ckpt)
-    srv = ChatServer(model, tok, port=0, request_timeout=0.05)
+    srv = ChatServer(model, tok, port=0, request_timeout=0.05).start_in_thread()
     try:
         monkeypatch.setattr(srv.batcher, "submit", lambda job: Future())   # never answered
-        with pytest.raises(RequestError, match="timed out") as e:
-            srv.complete({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, chat=True)
-        assert e.value.status == 503
+        code, payload = _post(srv.url + "/chat/completions",
+                              {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert code == 503 and "timed out" in payload["error"]["message"]
+        assert srv.batcher._pending == 0      # the arrival was not left counted
     finally:
-        srv.batcher.close()
-        srv.server_close()
+        srv.stop()

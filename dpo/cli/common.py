@@ -41,3 +41,33 @@ def parse_floats(flag: str, s: str) -> list[float]:
         return [float(t) for t in s.split(",") if t.strip()]
     except ValueError:
         raise ValueError(f"{flag}: expected comma-separated numbers, got {s!r}") from None
+
+
+class MissingExtraError(ValueError):
+    """An optional dependency of a command is not installed."""
+
+
+def require_extra(command: str, extra: str, *modules: str) -> None:
+    """One clear line naming the extra to install when a command's optional dependencies are missing."""
+    import importlib.util
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(f"'fastdpo {command}' needs the optional '{extra}' dependencies (missing: "
+                                f"{', '.join(missing)}); install them with: pip install 'fastdpo[{extra}]'")
+
+
+API_KEY_ENV = "FASTDPO_API_KEY"
+
+
+def add_access_args(p: argparse.ArgumentParser) -> None:
+    """--api-key (or FASTDPO_API_KEY) and --allow-unauthenticated, for commands that serve HTTP."""
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on every route but /health "
+                        f"(default: ${API_KEY_ENV})")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="allow binding beyond loopback without an API key (prints a warning)")
+
+
+def api_key_from_args(args) -> str | None:
+    import os
+    return args.api_key or os.environ.get(API_KEY_ENV) or None

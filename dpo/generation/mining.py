@@ -88,10 +88,15 @@ def select_pair(scores: Sequence[int | None], min_gap: int = 2, min_best: int = 
 
 def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     """Instructions from a JSONL file: one object per line with a ``"prompt"`` (or
-    ``"instruction"``) string. Blank lines are skipped; anything else is an error naming the line."""
+    ``"instruction"``) string. Blank lines are skipped; anything else is an error naming the line.
+    A ``fastdpo serve --log-interactions`` file gives its distinct single-question chat prompts,
+    ``limit`` of them sampled (see ``generation.interactions``)."""
+    from fastdpo.generation.interactions import interaction_prompts, is_interaction_log
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
+    if is_interaction_log(path):
+        return interaction_prompts(path, n=limit)
     out: list[str] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

@@ -29,6 +29,12 @@ from fastdpo.models.kv_cache import KVCache
 # Called as on_step(step, rows, logits) before each token is drawn: ``rows`` are the original row
 # indices still generating, ``logits`` their float32 next-token logits. For tests and diagnostics.
 StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+# Called as on_token(step, rows, tokens, logits) after each step's tokens are drawn, with the rows
+# that appended a token (original indices; a row that drew eos is not among them), those tokens and
+# the float32 logits they were drawn from. It may return a bool tensor, one per row given: True ends
+# that row now, keeping its token, with finish reason "stop" (how the server ends an answer at a
+# stop string). Streaming and log-probs read the tokens and logits here.
+TokenHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 
 # -- input checking -----------------------------------------------------------------------------
@@ -176,7 +182,7 @@ def decode_step(model: torch.nn.Module, caches: list[KVCache], tok: torch.Tensor
 def sample(model: torch.nn.Module, prompts: Sequence[Sequence[int]], temperatures, max_new_tokens,
            top_k: int | None = 50, eos_id: int | None = None, seed=0, *, top_p: float = 1.0,
            dtype: torch.dtype | None = None, truncate: str | None = None, progress: bool = False,
-           on_step: StepHook | None = None, return_finish: bool = False):
+           on_step: StepHook | None = None, on_token: TokenHook | None = None, return_finish: bool = False):
     """Sample a continuation for every row; returns the new token ids per row (eos excluded), and
     with ``return_finish`` also each row's finish reason: ``"stop"`` (it emitted ``eos_id``) or
     ``"length"`` (it used its whole budget without one: a truncated answer).
@@ -189,6 +195,7 @@ def sample(model: torch.nn.Module, prompts: Sequence[Sequence[int]], temperature
     dtype: autocast dtype for the forward (e.g. torch.bfloat16); logits are sampled in float32.
     truncate: None raises if a prompt plus its budget exceeds block_size; 'left' keeps the last
         ``block_size - max_new_tokens`` prompt tokens (drops the oldest).
+    on_step / on_token: hooks before and after each step's tokens are drawn (see their types).
     """
     prompts, temps_l, budgets_l = _prepare(model, prompts, temperatures, max_new_tokens, top_k, top_p,
                                            truncate)
@@ -201,7 +208,7 @@ def sample(model: torch.nn.Module, prompts: Sequence[Sequence[int]], temperature
     budgets = torch.tensor(budgets_l, device=device)
     tokens = torch.zeros(n, steps, dtype=torch.long, device=device)  # generated ids, by original row
     n_new = torch.zeros(n, dtype=torch.long, device=device)  # how many of them a row keeps
-    hit_eos = torch.zeros(n, dtype=torch.bool, device=device)
+    stopped = torch.zeros(n, dtype=torch.bool, device=device)  # ended at eos or by on_token
     max_len = max(len(p) + b for p, b in zip(prompts, budgets_l))
 
     with _precision(model, dtype):
@@ -216,7 +223,10 @@ def sample(model: torch.nn.Module, prompts: Sequence[Sequence[int]], temperature
             tokens[rows[live], step] = tok[live]
             stop = live & ((tok == eos_id) if eos_id is not None else torch.zeros_like(live))
             n_new[rows[live & ~stop]] += 1
-            hit_eos[rows[stop]] = True
+            halt = _halted(on_token, step, rows, live & ~stop, tok, logits)
+            if halt is not None:
+                stop = stop | halt
+            stopped[rows[stop]] = True
             live &= ~stop & (n_new[rows] < budgets[rows])
             n_live = int(live.sum())
             if bar is not None:
@@ -234,13 +244,25 @@ def sample(model: torch.nn.Module, prompts: Sequence[Sequence[int]], temperature
         if bar is not None:
             bar.close()
     counts = n_new.tolist()
-    return _result([row[:c] for row, c in zip(tokens.tolist(), counts)], hit_eos.tolist(), return_finish)
+    return _result([row[:c] for row, c in zip(tokens.tolist(), counts)], stopped.tolist(), return_finish)
 
 
-def _result(tokens: list[list[int]], hit_eos: list[bool], return_finish: bool):
+def _halted(on_token: TokenHook | None, step: int, rows, kept, tok, logits) -> torch.Tensor | None:
+    """The rows ``on_token`` ends now, as a mask over the batch (None: no hook, or it ended none)."""
+    if on_token is None:
+        return None
+    halt = on_token(step, rows[kept], tok[kept], logits[kept])
+    if halt is None:
+        return None
+    extra = torch.zeros_like(kept)
+    extra[kept] = halt.to(device=kept.device, dtype=torch.bool)
+    return extra
+
+
+def _result(tokens: list[list[int]], stopped: list[bool], return_finish: bool):
     if not return_finish:
         return tokens
-    return tokens, ["stop" if e else "length" for e in hit_eos]
+    return tokens, ["stop" if e else "length" for e in stopped]
 
 
 def _progress_bar(total: int, progress: bool):
@@ -256,7 +278,8 @@ def _progress_bar(total: int, progress: bool):
 def sample_reforward(model: torch.nn.Module, prompts: Sequence[Sequence[int]], temperatures, max_new_tokens,
                      top_k: int | None = 50, eos_id: int | None = None, seed=0, *, top_p: float = 1.0,
                      dtype: torch.dtype | None = None, truncate: str | None = None,
-                     progress: bool = False, on_step: StepHook | None = None, return_finish: bool = False):
+                     progress: bool = False, on_step: StepHook | None = None,
+                     on_token: TokenHook | None = None, return_finish: bool = False):
     """Same contract as ``sample``, but every step re-runs the full forward over the whole
     right-padded batch (no cache, no prefix sharing, no row dropping). Slow on purpose."""
     prompts, temps_l, budgets_l = _prepare(model, prompts, temperatures, max_new_tokens, top_k, top_p,
@@ -268,7 +291,7 @@ def sample_reforward(model: torch.nn.Module, prompts: Sequence[Sequence[int]], t
     uniforms = _row_uniforms(seed, n, steps).to(device)
     temps = torch.tensor(temps_l, device=device)
     budgets = torch.tensor(budgets_l, device=device)
-    hit_eos = torch.zeros(n, dtype=torch.bool, device=device)
+    stopped = torch.zeros(n, dtype=torch.bool, device=device)
     ids, lens = _pad(prompts, device)
     ids = F.pad(ids, (0, steps))
     cur = lens.clone()  # next write position per row
@@ -286,14 +309,17 @@ def sample_reforward(model: torch.nn.Module, prompts: Sequence[Sequence[int]], t
             tok = choose_tokens(logits, temps, uniforms[:, step], top_k, top_p)
             stop = live & (tok == eos_id) if eos_id is not None else torch.zeros_like(live)
             keep = live & ~stop
-            hit_eos |= stop
             ids[rows[keep], cur[keep]] = tok[keep]
             cur = torch.where(keep, cur + 1, cur)
-            live = keep & (cur - lens < budgets)
+            halt = _halted(on_token, step, rows, keep, tok, logits)
+            if halt is not None:
+                stop = stop | halt
+            stopped |= stop
+            live = keep & ~stop & (cur - lens < budgets)
             if bar is not None:
                 bar.update(1)
             if not live.any():
                 break
     if bar is not None:
         bar.close()
-    return _result([ids[i, lens[i]: cur[i]].tolist() for i in range(n)], hit_eos.tolist(), return_finish)
+    return _result([ids[i, lens[i]: cur[i]].tolist() for i in range(n)], stopped.tolist(), return_finish)
