@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastdpo.models.base import CausalLM, DictConfig
 from fastdpo.models.kv_cache import KVCache, attend, checked_positions
-from fastdpo.models.model_config import DictConfig
 from fastdpo.models.recompute import run_block
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "PRESETS", "config_from_preset"]
@@ -100,9 +100,8 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(CausalLM):
     family = "gpt2"
-    gradient_checkpointing = False   # per-block activation checkpointing (fastdpo.models.recompute)
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -163,9 +162,3 @@ class GPT(nn.Module):
             x = run_block(self, block, x, pos=pos, kv_cache=None if kv_caches is None else kv_caches[i],
                           attn_mask=attn_mask)
         return self.transformer.ln_f(x)
-
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor | None = None, kv_caches=None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) at every position."""
-        h = self.hidden_states(ids, pos=pos, kv_caches=kv_caches, attn_mask=attn_mask)
-        return F.linear(h, self.lm_head_weight)

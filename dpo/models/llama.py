@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastdpo.models.base import CausalLM, DictConfig
 from fastdpo.models.kv_cache import KVCache, attend, checked_positions
-from fastdpo.models.model_config import DictConfig
 from fastdpo.models.recompute import run_block
 
 VARIANTS = ("llama", "mistral", "qwen2", "qwen3")   # transformers' model_type on export
@@ -230,9 +230,8 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Llama(nn.Module):
+class Llama(CausalLM):
     family = "llama"
-    gradient_checkpointing = False   # per-block activation checkpointing (fastdpo.models.recompute)
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -294,9 +293,3 @@ class Llama(nn.Module):
             x = run_block(self, block, x, cos, sin, pos, kv_cache=None if kv_caches is None else kv_caches[i],
                           attn_mask=attn_mask)
         return self.model.norm(x)
-
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor | None = None, kv_caches=None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) at every position."""
-        h = self.hidden_states(ids, pos=pos, kv_caches=kv_caches, attn_mask=attn_mask)
-        return F.linear(h, self.lm_head_weight)
