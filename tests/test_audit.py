@@ -10,7 +10,7 @@ import pytest
 
 from fastdpo.cli import main
 from fastdpo.generation.judge import ProgrammaticJudge
-from fastdpo.models.tokenizer import Tokenizer
+from fastdpo.models.tokenizer import Tokenizer, open_tokenizer
 from fastdpo.training import data as data_mod
 from fastdpo.training.audit import audit_preferences, near_identical, normalize
 from fastdpo.training.batches import tokenize_pairs
@@ -209,7 +209,9 @@ def test_token_lengths_and_limits_match_training(tmp_path, tok):
 
 def test_token_counts_without_ids_equal_rendered_lengths(tok):
     convs = [[("user", "hi there")], [("user", "a"), ("assistant", "b c"), ("user", "d\né <|end|>")],
-             [("human", "x" * 50)], [("user", "it's 12,000 ünïcode ✓\t\n  spaces   end ")]]
+             [("human", "x" * 50)], [("user", "it's 12,000 ünïcode ✓\t\n  spaces   end ")],
+             [("system", "be brief"), ("user", "hi"), ("assistant", "ok"), ("system", "and kind"),
+              ("user", "again")]]
     assert tok.conversation_lengths(convs) == [len(tok.render_conversation(c)) for c in convs]
     answers = ["", "one two", "ünïcode ✓ 中文 ٣²½", "<|end|> stays text", " lead and trail  ", "a\u2028b"]
     assert tok.answer_lengths(answers) == [len(tok.render_answer(a)) for a in answers]
@@ -238,6 +240,25 @@ def test_fast_token_counts_split_like_the_tokenizer_on_all_of_unicode(tok):
     texts += ["emoji 😀 past the BMP", "unassigned \u0378 code point", "🙂"]
     assert tok.count_tokens(texts) == [len(tok.encode(t)) for t in texts]
     assert tok.count_tokens(texts) == [len(tok.encode(t)) for t in texts]     # again, from the cache
+
+
+def test_a_hugging_face_tokenizer_counts_as_it_renders(tmp_path):
+    from hf_helpers import save_tokenizer
+
+    directory = save_tokenizer(tmp_path / "chatml", "chatml")
+    rows, _, _ = planted()
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    r = audit_preferences([path], tokenizer=directory, max_length=20, max_prompt_length=40)
+    hf = open_tokenizer(directory)
+    examples = load_examples([path], on_error="skip")
+    full = [(hf.render_conversation(ex.turns), hf.render_answer(ex.chosen), hf.render_answer(ex.rejected))
+            for ex in examples]
+    assert r["lengths"]["prompt"]["mean"] == pytest.approx(sum(len(p) for p, _, _ in full) / len(full))
+    assert r["lengths"]["rejected"]["max"] == max(len(x) for _, _, x in full)
+    stats = DataStats()
+    tokenize_pairs(examples, hf, 20, 40, 10**9, stats)
+    assert (r["limits"]["dropped_long_prompt"], r["limits"]["truncated"]) == (stats.dropped_long_prompt,
+                                                                              stats.truncated)
 
 
 def test_label_consistency_with_a_position_swapped_judge(tmp_path):

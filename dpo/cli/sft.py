@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastdpo.generation.heldout import HeldoutProbe
-from fastdpo.models.gpt import PRESETS
+from fastdpo.models.families import PRESETS
 from fastdpo.training.config import load_config
 from fastdpo.training.sft import run_sft
 
@@ -17,8 +17,10 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--config", type=Path, help="YAML config, e.g. configs/sft.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value: train.max_steps=100, data.path=[sft.jsonl]")
-    p.add_argument("--init", help="checkpoint directory or model preset (overrides init_checkpoint/model)")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer.json (needed for a fresh model)")
+    p.add_argument("--init", help="checkpoint directory, Hugging Face model directory, or model preset "
+                                  "(overrides init_checkpoint/model)")
+    p.add_argument("--tokenizer", type=Path,
+                   help="tokenizer.json or tokenizer directory (needed for a fresh model)")
     p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     p.add_argument("--wandb", choices=["auto", "disabled", "offline", "online"], help="W&B mode")
     p.add_argument("--report-to", default=None, metavar="LIST",

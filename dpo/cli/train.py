@@ -19,8 +19,10 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--config", type=Path, help="YAML config, e.g. configs/dpo.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value: beta=0.2, train.max_steps=100, data.path=[a.jsonl]")
-    p.add_argument("--sft-checkpoint", type=Path, help="overrides sft_checkpoint from the config")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the checkpoint's own)")
+    p.add_argument("--sft-checkpoint", type=Path,
+                   help="SFT checkpoint or Hugging Face model directory (overrides the config)")
+    p.add_argument("--tokenizer", type=Path,
+                   help="tokenizer.json or directory (default: the checkpoint's own)")
     p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     p.add_argument("--wandb", choices=["auto", "disabled", "offline", "online"], help="W&B mode")
     p.add_argument("--report-to", default=None, metavar="LIST",

@@ -1,12 +1,12 @@
 """Exact token counts without building token ids, fast for byte-level BPE tokenizers.
 
 A tokenizer runs normalizer -> pre-tokenizer -> model on each pre-token, so when there is no
-normalizer and no non-special added token, a text's token count is the sum of its pre-tokens'
-counts. For the GPT-2 byte-level pre-tokenizer (fastdpo's own tokenizers, GPT-2's) the split is
-one regular expression, which Python's ``re`` runs about 4x faster than the tokenizers library's
-Oniguruma engine, and pre-tokens repeat (words), so their counts are cached: counting a preference
-row then costs a regex pass and a few dictionary lookups instead of a full encode. Any other
-tokenizer gets ``len(encode(text))``.
+normalizer and no added token matched in the text (fastdpo's tokenizer encodes its special tokens'
+spellings as plain text), a text's token count is the sum of its pre-tokens' counts. For the GPT-2
+byte-level pre-tokenizer (fastdpo's own tokenizers) the split is one regular expression, which
+Python's ``re`` runs about 4x faster than the tokenizers library's Oniguruma engine, and pre-tokens
+repeat (words), so their counts are cached: counting a preference row then costs a regex pass and
+a few dictionary lookups instead of a full encode. Any other tokenizer gets ``len(encode(text))``.
 
 The regex's letter, number and whitespace classes are built from ``unicodedata`` (the categories
 ``\\p{L}``, ``\\p{N}`` and the White_Space property the original pattern names) over the Basic
@@ -62,9 +62,11 @@ def splits_like_gpt2(hf_tokenizer) -> bool:
     """Whether a ``tokenizers.Tokenizer`` counts as the sum of its GPT-2 byte-level pre-tokens."""
     spec = json.loads(hf_tokenizer.to_str())
     pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
+    added = spec.get("added_tokens") or []
+    # added tokens are matched in the text before pre-tokenizing, unless encoded as plain text
     return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
             and not pre.get("add_prefix_space", False) and model.get("type") == "BPE"
-            and not model.get("dropout") and all(t.get("special") for t in spec.get("added_tokens") or []))
+            and not model.get("dropout") and (not added or hf_tokenizer.encode_special_tokens))
 
 
 class TokenCounter:

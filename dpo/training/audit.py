@@ -96,7 +96,7 @@ def judge_instruction(turns: Sequence[tuple[str, str]]) -> str:
     """The prompt as a judge reads it: the text of a single user turn, else a transcript."""
     if len(turns) == 1:
         return turns[0][1]
-    return "\n\n".join(f"{'User' if role == 'user' else 'Assistant'}: {text}" for role, text in turns)
+    return "\n\n".join(f"{role.capitalize()}: {text}" for role, text in turns)
 
 
 # --------------------------------------------------------------------------- the streaming pass
@@ -375,14 +375,26 @@ def _resolve_inputs(paths, fmt, tokenizer, ckpt, config, max_length, max_prompt_
     if not paths:
         raise ValueError("no data files given (name them, or --config with data.path)")
     if ckpt is not None:
-        from fastdpo.models.checkpoint import load_tokenizer, read_config
-        block_size = block_size or int(read_config(Path(ckpt))["model"]["block_size"])
-        tokenizer = tokenizer or load_tokenizer(Path(ckpt))
-    if tokenizer is not None and not hasattr(tokenizer, "answer_lengths"):
-        from fastdpo.models.tokenizer import Tokenizer
-        tokenizer = Tokenizer.load(tokenizer)
+        block_size = block_size or _block_size(Path(ckpt))
+        if tokenizer is None:
+            from fastdpo.models.checkpoint import load_tokenizer
+            tokenizer = load_tokenizer(Path(ckpt))
+    if isinstance(tokenizer, (str, Path)):
+        from fastdpo.models.tokenizer import open_tokenizer
+        tokenizer = open_tokenizer(tokenizer)
     return ([Path(x) for x in paths], fmt, tokenizer, max_length or dpo.max_length,
             max_prompt_length or dpo.max_prompt_length, block_size)
+
+
+def _block_size(ckpt: Path) -> int:
+    """The context of a fastdpo checkpoint or a Hugging Face model directory (no weights read)."""
+    from fastdpo.models.hf_import import read_hf_config
+    hf = read_hf_config(ckpt)
+    if hf is not None:
+        from fastdpo.models.hf_config import config_from_hf
+        return int(config_from_hf(hf, ckpt)[1].block_size)
+    from fastdpo.models.checkpoint import read_config
+    return int(read_config(ckpt)["model"]["block_size"])
 
 
 def _write_clean(out: str | Path, paths, fmt: str, drop: dict[str, np.ndarray], n: int, bad: int) -> dict:

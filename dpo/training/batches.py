@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdpo.models.tokenizer import Tokenizer
+from fastdpo.models.tokenizer import ChatTokenizer
 from fastdpo.training.data import DataError, DataStats, PreferenceExample, SFTExample, load_examples
 
 
@@ -47,7 +47,7 @@ class TokenizedSFT:
     length = n_tokens
 
 
-def tokenize_pairs(examples: Sequence[PreferenceExample], tok: Tokenizer, max_length: int,
+def tokenize_pairs(examples: Sequence[PreferenceExample], tok: ChatTokenizer, max_length: int,
                    max_prompt_length: int, block_size: int, stats: DataStats) -> list[TokenizedPair]:
     """Render prompts with the chat template; drop over-long prompts; cut responses to fit."""
     out = []
@@ -64,7 +64,7 @@ def tokenize_pairs(examples: Sequence[PreferenceExample], tok: Tokenizer, max_le
     return out
 
 
-def tokenize_sft(examples: Sequence[SFTExample], tok: Tokenizer, max_length: int, max_prompt_length: int,
+def tokenize_sft(examples: Sequence[SFTExample], tok: ChatTokenizer, max_length: int, max_prompt_length: int,
                  block_size: int, stats: DataStats) -> list[TokenizedSFT]:
     out = []
     for ex in examples:
@@ -192,7 +192,7 @@ def _collate(rows, pad_id):
     return ids, mask
 
 
-def _load(kind: str, tokenize, cfg, tok: Tokenizer, max_length: int, max_prompt_length: int,
+def _load(kind: str, tokenize, cfg, tok: ChatTokenizer, max_length: int, max_prompt_length: int,
           block_size: int, seed: int):
     stats = DataStats()
     examples = load_examples(cfg.paths, cfg.format, cfg.on_error, kind, cfg.max_rows, stats)
@@ -203,13 +203,13 @@ def _load(kind: str, tokenize, cfg, tok: Tokenizer, max_length: int, max_prompt_
     return train, val, stats
 
 
-def load_preference_data(cfg, tok: Tokenizer, max_length: int, max_prompt_length: int, block_size: int,
+def load_preference_data(cfg, tok: ChatTokenizer, max_length: int, max_prompt_length: int, block_size: int,
                          seed: int) -> tuple[list[TokenizedPair], list[TokenizedPair], DataStats]:
     """``PreferenceDatasetConfig`` -> (train pairs, val pairs, stats)."""
     return _load("preference", tokenize_pairs, cfg, tok, max_length, max_prompt_length, block_size, seed)
 
 
-def load_sft_data(cfg, tok: Tokenizer, max_length: int, max_prompt_length: int, block_size: int,
+def load_sft_data(cfg, tok: ChatTokenizer, max_length: int, max_prompt_length: int, block_size: int,
                   seed: int) -> tuple[list[TokenizedSFT], list[TokenizedSFT], DataStats]:
     """``SFTDatasetConfig`` -> (train examples, val examples, stats)."""
     return _load("sft", tokenize_sft, cfg, tok, max_length, max_prompt_length, block_size, seed)

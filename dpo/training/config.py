@@ -41,8 +41,8 @@ REFERENCE_FREE_LOSSES = ("simpo", "orpo")                       # no reference m
 LENGTH_NORMALISED_LOSSES = ("sigmoid_norm", "ipo", "simpo", "orpo")  # divide by answer token counts
 SMOOTHED_LOSSES = ("sigmoid", "sigmoid_norm", "robust", "simpo")
 REFERENCE_MODES = ("auto", "cached", "model", "none")
-DATA_FORMATS = ("auto", "prompt", "conversations", "hh")
-SFT_FORMATS = ("auto", "prompt", "conversations")
+DATA_FORMATS = ("auto", "prompt", "implicit", "conversations", "hh")   # see fastdpo.training.data
+SFT_FORMATS = ("auto", "prompt", "messages", "conversations")
 # the kernel choices of fastdpo.training.logprobs (kept here: configs load without importing torch)
 KERNELS = ("auto", "triton", "torch", "oracle")
 REPORT_TO = ("wandb", "tensorboard", "none")
@@ -249,7 +249,7 @@ class _DatasetConfig:
 
 @dataclass
 class PreferenceDatasetConfig(_DatasetConfig):
-    FORMATS: ClassVar[tuple[str, ...]] = DATA_FORMATS   # auto | prompt | conversations | hh
+    FORMATS: ClassVar[tuple[str, ...]] = DATA_FORMATS   # auto | prompt | implicit | conversations | hh
 
 
 @dataclass
@@ -265,7 +265,7 @@ class SFTConfig:
 
 @dataclass
 class SFTDatasetConfig(_DatasetConfig):
-    FORMATS: ClassVar[tuple[str, ...]] = SFT_FORMATS    # auto | prompt | conversations
+    FORMATS: ClassVar[tuple[str, ...]] = SFT_FORMATS    # auto | prompt | messages | conversations
 
 
 @dataclass

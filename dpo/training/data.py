@@ -1,19 +1,29 @@
 """Preference and SFT data files: read local JSONL / JSON arrays and validate their rows into
-examples (``fastdpo.training.batches`` tokenizes and batches them).
+examples (``fastdpo.training.batches`` tokenizes and batches them, rendering every prompt with the
+model's chat template).
 
-Three preference formats (detected per file from its first row, or forced with ``format``):
+Messages are ``{"role": "system"|"user"|"assistant", "content": str}`` (TRL's conversational format,
+OpenAI's) or ShareGPT's ``{"from": "system"|"human"|"gpt", "value": str}``, anywhere a message list
+is accepted.
 
-- ``prompt``:        ``{"prompt": str, "chosen": str, "rejected": str, ...extra fields kept as meta}``
-- ``conversations``: ``{"conversations": [{"from": "user"|"assistant", "value": str}, ...],
-  "chosen": str, "rejected": str}``; the history ends with a user turn and is rendered by the chat
-  template, the two answers are the competing next assistant turns.
+Preference formats (detected per file from its first row, or forced with ``format``):
+
+- ``prompt``:        ``{"prompt", "chosen", "rejected", ...extra fields kept as meta}``; each a
+  string (TRL's standard format) or a message list (TRL's conversational format: the prompt's
+  messages, and one assistant message per answer).
+- ``implicit``:      TRL's conversational rows with an implicit prompt: ``chosen`` and ``rejected``
+  are whole conversations sharing every message but their last, assistant, one.
+- ``conversations``: ``{"conversations": [messages], "chosen": ..., "rejected": ...}`` (answers as
+  strings, or one assistant message each, as LLaMA-Factory writes them); the history ends with a
+  user turn, the two answers are the competing next assistant turns.
 - ``hh``:            HH-RLHF transcripts, ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...",
   "rejected": ...}``; both share everything up to their last assistant turn.
 
-All three become the same ``PreferenceExample``: the prompt as chat turns and the two answers.
+All of them become the same ``PreferenceExample``: the prompt as chat turns and the two answers.
 
-SFT rows are ``{"prompt", "response"}`` or ``{"conversations": [...]}`` whose last turn is the
-assistant's answer (the only tokens trained on).
+SFT rows: ``{"prompt", "response"}`` or TRL's ``{"prompt", "completion"}`` (strings or message
+lists), or ``{"messages": [...]}`` / ``{"conversations": [...]}`` whose last turn is the assistant's
+answer (the only tokens trained on).
 
 Every bad row is reported as ``file:line: reason``; with ``on_error="skip"`` it is skipped and
 counted instead of stopping the run.
@@ -26,6 +36,9 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+PREFERENCE_FORMATS = ("prompt", "implicit", "conversations", "hh")
+SFT_FORMATS = ("prompt", "messages", "conversations")
 
 
 class DataError(ValueError):
@@ -129,19 +142,65 @@ def _string_field(row: dict, name: str) -> str:
     return v
 
 
-def _turns_field(row: dict) -> list[tuple[str, str]]:
-    conv = row["conversations"]
-    if not isinstance(conv, list) or not conv:
-        raise DataError("field 'conversations' must be a non-empty list of {from, value} turns")
+_ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user",
+          "assistant": "assistant", "gpt": "assistant", "model": "assistant"}
+
+
+def _messages(value, name: str) -> list[tuple[str, str]]:
+    """A message list (role/content or from/value) as (role, text) turns with canonical roles."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"field '{name}' must be a non-empty list of {{role, content}} messages")
     turns = []
-    for j, t in enumerate(conv):
-        if not (isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)):
-            raise DataError(f"field 'conversations[{j}]' must be {{\"from\": str, \"value\": str}}")
-        role = t["from"].lower()
-        if role not in ("user", "human", "assistant", "gpt"):
-            raise DataError(f"field 'conversations[{j}].from': unknown role {t['from']!r}")
-        turns.append(("user" if role in ("user", "human") else "assistant", t["value"]))
+    for j, m in enumerate(value):
+        keys = ("role", "content") if isinstance(m, dict) and "role" in m else ("from", "value")
+        if not (isinstance(m, dict) and isinstance(m.get(keys[0]), str) and isinstance(m.get(keys[1]), str)):
+            raise DataError(f"field '{name}[{j}]' must be {{\"role\": str, \"content\": str}} "
+                            f"(or ShareGPT's {{\"from\": str, \"value\": str}})")
+        role = _ROLES.get(m[keys[0]].lower())
+        if role is None:
+            raise DataError(f"field '{name}[{j}].{keys[0]}': unknown role {m[keys[0]]!r} "
+                            f"(expected system, user or assistant)")
+        turns.append((role, m[keys[1]]))
     return turns
+
+
+def _turns_field(row: dict, name: str = "conversations") -> list[tuple[str, str]]:
+    if name not in row:
+        raise DataError(f"missing field '{name}'")
+    return _messages(row[name], name)
+
+
+def _prompt_field(row: dict) -> list[tuple[str, str]]:
+    """``prompt``: a string (one user turn) or a message list."""
+    if isinstance(row.get("prompt"), list):
+        return _messages(row["prompt"], "prompt")
+    return [("user", _string_field(row, "prompt"))]
+
+
+def _answer_field(row: dict, name: str) -> str:
+    """An answer: a string, a message list holding one assistant message, or that one message
+    (LLaMA-Factory's ShareGPT preference rows: ``"chosen": {"from": "gpt", "value": ...}``)."""
+    value = row.get(name)
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        return _string_field(row, name)
+    turns = _messages(value, name)
+    if len(turns) != 1 or turns[0][0] != "assistant":
+        raise DataError(f"field '{name}' must hold exactly one assistant message")
+    return turns[0][1]
+
+
+def _implicit_prompt(row: dict) -> tuple[list[tuple[str, str]], str, str]:
+    """TRL's implicit prompt: the messages chosen and rejected share, then one answer each."""
+    chosen, rejected = _messages(row.get("chosen"), "chosen"), _messages(row.get("rejected"), "rejected")
+    for name, turns in (("chosen", chosen), ("rejected", rejected)):
+        if turns[-1][0] != "assistant":
+            raise DataError(f"field '{name}': the conversation does not end with an assistant message")
+    if chosen[:-1] != rejected[:-1]:
+        raise DataError("chosen and rejected conversations do not share their prompt (every message "
+                        "but the last)")
+    return chosen[:-1], chosen[-1][1], rejected[-1][1]
 
 
 def _parse_hh(text: str, name: str) -> tuple[list[tuple[str, str]], str]:
@@ -159,34 +218,32 @@ def _parse_hh(text: str, name: str) -> tuple[list[tuple[str, str]], str]:
 def detect_format(row: object, kinds: Sequence[str]) -> str | None:
     if not isinstance(row, dict):
         return None
-    if "conversations" in row:
-        return "conversations"
-    if "prompt" in row:
-        return "prompt"
-    if "hh" in kinds and "chosen" in row:
-        return "hh"
+    for fmt in ("messages", "conversations", "prompt"):
+        if fmt in kinds and fmt in row:
+            return fmt
+    if "chosen" in row:
+        if "implicit" in kinds and isinstance(row["chosen"], list):
+            return "implicit"
+        if "hh" in kinds:
+            return "hh"
     return None
 
 
 def parse_preference(row: object, fmt: str, source: str) -> PreferenceExample:
     if not isinstance(row, dict):
         raise DataError(f"expected a JSON object, got {type(row).__name__}")
+    used = {"chosen", "rejected"}
     if fmt == "hh":
         turns, chosen = _parse_hh(_string_field(row, "chosen"), "chosen")
         r_turns, rejected = _parse_hh(_string_field(row, "rejected"), "rejected")
         if r_turns != turns:
             raise DataError("chosen and rejected transcripts do not share their prompt")
-        used = {"chosen", "rejected"}
+    elif fmt == "implicit":
+        turns, chosen, rejected = _implicit_prompt(row)
     else:
-        chosen, rejected = _string_field(row, "chosen"), _string_field(row, "rejected")
-        if fmt == "prompt":
-            turns = [("user", _string_field(row, "prompt"))]
-            used = {"prompt", "chosen", "rejected"}
-        else:
-            if "conversations" not in row:
-                raise DataError("missing field 'conversations'")
-            turns = _turns_field(row)
-            used = {"conversations", "chosen", "rejected"}
+        turns = _prompt_field(row) if fmt == "prompt" else _turns_field(row)
+        chosen, rejected = _answer_field(row, "chosen"), _answer_field(row, "rejected")
+        used.add(fmt)
     if not turns or turns[-1][0] != "user":
         raise DataError("the prompt must end with a user turn")
     for name, text in (("chosen", chosen), ("rejected", rejected)):
@@ -201,20 +258,19 @@ def parse_sft(row: object, fmt: str, source: str) -> SFTExample:
     if not isinstance(row, dict):
         raise DataError(f"expected a JSON object, got {type(row).__name__}")
     if fmt == "prompt":
-        turns = [("user", _string_field(row, "prompt"))]
-        response = _string_field(row, "response")
-        used = {"prompt", "response"}
+        turns = _prompt_field(row)
+        answer = "completion" if "completion" in row and "response" not in row else "response"
+        response = _answer_field(row, answer)
+        used = {"prompt", answer}
     else:
-        if "conversations" not in row:
-            raise DataError("missing field 'conversations'")
-        turns = _turns_field(row)
+        turns = _turns_field(row, fmt)
         if "response" in row:
             response = _string_field(row, "response")
         elif turns[-1][0] == "assistant":
             turns, response = turns[:-1], turns[-1][1]
         else:
-            raise DataError("conversations must end with the assistant's answer (or give 'response')")
-        used = {"conversations", "response"}
+            raise DataError(f"{fmt} must end with the assistant's answer (or give 'response')")
+        used = {fmt, "response"}
     if not turns or turns[-1][0] != "user":
         raise DataError("the prompt must end with a user turn")
     if not response.strip():
@@ -229,7 +285,7 @@ def iter_rows(paths: Sequence[Path], fmt: str = "auto", on_error: str = "raise",
     are counted in ``stats`` and skipped."""
     stats = stats if stats is not None else DataStats()
     parse = parse_preference if kind == "preference" else parse_sft
-    kinds = ("prompt", "conversations", "hh") if kind == "preference" else ("prompt", "conversations")
+    kinds = PREFERENCE_FORMATS if kind == "preference" else SFT_FORMATS
     for path in paths:
         file_fmt = None if fmt == "auto" else fmt
         stats.formats[str(path)] = file_fmt

@@ -22,7 +22,7 @@ import torch
 from fastdpo import kernels, runtime
 from fastdpo.models import lora
 from fastdpo.models.checkpoint import load_checkpoint
-from fastdpo.models.tokenizer import Tokenizer
+from fastdpo.models.tokenizer import ChatTokenizer
 from fastdpo.runtime import autocast, resolve_device, resolve_precision
 from fastdpo.training.batches import TokenizedPair, eval_batches, load_preference_data
 from fastdpo.training.config import DPOConfig, HealthConfig, PreferenceDatasetConfig, TrainingConfig, to_dict
@@ -147,7 +147,7 @@ def base_view(model: torch.nn.Module):
 
 def prepare_dpo(policy: torch.nn.Module, train: Sequence[TokenizedPair], val: Sequence[TokenizedPair],
                 train_cfg: TrainingConfig, dpo_cfg: DPOConfig, *, pad_id: int, tokenizer_hash: str = "",
-                reference: torch.nn.Module | None = None, tokenizer: Tokenizer | None = None,
+                reference: torch.nn.Module | None = None, tokenizer: ChatTokenizer | None = None,
                 meta: dict | None = None, logger: RunLogger | None = None, on_step=None,
                 device: torch.device | None = None) -> Trainer:
     """A ready-to-run DPO ``Trainer`` from in-memory objects (``run_dpo`` and the bench use it).
@@ -203,13 +203,14 @@ def prepare_dpo(policy: torch.nn.Module, train: Sequence[TokenizedPair], val: Se
 
 
 def run_dpo(sft_checkpoint: str | Path, train_config: TrainingConfig, dpo_config: DPOConfig,
-            preference_config: PreferenceDatasetConfig, tokenizer: Tokenizer | str | Path | None = None, *,
-            resume: bool | str | Path = False, on_step: Callable | None = None,
-            health: HealthConfig | None = None, heldout_probe=None) -> Path:
-    """Train a DPO policy from ``sft_checkpoint`` (also the reference unless
-    ``dpo_config.reference_checkpoint`` says otherwise); returns the final checkpoint directory.
+            preference_config: PreferenceDatasetConfig,
+            tokenizer: ChatTokenizer | str | Path | None = None, *, resume: bool | str | Path = False,
+            on_step: Callable | None = None, health: HealthConfig | None = None, heldout_probe=None) -> Path:
+    """Train a DPO policy from ``sft_checkpoint`` (a fastdpo checkpoint or a local Hugging Face model
+    directory; also the reference unless ``dpo_config.reference_checkpoint`` says otherwise);
+    returns the final checkpoint directory.
 
-    ``tokenizer`` may be a loaded ``Tokenizer``, a path, or None (the checkpoint's own).
+    ``tokenizer`` may be a loaded tokenizer, a path, or None (the checkpoint's own).
     ``resume=True`` continues from the newest checkpoint in ``output_dir/run_name`` (or a given
     checkpoint directory), restoring weights, optimizer, RNG and data position. ``health`` sets the
     alarm thresholds (default ``HealthConfig()``); ``heldout_probe``

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from fastdpo import runtime
 from fastdpo.models.checkpoint import load_tokenizer, read_config, restore_interrupted_swap
-from fastdpo.models.tokenizer import Tokenizer
+from fastdpo.models.tokenizer import ChatTokenizer, open_tokenizer
 from fastdpo.training.config import TrainingConfig
 from fastdpo.training.health import HealthMonitor
 from fastdpo.training.metrics import RunLogger
@@ -45,13 +45,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(candidates)[1] if candidates else None
 
 
-def resolve_tokenizer(tokenizer, checkpoint: Path | None, train_cfg: TrainingConfig) -> Tokenizer:
-    if isinstance(tokenizer, Tokenizer):
+def resolve_tokenizer(tokenizer, checkpoint: Path | None, train_cfg: TrainingConfig) -> ChatTokenizer:
+    """The tokenizer given (loaded, or a path: a tokenizer.json or a tokenizer directory), else
+    ``train.tokenizer_name``, else the checkpoint's own (a Hugging Face model directory's too)."""
+    if isinstance(tokenizer, ChatTokenizer):
         return tokenizer
     if tokenizer is not None:
-        return Tokenizer.load(tokenizer)
+        return open_tokenizer(tokenizer)
     if train_cfg.tokenizer_name:
-        return Tokenizer.load(train_cfg.tokenizer_name)
+        return open_tokenizer(train_cfg.tokenizer_name)
     if checkpoint is None:
         raise ValueError("no tokenizer: pass one (or set train.tokenizer_name)")
     return load_tokenizer(checkpoint)

@@ -3,7 +3,8 @@
 The loss is the mean per-token NLL of the answer tokens (``<|end|>`` included), computed by the
 same ``kernels.linear_sequence_logprobs`` as DPO: summed answer log-probs per row, divided by the
 number of answer tokens in the whole optimizer step. It makes the starting checkpoint of DPO,
-from an existing checkpoint or from a fresh model of a named shape (``PRESETS``).
+from an existing checkpoint (fastdpo's or a local Hugging Face model directory) or from a fresh
+model of a named shape (``PRESETS``: GPT-2 and Llama shapes).
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from pathlib import Path
 import torch
 
 from fastdpo.models.checkpoint import load_checkpoint
-from fastdpo.models.gpt import GPT, PRESETS, GPTConfig, config_from_preset
-from fastdpo.models.tokenizer import Tokenizer
+from fastdpo.models.families import FAMILIES, PRESETS, build_model, config_from_preset
+from fastdpo.models.tokenizer import ChatTokenizer
 from fastdpo.runtime import resolve_device, resolve_precision
 from fastdpo.training.batches import TokenizedSFT, collate_sft, eval_batches, load_sft_data
 from fastdpo.training.config import HealthConfig, SFTConfig, SFTDatasetConfig, TrainingConfig, to_dict
@@ -68,28 +69,32 @@ class SFTTask(Task):
         return {"loss": loss, "ppl": float(torch.tensor(loss).exp())}
 
 
+_MODEL_CONFIGS = tuple(config_cls for config_cls, _ in FAMILIES.values())
+
+
 def _is_fresh(init) -> bool:
-    if isinstance(init, GPTConfig):
+    if isinstance(init, _MODEL_CONFIGS):
         return True
     return isinstance(init, str) and init in PRESETS and not Path(init).exists()
 
 
-def init_model(init: str | Path | GPTConfig, tok: Tokenizer, device: torch.device) -> GPT:
-    """A checkpoint directory, a preset name (``tiny``, ``gpt2-124m``) or a ``GPTConfig``."""
-    if isinstance(init, GPTConfig):
-        return GPT(init).to(device)
+def init_model(init, tok: ChatTokenizer, device: torch.device) -> torch.nn.Module:
+    """A checkpoint directory (fastdpo's or Hugging Face's), a preset name (``tiny``, ``gpt2-124m``,
+    ``llama-tiny``, ``llama-124m``) or a model config (``GPTConfig``, ``LlamaConfig``)."""
+    if isinstance(init, _MODEL_CONFIGS):
+        return build_model(init).to(device)
     if _is_fresh(init):
-        return GPT(config_from_preset(init, vocab_size=tok.vocab_size)).to(device)
+        return build_model(config_from_preset(init, vocab_size=tok.vocab_size)).to(device)
     return load_checkpoint(init, tokenizer=tok, map_location=device)[0]
 
 
-def run_sft(init_checkpoint: str | Path | GPTConfig, train_config: TrainingConfig, sft_config: SFTConfig,
-            dataset_config: SFTDatasetConfig, tokenizer: Tokenizer | str | Path | None = None, *,
+def run_sft(init_checkpoint, train_config: TrainingConfig, sft_config: SFTConfig,
+            dataset_config: SFTDatasetConfig, tokenizer: ChatTokenizer | str | Path | None = None, *,
             resume: bool | str | Path = False, on_step: Callable | None = None,
             health: HealthConfig | None = None, heldout_probe=None) -> Path:
-    """Fine-tune ``init_checkpoint`` (a checkpoint dir, a preset name, or a ``GPTConfig`` for a fresh
-    model) on answer tokens; returns the final checkpoint directory. ``health`` and
-    ``heldout_probe`` as in ``run_dpo`` (the reference is the starting model)."""
+    """Fine-tune ``init_checkpoint`` (a checkpoint or Hugging Face model directory, a preset name, or
+    a model config for a fresh model) on answer tokens; returns the final checkpoint directory.
+    ``health`` and ``heldout_probe`` as in ``run_dpo`` (the reference is the starting model)."""
     tok = resolve_tokenizer(tokenizer, None if _is_fresh(init_checkpoint) else Path(init_checkpoint),
                             train_config)
     train_config = join_ranks(train_config, "examples")
