@@ -11,7 +11,7 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "dpo" / "__init__.py").r
 setup(
     name="fastdpo",
     version=VERSION,
-    description="Fast, kernel-accelerated Direct Preference Optimization for small GPT models",
+    description="Fast, kernel-accelerated Direct Preference Optimization for GPT-2 and Llama-family models",
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -27,6 +27,7 @@ setup(
         "torch>=2.13",
         "triton>=3.2; platform_system == 'Linux'",
         "tokenizers>=0.19",
+        "jinja2>=3.1.6",   # Hugging Face chat templates (sandboxed; older versions have known escapes)
         "safetensors>=0.4",
         "pyyaml>=6",
         "openai>=1.30",
@@ -39,12 +40,18 @@ setup(
         # fastdpo serve and fastdpo label (the same web stack under the name each is known by)
         "serve": WEB,
         "ui": WEB,
+        "tensorboard": ["tensorboard>=2.14"],
         # trl and peft: the tests compare fastdpo's losses with TRL's code and load fastdpo's LoRA
         # adapters with peft onto the equivalent transformers model (both keep the CPU torch build);
         # the web stack and Playwright: the tests drive the server with the openai client and the
-        # labeling page through the system's Chromium (Debian's `chromium`; that test skips without it)
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "transformers", "trl", "peft", *WEB,
-                "playwright>=1.40"],
+        # labeling page through the system's Chromium (Debian's `chromium`; that test skips without it);
+        # transformers: also what the Hugging Face import/export tests compare against;
+        # tensorboard: the tests read the event files back
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "transformers>=4.51", "trl", "peft", *WEB,
+                "playwright>=1.40", "tensorboard>=2.14"],
+        # transformers is not needed to import, train or export Hugging Face models; it is what
+        # reads the exported directories (4.51: the first with Qwen3)
+        "hf": ["transformers>=4.51"],
         "judge": ["vllm"],
         "peers": ["transformers", "trl", "liger-kernel"],
     },

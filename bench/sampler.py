@@ -2,7 +2,9 @@
 
 Workload (issue 5): 16 prompts x K=4 rows (temperatures 0.7/0.9/1.1/1.3, top-k 50), random prompt
 lengths in [20, 200] tokens, no eos (every row generates exactly ``max_new_tokens``), randomly
-initialised weights of the ``tiny`` or ``gpt2-124m`` shape, block_size raised to fit prompt + answer.
+initialised weights of the ``tiny``, ``gpt2-124m``, ``llama-tiny`` or ``llama-124m`` shape (the Llama
+ones: RoPE, grouped-query attention with 4 KV heads, SwiGLU; generate then runs transformers'
+LlamaForCausalLM), block_size raised to fit prompt + answer.
 Tokens/s = new tokens / wall time including the prefill.
 
 How each row is timed (the ``method`` column):
@@ -19,6 +21,7 @@ Fast path, oracle and generate run interleaved in one process; compare ratios, n
 
     python -m fastdpo.bench.sampler --preset tiny --threads 1 --hf-max-new 64 256
     python -m fastdpo.bench.sampler --preset gpt2-124m --threads 1          # ~15 min on two busy cores
+    python -m fastdpo.bench.sampler --preset llama-124m --threads 1
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ import torch
 from fastdpo.files import write_json
 from fastdpo.generation.mining import DEFAULT_TEMPS as TEMPS
 from fastdpo.generation.sampler import choose_tokens, decode_step, sample, sample_reforward
-from fastdpo.models.gpt import GPT, KVCache, config_from_preset
+from fastdpo.models.families import PRESETS, build_model, config_from_preset
+from fastdpo.models.kv_cache import KVCache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Full runs up to measure_max_new; step-cost profiles at `points` lengths; the oracle profiled on
@@ -42,16 +46,18 @@ PRESET_DEFAULTS = {
     "tiny": dict(measure_max_new=64, points=3, oracle_rows=0),
     "gpt2-124m": dict(measure_max_new=64, points=2, oracle_rows=8),
 }
+PRESET_DEFAULTS["llama-tiny"] = PRESET_DEFAULTS["tiny"]
+PRESET_DEFAULTS["llama-124m"] = PRESET_DEFAULTS["gpt2-124m"]
 
 
 def make_workload(preset: str, n_prompts: int, k: int, prompt_lens: tuple[int, int], max_new: int,
                   seed: int):
-    vocab = {"tiny": 2048}.get(preset)  # tiny's vocabulary is the tokenizer's (~2k); 124M has its own
+    vocab = {"tiny": 2048, "llama-tiny": 2048}.get(preset)  # a tokenizer's (~2k); 124M shapes have theirs
     overrides = dict(block_size=max(1024, prompt_lens[1] + max_new))
     if vocab:
         overrides["vocab_size"] = vocab
     torch.manual_seed(seed)
-    model = GPT(config_from_preset(preset, **overrides)).eval()
+    model = build_model(config_from_preset(preset, **overrides)).eval()
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(prompt_lens[0], prompt_lens[1] + 1, (n_prompts,), generator=g).tolist()
     distinct = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in lens]
@@ -88,7 +94,7 @@ def _oracle_profile(model, prompts, temps, top_k, max_new: int, points: int, dty
 
 @torch.inference_mode(False)
 @torch.no_grad()
-def _fast_profile(model: GPT, prompts, temps, top_k, max_new: int, points: int, dtype,
+def _fast_profile(model: torch.nn.Module, prompts, temps, top_k, max_new: int, points: int, dtype,
                   steps: int = 3) -> tuple[float, list[tuple[int, float]]]:
     """(prefill seconds, [(length, seconds per decode step)]) for the fast path."""
     stamps = []
@@ -97,7 +103,8 @@ def _fast_profile(model: GPT, prompts, temps, top_k, max_new: int, points: int, 
            on_step=lambda *_: stamps.append(time.perf_counter()))
     prefill = stamps[0] - t0
     cfg, n = model.config, len(prompts)
-    hd = cfg.n_embd // cfg.n_head
+    heads = getattr(cfg, "n_kv_head", cfg.n_head)   # the cache holds the key/value heads
+    hd = getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head
     lens = torch.tensor([len(p) for p in prompts])
     cache_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
     temps_t, g = torch.tensor(temps), torch.Generator().manual_seed(2)
@@ -107,7 +114,7 @@ def _fast_profile(model: GPT, prompts, temps, top_k, max_new: int, points: int, 
             caches = []
             for _ in range(cfg.n_layer):
                 c = KVCache(n, int(lens.max()) + max_new + steps)
-                c.k = torch.randn(n, cfg.n_head, c.max_len, hd, dtype=cache_dtype)
+                c.k = torch.randn(n, heads, c.max_len, hd, dtype=cache_dtype)
                 c.v = torch.randn_like(c.k)
                 caches.append(c)
             cur, tok = lens + s, torch.randint(0, cfg.vocab_size, (n,))
@@ -133,16 +140,18 @@ def _estimate(profile: list[tuple[int, float]], first_len: int, max_new: int) ->
     return float(sum(coef[d] * (steps**d).sum() for d in range(degree + 1)))
 
 
-def _hf_generate(model: GPT, prompts, max_new: int, top_k: int, dtype):
-    """transformers' GPT2LMHeadModel.generate on the same shapes (KV cache, left padding). It has one
-    temperature per call, so it samples every row at 1.0."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def _hf_generate(model: torch.nn.Module, prompts, max_new: int, top_k: int, dtype):
+    """transformers' own class for the model's family (GPT2LMHeadModel, LlamaForCausalLM), same shape,
+    ``generate`` with its KV cache and left padding. It has one temperature per call, so it samples
+    every row at 1.0."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = model.config
-    hf = GPT2LMHeadModel(GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)).eval()
+    from fastdpo.models.hf_config import config_to_hf
+
+    hf_config = config_to_hf(model.config)
+    model_type = hf_config.pop("model_type")
+    hf_config.pop("architectures")
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf_config)).eval()
     width = max(map(len, prompts))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -262,7 +271,7 @@ def format_table(results: list[dict]) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "gpt2-124m"])
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--prompts", type=int, default=16, help="distinct prompts")
     ap.add_argument("--k", type=int, default=4, help="rows (samples) per prompt")
     ap.add_argument("--max-new", type=int, nargs="+", default=[64, 128, 256, 512])

@@ -1,6 +1,7 @@
 """fastdpo: a fast, kernel-accelerated Direct Preference Optimization trainer (torch + Triton).
 
-The rooms: ``fastdpo.models`` (architectures, tokenizer, chat template, checkpoints),
+The rooms: ``fastdpo.models`` (GPT-2 and Llama-family architectures, tokenizers and chat templates,
+checkpoints, Hugging Face import/export),
 ``fastdpo.training`` (configs, data, losses, cached reference log-probs, the loop, DPO and SFT),
 ``fastdpo.generation`` (sampler, judges, pair mining, evaluation, serving), ``fastdpo.kernels``
 (Triton kernels, their torch paths and the naive oracle), ``fastdpo.demo`` (the embedded task),
@@ -22,10 +23,17 @@ _API = {
     "PreferenceDatasetConfig": "fastdpo.training.config",
     "SFTConfig": "fastdpo.training.config",
     "SFTDatasetConfig": "fastdpo.training.config",
+    "HealthConfig": "fastdpo.training.config",
     "load_config": "fastdpo.training.config",
+    "audit_preferences": "fastdpo.training.audit",
     "Tokenizer": "fastdpo.models.tokenizer",
     "GPT": "fastdpo.models.gpt",
     "GPTConfig": "fastdpo.models.gpt",
+    "Llama": "fastdpo.models.llama",
+    "LlamaConfig": "fastdpo.models.llama",
+    "open_tokenizer": "fastdpo.models.tokenizer",
+    "HFTokenizer": "fastdpo.models.hf_tokenizer",
+    "export_hf": "fastdpo.models.hf_export",
     "load_checkpoint": "fastdpo.models.checkpoint",
     "save_checkpoint": "fastdpo.models.checkpoint",
     "load_policy": "fastdpo.models.checkpoint",
@@ -33,6 +41,7 @@ _API = {
     "make_judge": "fastdpo.generation.judge",
     "mine_pairs": "fastdpo.generation.mining",
     "evaluate": "fastdpo.generation.evaluate",
+    "HeldoutProbe": "fastdpo.generation.heldout",
     "run_demo": "fastdpo.demo.pipeline",
 }
 

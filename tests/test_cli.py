@@ -8,7 +8,9 @@ import pytest
 
 from fastdpo.cli import main
 
-SUBCOMMANDS = ["demo", "sft", "pairs", "train", "eval", "bench", "serve", "label"]   # the documented contract
+# the documented contract
+SUBCOMMANDS = ["demo", "sft", "pairs", "train", "eval", "bench", "serve", "label", "export", "tokenizer",
+               "audit"]
 
 
 def test_help_and_version(capsys):

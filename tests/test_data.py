@@ -62,6 +62,78 @@ def test_multi_turn_history_is_rendered_by_the_chat_template(tmp_path, tok):
     assert a == b and a[0].prompt == tok.render_conversation(turns)
 
 
+
+def msgs(*turns):
+    return [{"role": r, "content": c} for r, c in turns]
+
+
+def test_trl_conversational_rows_load_to_the_same_pairs(tmp_path, tok):
+    """TRL's conversational format (explicit and implicit prompt), ShareGPT with role/content and
+    with from/value: the same examples, a system message included."""
+    system, q, c, r = "be brief", "what is two plus two?", "four", "five"
+    explicit = write_jsonl(tmp_path / "e.jsonl", [{"prompt": msgs(("system", system), ("user", q)),
+                                                   "chosen": msgs(("assistant", c)),
+                                                   "rejected": msgs(("assistant", r)), "id": 7}])
+    prompt = (("system", system), ("user", q))
+    implicit = write_jsonl(tmp_path / "i.jsonl", [{"chosen": msgs(*prompt, ("assistant", c)),
+                                                   "rejected": msgs(*prompt, ("assistant", r))}])
+    sharegpt = write_jsonl(tmp_path / "s.jsonl", [{"conversations": msgs(("system", system), ("user", q)),
+                                                   "chosen": c, "rejected": r}])
+    from_value = write_jsonl(tmp_path / "f.jsonl", [{"conversations": [{"from": "system", "value": system},
+                                                                       {"from": "human", "value": q}],
+                                                     "chosen": {"from": "gpt", "value": c},   # LLaMA-Factory
+                                                     "rejected": {"from": "gpt", "value": r}}])
+    stats = DataStats()
+    examples = [load_examples([p], stats=stats)[0] for p in (explicit, implicit, sharegpt, from_value)]
+    assert all((e.turns, e.chosen, e.rejected) == ([("system", system), ("user", q)], c, r) for e in examples)
+    assert examples[0].meta == {"id": 7}
+    assert list(stats.formats.values()) == ["prompt", "implicit", "conversations", "conversations"]
+    pairs = tokenize_pairs(examples[:1], tok, 64, 64, 128, stats)
+    assert pairs[0].prompt == tok.render_conversation([("system", system), ("user", q)])
+
+
+def test_sft_messages_and_prompt_completion_rows(tmp_path):
+    rows = [{"messages": msgs(("system", "s"), ("user", "q"), ("assistant", "a"))}]
+    messages = load_examples([write_jsonl(tmp_path / "m.jsonl", rows)], kind="sft")[0]
+    completion = load_examples([write_jsonl(tmp_path / "c.jsonl", [
+        {"prompt": msgs(("system", "s"), ("user", "q")), "completion": msgs(("assistant", "a"))}])],
+        kind="sft")[0]
+    plain = load_examples([write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "completion": "a"}])],
+                          kind="sft")[0]
+    assert (messages.turns, messages.response) == (completion.turns, completion.response) == \
+        ([("system", "s"), ("user", "q")], "a")
+    assert (plain.turns, plain.response) == ([("user", "q")], "a")
+    with pytest.raises(DataError, match=r"x\.jsonl:1: messages must end with the assistant's answer"):
+        load_examples([write_jsonl(tmp_path / "x.jsonl", [{"messages": msgs(("user", "q"))}])], kind="sft")
+
+
+TRL_BAD_ROWS = [
+    ({"prompt": msgs(("user", "q")), "chosen": msgs(("assistant", "a"), ("user", "more?")),
+      "rejected": msgs(("assistant", "b"))}, "field 'chosen' must hold exactly one assistant message"),
+    ({"prompt": msgs(("user", "q")), "chosen": msgs(("assistant", "a")),
+      "rejected": [{"role": "assistant"}]}, r"field 'rejected\[0\]' must be"),
+    ({"prompt": msgs(("tool", "q")), "chosen": "a", "rejected": "b"},
+     r"field 'prompt\[0\]\.role': unknown role"),
+    ({"prompt": msgs(("user", "q"), ("assistant", "x")), "chosen": "a", "rejected": "b"},
+     "end with a user turn"),
+]
+
+
+@pytest.mark.parametrize("bad,reason", TRL_BAD_ROWS)
+def test_bad_conversational_rows_name_file_line_and_field(tmp_path, bad, reason):
+    good = {"prompt": msgs(("user", "q")), "chosen": msgs(("assistant", "a")),
+            "rejected": msgs(("assistant", "b"))}
+    path = write_jsonl(tmp_path / "d.jsonl", [good, bad])
+    with pytest.raises(DataError, match=rf"d\.jsonl:2: .*{reason}"):
+        load_examples([path])
+
+
+def test_implicit_prompt_rows_must_share_their_prompt(tmp_path):
+    path = write_jsonl(tmp_path / "i.jsonl", [{"chosen": msgs(("user", "q"), ("assistant", "a")),
+                                               "rejected": msgs(("user", "other"), ("assistant", "b"))}])
+    with pytest.raises(DataError, match=r"i\.jsonl:1: chosen and rejected conversations do not share"):
+        load_examples([path])
+
 BAD_ROWS = [
     ('{"prompt": "q", "chosen": "a", "rejected": ', "invalid JSON"),
     ({"prompt": "q", "chosen": "a"}, "missing field 'rejected'"),

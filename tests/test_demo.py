@@ -7,7 +7,7 @@ import pytest
 
 from fastdpo.demo.config import load_demo_config
 
-PHASES = ["task", "tokenizer", "sft", "mine", "sft_chosen", "dpo", "dpo_nll", "eval", "report"]
+PHASES = ["task", "tokenizer", "sft", "mine", "audit", "sft_chosen", "dpo", "dpo_nll", "eval", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,23 @@ def test_eval_results_are_consistent(quick):
         report = json.loads((out / arm / "eval.json").read_text())
         assert report["compare"]["win"] == r["win"] and len(report["items"]) == n
     assert 0.0 <= summary["results"]["sft"]["greedy"]["accuracy"] <= 1.0
+
+
+def test_report_shows_the_audit_of_the_mined_pairs_and_the_alarms(quick):
+    out, summary = quick
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["rows"] == summary["audit"]["rows"] >= summary["mining"]["pairs"]
+    assert summary["audit"]["length_unit"] == "tokens"
+    assert (out / "audit.png").read_bytes()[:4] == b"\x89PNG"
+    assert "== audit of the mined pairs" in summary["report"] and "near-identical pairs" in summary["report"]
+    assert "== health alarms during training" in summary["report"]
+    for arm in ("sft_chosen", "dpo", "dpo_nll"):
+        rows = [json.loads(ln) for ln in (out / arm / "metrics.jsonl").read_text().splitlines()]
+        heldout = [r for r in rows if r["split"] == "heldout"]
+        assert heldout[0]["step"] == 0 and len(heldout) >= 2 and "score" in heldout[0]
+        assert summary["alarms"][arm] == [r for r in rows if r["split"] == "alarm"]
+        for a in summary["alarms"][arm]:
+            assert f"{arm}: step {a['step']}: {a['message']}" in summary["report"]
 
 
 def test_wandb_offline_run_written(quick):

@@ -151,11 +151,11 @@ def test_bad_json_and_unknown_route(server):
     assert code == 404
 
 
-def test_chat_turns_folds_system_and_text_parts():
+def test_chat_turns_keep_system_and_join_text_parts():
     parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
     turns = chat_turns([{"role": "system", "content": "S"}, {"role": "user", "content": parts},
                         {"role": "assistant", "content": "c"}, {"role": "user", "content": "d"}])
-    assert turns == [("user", "S\n\nab"), ("assistant", "c"), ("user", "d")]
+    assert turns == [("system", "S"), ("user", "ab"), ("assistant", "c"), ("user", "d")]
     with pytest.raises(RequestError, match="text content"):
         chat_turns([{"role": "user", "content": [{"type": "image_url"}]}])
 

@@ -395,7 +395,7 @@ def test_a_kill_mid_load_leaves_only_whole_lines_and_the_log_feeds_prompts(ckpt,
     assert load_prompts(log) == prompts and load_prompts(log, limit=2) == interaction_prompts(log, n=2)
 
 
-def test_interaction_conversations_fold_system_text_and_dedupe(tmp_path):
+def test_interaction_conversations_keep_system_turns_and_prompts_fold_them(tmp_path):
     log = tmp_path / "i.jsonl"
     recs = [
         {"request_id": "1", "choices": [],
@@ -407,9 +407,10 @@ def test_interaction_conversations_fold_system_text_and_dedupe(tmp_path):
                       {"role": "user", "content": "d"}]},
     ]
     log.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    assert interaction_conversations(log) == [(("user", "S\n\na"),),
+    # a system turn is the template's to render (fastdpo's own folds it, a Hugging Face one may not)
+    assert interaction_conversations(log) == [(("system", "S"), ("user", "a")), (("user", "S\n\na"),),
                                               (("user", "b"), ("assistant", "c"), ("user", "d"))]
-    assert interaction_prompts(log) == ["S\n\na"]
+    assert interaction_prompts(log) == ["S\n\na"]   # both fold to one question for mining
     log.write_text(json.dumps(recs[0]) + "\n{oops\n")
     with pytest.raises(ValueError, match=r"i.jsonl:2: invalid JSON"):
         interaction_prompts(log)

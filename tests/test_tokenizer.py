@@ -43,7 +43,16 @@ def test_multi_turn_template(tok):
     assert text == ("<|user|>\nHi\n<|end|>\n<|assistant|>\nHello.<|end|>\n"
                     "<|user|>\nSort: b a\n<|end|>\n<|assistant|>\n")
     with pytest.raises(ValueError, match="unknown chat role"):
+        tok.render_conversation([("tool", "x"), ("user", "y")])
+    with pytest.raises(ValueError, match="end with a user turn"):
         tok.render_conversation([("system", "x")])
+
+
+def test_system_turns_fold_into_the_first_user_turn(tok):
+    folded = tok.render_conversation([("system", "Be brief."), ("user", "Hi"), ("assistant", "Yo."),
+                                      ("user", "Sort: b a")])
+    assert folded == tok.render_conversation([("user", "Be brief.\n\nHi"), ("assistant", "Yo."),
+                                              ("user", "Sort: b a")])
 
 
 def test_save_load_and_hash(tok, tmp_path):

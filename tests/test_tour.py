@@ -1,8 +1,8 @@
 """The README's CLI tour, run as written: its judge (the ``python`` block) and its commands (the
 ``bash`` block), from an empty working directory holding only the data a user brings, through the
 installed ``fastdpo`` script. Only sizes are overridden (``--set`` and size flags), never a path: the
-commands must chain on their own (sft.yaml -> runs/sft/final -> data/pairs.jsonl -> dpo_small.yaml
--> runs/dpo/final -> eval -> serve), and ``--judge myjudge:score`` must import from the working
+commands must chain on their own (sft.yaml -> runs/sft/final -> data/pairs.jsonl -> audit ->
+dpo_small.yaml -> runs/dpo/final -> eval -> serve), and ``--judge myjudge:score`` must import from the working
 directory."""
 import json
 import os
@@ -26,6 +26,7 @@ SIZES = {
                          "train.learning_rate=2e-3", "train.warmup_steps=5", "train.log_every=20",
                          "sft.tokenizer_vocab_size=300") for x in ("--set", kv)],
     "pairs": ["--max-new-tokens", "16", "--min-best", "2", "--min-gap", "1", "--no-progress"],
+    "audit": [],
     "train": ["--set", "train.max_steps=3", "--set", "train.batch_size=4", "--set", "train.log_every=1"],
     "eval": ["--max-new-tokens", "16", "--no-progress"],
     "serve": ["--port", "0", "--threads", "1"],
@@ -51,8 +52,8 @@ def task_item(rng: random.Random) -> tuple[str, str]:
 
 def test_readme_tour_lists_the_loop_in_order():
     _, commands, body = tour()
-    assert [c[:2] for c in commands] == [["fastdpo", "sft"], ["fastdpo", "pairs"], ["fastdpo", "train"],
-                                         ["fastdpo", "eval"], ["fastdpo", "serve"]]
+    assert [c[1] for c in commands] == ["sft", "pairs", "audit", "train", "eval", "serve"]
+    assert all(c[0] == "fastdpo" for c in commands)
     assert body["messages"][0]["role"] == "user"
 
 
@@ -87,6 +88,8 @@ def test_readme_tour_runs_end_to_end(tmp_path):
     eos = Tokenizer.load(runs / "sft" / "final" / "tokenizer.json").eos_id
     assert len(pairs) >= 4 and all(p["chosen_ids"][-1] == p["rejected_ids"][-1] == eos for p in pairs)
     assert "samples never chosen:" in outputs["pairs"]
+    audit = json.loads((runs / "audit.json").read_text())   # the config's data, tokenizer and limits
+    assert audit["rows"] == len(pairs) and audit["bad_rows"] == 0 and audit["length_unit"] == "tokens"
     assert f"({len(pairs)} rows," in outputs["train"]
     assert f"{len(pairs)} on their sampled token ids, 0 re-encoded" in outputs["train"]
     assert "reference: auto -> " in outputs["train"] and "step=3 loss=" in outputs["train"]

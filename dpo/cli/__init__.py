@@ -20,14 +20,16 @@ from fastdpo import __version__  # noqa: E402
 
 SUBCOMMAND_MODULES: list[str] = [
     "fastdpo.cli.pairs", "fastdpo.cli.eval", "fastdpo.cli.serve", "fastdpo.cli.sft", "fastdpo.cli.train",
-    "fastdpo.cli.bench", "fastdpo.cli.demo", "fastdpo.cli.label",
+    "fastdpo.cli.bench", "fastdpo.cli.demo", "fastdpo.cli.label", "fastdpo.cli.export",
+    "fastdpo.cli.tokenizer", "fastdpo.cli.audit",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastdpo",
-        description="Fast, kernel-accelerated DPO for small GPT models: sample, judge, train, evaluate.")
+        description="Fast, kernel-accelerated DPO for GPT-2 and Llama-family models: sample, judge, "
+                    "train, evaluate.")
     parser.add_argument("--version", action="version", version=f"fastdpo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     version = sub.add_parser("version", help="print the fastdpo, torch and triton versions")

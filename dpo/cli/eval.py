@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from fastdpo.cli.common import DTYPES, add_device_arg, add_judge_args, judge_from_args
 from fastdpo.generation.evaluate import MODES, evaluate, format_report
@@ -12,19 +11,24 @@ from fastdpo.runtime import resolve_device
 
 def add_subcommand(sub) -> None:
     p = sub.add_parser("eval", help="win rate of checkpoint A vs B (position-swapped judging)")
-    p.add_argument("--a", required=True, help="challenger checkpoint directory (e.g. the DPO model)")
-    p.add_argument("--b", required=True, help="baseline checkpoint directory (e.g. the SFT model)")
+    p.add_argument("--a", required=True,
+                   help="challenger checkpoint or Hugging Face model directory (e.g. the DPO model)")
+    p.add_argument("--b", required=True,
+                   help="baseline checkpoint or Hugging Face model directory (e.g. the SFT model)")
     p.add_argument("--name-a", default=None, help="A's name in the report (default: its path)")
     p.add_argument("--name-b", default=None, help="B's name in the report (default: its path)")
-    p.add_argument("--prompts", required=True, help="held-out prompts JSONL ('prompt' field)")
-    p.add_argument("--n-prompts", type=int, default=None)
+    p.add_argument("--prompts", required=True,
+                   help="held-out prompts: JSONL with a 'prompt' field, an MT-Bench question file "
+                        "(question_id, category, turns) or an AlpacaEval file (instruction, input)")
+    p.add_argument("--n-prompts", type=int, default=None, help="use the first N prompts (or questions)")
     p.add_argument("--mode", choices=MODES, default="compare")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: A's checkpoint's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json or tokenizer directory (default: A's checkpoint's)")
     add_device_arg(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--report", default=None, help="write the JSON report here")
@@ -44,7 +48,7 @@ def _cli(args) -> int:
     judge = judge_from_args(args)
     device = resolve_device(args.device)
     model_a, tok = load_policy(args.a, args.tokenizer, device)
-    model_b, _ = load_policy(args.b, args.tokenizer or (Path(args.a) / "tokenizer.json"), device)
+    model_b, _ = load_policy(args.b, args.tokenizer or args.a, device)
     try:
         report = evaluate(model_a, model_b, tok, args.prompts, judge, mode=args.mode,
                           temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_k=args.top_k,

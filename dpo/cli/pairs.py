@@ -12,12 +12,14 @@ from fastdpo.runtime import resolve_device
 def add_subcommand(sub) -> None:
     p = sub.add_parser("pairs",
                        help="mine preference pairs: sample K answers per prompt, judge, keep best/worst")
-    p.add_argument("--ckpt", required=True, help="policy checkpoint directory (usually the SFT model)")
+    p.add_argument("--ckpt", required=True,
+                   help="policy checkpoint or Hugging Face model directory (usually the SFT model)")
     p.add_argument("--prompts", required=True,
                    help="JSONL with a 'prompt' field per line, or a 'fastdpo serve --log-interactions' file "
                         "(its distinct chat prompts; --n-prompts samples N)")
     p.add_argument("--out", required=True, help="pairs JSONL (appended; rerun the same command to resume)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json or tokenizer directory (default: the checkpoint's)")
     p.add_argument("--temps", default=",".join(map(str, DEFAULT_TEMPS)), help="one sample per temperature")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--top-k", type=int, default=50)

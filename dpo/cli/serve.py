@@ -6,12 +6,13 @@ from fastdpo.cli.common import DTYPES, add_access_args, add_device_arg, api_key_
 
 def add_subcommand(sub) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
-    p.add_argument("--ckpt", required=True, help="checkpoint directory")
+    p.add_argument("--ckpt", required=True, help="checkpoint or Hugging Face model directory")
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address (beyond loopback needs --api-key or --allow-unauthenticated)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
     p.add_argument("--model-name", default=None, help="name clients pass as 'model' (default: ckpt dir name)")
-    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json or directory (default: the checkpoint's)")
     add_device_arg(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens per request")

@@ -6,6 +6,7 @@ from pathlib import Path
 import yaml
 
 from fastdpo import runtime
+from fastdpo.generation.heldout import HeldoutProbe
 from fastdpo.training.config import load_config
 from fastdpo.training.dpo import run_dpo
 from fastdpo.training.sweep import run_sweep
@@ -18,10 +19,14 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--config", type=Path, help="YAML config, e.g. configs/dpo.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value: beta=0.2, train.max_steps=100, data.path=[a.jsonl]")
-    p.add_argument("--sft-checkpoint", type=Path, help="overrides sft_checkpoint from the config")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the checkpoint's own)")
+    p.add_argument("--sft-checkpoint", type=Path,
+                   help="SFT checkpoint or Hugging Face model directory (overrides the config)")
+    p.add_argument("--tokenizer", type=Path,
+                   help="tokenizer.json or directory (default: the checkpoint's own)")
     p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     p.add_argument("--wandb", choices=["auto", "disabled", "offline", "online"], help="W&B mode")
+    p.add_argument("--report-to", default=None, metavar="LIST",
+                   help="trackers besides metrics.jsonl: wandb,tensorboard or none (train.report_to)")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="train one run per value (e.g. beta=0.05,0.1,0.5) sharing cached reference log-probs")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
@@ -33,7 +38,7 @@ def add_subcommand(subparsers) -> None:
 def _relaunch_argv(args) -> list[str]:
     argv = ["train", *(["--config", str(args.config)] if args.config else [])]
     for flag, value in (("--sft-checkpoint", args.sft_checkpoint), ("--tokenizer", args.tokenizer),
-                        ("--wandb", args.wandb)):
+                        ("--wandb", args.wandb), ("--report-to", args.report_to)):
         if value is not None:
             argv += [flag, str(value)]
     argv += [x for o in args.overrides for x in ("--set", o)]
@@ -47,6 +52,8 @@ def _cli(args) -> int:
     overrides = list(args.overrides)
     if args.wandb:
         overrides.append(f"train.wandb={args.wandb}")
+    if args.report_to:
+        overrides.append(f"train.report_to=[{args.report_to}]")
     cfg = load_config(args.config, overrides, kind="dpo")
     sft = args.sft_checkpoint or cfg["sft_checkpoint"]
     if sft is None:
@@ -59,7 +66,9 @@ def _cli(args) -> int:
             if not sep or not values:
                 raise ValueError(f"--sweep expects key=v1,v2,..., got {item!r}")
             sweep[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
-        run_sweep(sft, cfg["train"], cfg["dpo"], cfg["data"], tokenizer, sweep=sweep, resume=args.resume)
+        run_sweep(sft, cfg["train"], cfg["dpo"], cfg["data"], tokenizer, sweep=sweep, resume=args.resume,
+                  health=cfg["health"], heldout_probe=HeldoutProbe.from_config(cfg["health"]))
     else:
-        run_dpo(sft, cfg["train"], cfg["dpo"], cfg["data"], tokenizer, resume=args.resume)
+        run_dpo(sft, cfg["train"], cfg["dpo"], cfg["data"], tokenizer, resume=args.resume,
+                health=cfg["health"], heldout_probe=HeldoutProbe.from_config(cfg["health"]))
     return 0

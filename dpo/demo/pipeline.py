@@ -7,17 +7,21 @@ Phases (each timed, with its throughput and the process's peak memory):
 3. ``sft``       supervised fine-tuning of a fresh ``tiny`` GPT on the sloppy demonstrations;
 4. ``mine``      sample K answers per mining prompt (KV-cached sampler), judge them with the task's
    programmatic judge, keep best/worst pairs;
+   ``audit``     the mined pairs audited (``fastdpo audit``: length bias, near-identical pairs, ...);
 5. one phase per arm: the headline DPO run and its ablation arms (plain DPO, DPO + NLL on chosen,
-   SFT on the chosen answers only), each from the SFT checkpoint, on the same pairs;
+   SFT on the chosen answers only), each from the SFT checkpoint, on the same pairs, with the
+   health alarms watching held-out answers;
 6. ``eval``      every arm against SFT on held-out prompts: position-swapped win/tie/loss at
    temperature 0.7, and judged accuracy at temperature 0.7 and greedy.
 
 Everything goes under ``--out`` (default ``runs/demo``): data, tokenizer, checkpoints,
-``pairs.jsonl``, per-arm eval reports, ``summary.json``, ``curves.png`` and one offline W&B run.
+``pairs.jsonl``, ``audit.json`` / ``audit.png``, per-arm eval reports, ``summary.json``,
+``curves.png`` and one offline W&B run.
 A demo run rebuilds all of it; nothing is downloaded.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -26,7 +30,7 @@ import torch
 
 from fastdpo.demo import task as task_mod
 from fastdpo.demo.config import load_demo_config
-from fastdpo.demo.report import PhaseLog, format_summary, log_wandb, read_jsonl
+from fastdpo.demo.report import PhaseLog, format_summary, log_wandb, read_alarms, read_jsonl
 from fastdpo.files import write_json, write_jsonl
 
 
@@ -49,12 +53,15 @@ def _set_threads(threads) -> int:
 def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: str | Path = "runs/demo",
              seed: int | None = None, progress: bool = True) -> dict:
     """Run every phase; returns (and writes to ``out/summary.json``) the summary dict."""
+    from fastdpo.generation.heldout import HeldoutProbe
     from fastdpo.generation.judge import ProgrammaticJudge
     from fastdpo.generation.mining import mine_pairs
     from fastdpo.models.checkpoint import load_checkpoint
     from fastdpo.models.gpt import config_from_preset
     from fastdpo.models.tokenizer import Tokenizer
     from fastdpo.runtime import resolve_device, resolve_precision
+    from fastdpo.training.audit import audit_preferences
+    from fastdpo.training.audit_report import format_audit
     from fastdpo.training.config import (
         DPOConfig,
         PreferenceDatasetConfig,
@@ -158,6 +165,12 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
         pairs += task_mod.reference_pairs(data.mine, topped_up, seed)
         write_jsonl(pairs_path.with_name("pairs_topped_up.jsonl"), pairs)
         pairs_path = pairs_path.with_name("pairs_topped_up.jsonl")
+    # What DPO is about to learn from: the audit of the mined pairs (table in the report, audit.png).
+    with log.phase("audit", "rows") as row:
+        block = gpt_config.block_size
+        audit = audit_preferences([pairs_path], tokenizer=tok, max_length=block, max_prompt_length=block,
+                                  block_size=block, json_path=out / "audit.json", png_path=out / "audit.png")
+        row["count"] = audit["rows"]
     chosen_path = write_jsonl(data_dir / "chosen.jsonl", (
         {"prompt": p["prompt"], "response": p["chosen"]} for p in pairs))
     pair_seq = sum(len(tok.render_prompt(p["prompt"])) * 2 + len(tok.render_answer(p["chosen"]))
@@ -166,14 +179,21 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
                      for p in pairs) / max(1, len(pairs))
 
     # 5. arms -----------------------------------------------------------------------------------
+    # Health alarms watch every arm: greedy answers to held-out prompts, scored by the task's judge,
+    # at four evaluations per run against the SFT model's answers.
+    ec = cfg["eval"]
+    probe = HeldoutProbe([it.instruction for it in data.eval], n_prompts=64, judge=judge, seed=seed,
+                         max_new_tokens=int(ec["max_new_tokens"]), batch_size=int(ec["batch_size"]))
     arm_ckpts: dict[str, Path] = {}
     for name, arm in cfg["arms"].items():
         tc = train_config(name, arm, len(pairs))
+        tc = dataclasses.replace(tc, eval_every=max(1, tc.max_steps // 4))
         with log.phase(name, "tokens") as row:
             if arm["kind"] == "sft_chosen":
                 arm_ckpts[name] = run_sft(sft_ckpt, tc, SFTConfig(max_length=gpt_config.block_size,
                                                                   max_prompt_length=gpt_config.block_size),
-                                          SFTDatasetConfig(path=[chosen_path], format="prompt"), tok)
+                                          SFTDatasetConfig(path=[chosen_path], format="prompt"), tok,
+                                          heldout_probe=probe)
                 row["count"] = tc.max_steps * tc.batch_size * chosen_seq
             else:
                 dcfg = DPOConfig(beta=float(arm.get("beta", 0.1)), loss_type=arm.get("loss_type", "sigmoid"),
@@ -184,11 +204,10 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
                 # text) trains as sampled. on_error=skip keeps any unusable row from ending the demo;
                 # such rows are counted in the data line.
                 pref = PreferenceDatasetConfig(path=[pairs_path], format="prompt", on_error="skip")
-                arm_ckpts[name] = run_dpo(sft_ckpt, tc, dcfg, pref, tok)
+                arm_ckpts[name] = run_dpo(sft_ckpt, tc, dcfg, pref, tok, heldout_probe=probe)
                 row["count"] = tc.max_steps * tc.batch_size * pair_seq
 
     # 6. evaluation -----------------------------------------------------------------------------
-    ec = cfg["eval"]
     eval_items = data.eval
     with log.phase("eval", "tokens") as row:
         results, row["count"] = evaluate_arms(sft_model, arm_ckpts, tok, eval_items, judge, ec, seed, dtype,
@@ -205,6 +224,10 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
                  "demonstrations": demo_stats},
         "mining": {**stats.as_dict(), "pairs": len(pairs), "topped_up_with_reference": topped_up,
                    "pairs_path": str(pairs_path)},
+        "audit": {k: audit[k] for k in ("rows", "bad_rows", "length_unit", "lengths", "limits", "length_bias",
+                                        "formatting_only", "near_identical", "duplicate_prompts",
+                                        "duplicate_pairs", "contradictions")},
+        "alarms": {name: read_alarms(out, name) for name in arm_ckpts},
         "checkpoints": {"sft": str(sft_ckpt), **{k: str(v) for k, v in arm_ckpts.items()}},
         "results": results, "headline": headline,
         "phases": log.rows,
@@ -222,7 +245,7 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
         row["count"] = 3
     summary["phases"] = log.rows
     summary["total_seconds"] = time.perf_counter() - t_start
-    text = format_summary(summary, log)
+    text = format_summary(summary, log, format_audit(audit))
     summary["report"] = text
     write_json(out / "summary.json", summary)
     say(text, flush=True)

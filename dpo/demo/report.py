@@ -1,6 +1,6 @@
-"""The demo's report: a per-phase table (time, CPU time, throughput, peak memory), the
-before/after table with the honest ablation, and one offline W&B run (the curves are
-``fastdpo.training.curves``)."""
+"""The demo's report: a per-phase table (time, CPU time, throughput, peak memory), the audit of the
+mined pairs, the before/after table with the honest ablation, each arm's health alarms, and one
+offline W&B run (the training curves are ``fastdpo.training.curves``)."""
 from __future__ import annotations
 
 import contextlib
@@ -65,12 +65,30 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def format_summary(s: dict, log: PhaseLog) -> str:
+def read_alarms(out: Path, run: str) -> list[dict]:
+    """A run's health alarms (``alarm`` rows of its metrics.jsonl)."""
+    return [m for m in _metrics(out, run) if m.get("split") == "alarm"]
+
+
+def format_alarms(alarms: dict[str, list[dict]]) -> list[str]:
+    lines = ["", "== health alarms during training (fastdpo.training.health; held-out answers vs the SFT "
+             "model's) =="]
+    for run, rows in alarms.items():
+        if not rows:
+            lines.append(f"{run}: none")
+        for a in rows:
+            lines.append(f"{run}: step {a['step']}: {a['message']}")
+    return lines
+
+
+def format_summary(s: dict, log: PhaseLog, audit_table: str = "") -> str:
     r = s["results"]
     lines = ["", "== fastdpo demo: phases ==", log.table(), "",
              f"mining: {s['mining']['samples_judged']} samples -> {s['mining']['pairs']} pairs"
              + (f" ({s['mining']['topped_up_with_reference']} reference pairs added: smoke run)"
                 if s["mining"]["topped_up_with_reference"] else ""),
+             *(["", "== audit of the mined pairs (fastdpo audit) ==", audit_table] if audit_table else []),
+             *format_alarms(s.get("alarms", {})),
              "", f"== before/after on {s['data']['eval']} held-out prompts (judge: task) ==",
              f"{'model':<14}{'acc@T0.7':>10}{'acc greedy':>12}{'content@0.7':>13}{'chatty@0.7':>12}"
              f"{'win/tie/loss vs SFT':>22}{'win-loss':>10}{'win|decided':>13}"]

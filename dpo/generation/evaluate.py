@@ -5,8 +5,10 @@ Both models answer the same held-out prompts (same temperature, same per-prompt 
 wins only when both orders agree, everything else is a tie. A judge that always prefers the first
 (or always the second) answer therefore produces 100% ties instead of a fake winner. In ``score``
 mode each answer is scored 1-10 on its own and the mean score per side is reported (the demo task
-turns this into "judged accuracy"). The average answer length of each side is always reported:
-a preference-tuned model that wins by rambling shows up there.
+turns this into "judged accuracy"). Each side's average answer length and repetition (repeated
+4-grams, distinct-2) are always reported, and beside the win rate AlpacaEval's length-controlled
+win rate (``fastdpo.generation.win_rates``): a preference-tuned model that wins by rambling or
+looping shows up there. MT-Bench and AlpacaEval files go through ``generation.benchmarks``.
 """
 from __future__ import annotations
 
@@ -18,6 +20,12 @@ import torch
 from fastdpo.files import write_json
 from fastdpo.generation.judge import Judge
 from fastdpo.generation.mining import batch_seed, load_prompts
+from fastdpo.generation.win_rates import (
+    answer_summary,
+    compare_summary,
+    length_controlled_win_rate,
+    score_summary,
+)
 
 MODES = ("compare", "score", "both")
 
@@ -60,6 +68,8 @@ def evaluate(model_a, model_b, tokenizer, prompts: str | Path | Sequence[str], j
              report_path: str | Path | None = None, progress: bool = True, sampler=None,
              names: tuple[str, str] = ("A", "B")) -> dict:
     """Generate with both models, judge, and return (and optionally write) the report dict.
+    A path to an MT-Bench or AlpacaEval file is evaluated by
+    ``fastdpo.generation.benchmarks.evaluate_benchmark`` (turn by turn, per category).
 
     Report keys: ``names`` (what A and B are, e.g. their paths), ``n_prompts``, ``n_dropped``
     (prompts too long for either model), ``settings``,
@@ -70,6 +80,18 @@ def evaluate(model_a, model_b, tokenizer, prompts: str | Path | Sequence[str], j
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(prompts, (str, Path)) and Path(prompts).is_file():
+        from fastdpo.generation.benchmarks import benchmark_format, evaluate_benchmark
+        if benchmark_format(prompts) != "prompt":   # MT-Bench or AlpacaEval: turn by turn, by category
+            report = evaluate_benchmark(model_a, model_b, tokenizer, prompts, judge, mode=mode,
+                                        temperature=temperature, max_new_tokens=max_new_tokens, top_k=top_k,
+                                        seed=seed, batch_size=batch_size, n_prompts=n_prompts,
+                                        max_prompt_tokens=max_prompt_tokens, dtype=dtype,
+                                        report_path=report_path, progress=progress, sampler=sampler)
+            report = {"names": {"a": names[0], "b": names[1]}, **report}
+            if report_path is not None:
+                write_json(report_path, report)
+            return report
     instructions = load_prompts(prompts, n_prompts) if isinstance(prompts, (str, Path)) \
         else list(prompts)[:n_prompts]
     block = min(model_a.config.block_size, model_b.config.block_size)
@@ -99,8 +121,7 @@ def evaluate(model_a, model_b, tokenizer, prompts: str | Path | Sequence[str], j
         "settings": dict(mode=mode, temperature=temperature, max_new_tokens=max_new_tokens, top_k=top_k,
                          seed=seed),
         "judge": judge.name,
-        "length": {"avg_chars_a": _mean(map(len, ans_a)), "avg_chars_b": _mean(map(len, ans_b)),
-                   "avg_tokens_a": _mean(map(len, ids_a)), "avg_tokens_b": _mean(map(len, ids_b))},
+        **answer_summary(ans_a, ans_b, ids_a, ids_b),
     }
 
     if mode in ("compare", "both"):
@@ -109,18 +130,9 @@ def evaluate(model_a, model_b, tokenizer, prompts: str | Path | Sequence[str], j
         second = _judged(judge.compare_many, [(p, b, a) for p, a, b in zip(instructions, ans_a, ans_b)],
                          batch_size, progress, "judge B|A")
         outcomes = [position_swapped_outcome(v1, v2) for v1, v2 in zip(first, second)]
-        win, loss = outcomes.count("win"), outcomes.count("loss")
-        tie = n - win - loss
-        agree = sum((v1 == "A" and v2 == "B") or (v1 == "B" and v2 == "A") or (v1 == v2 == "TIE")
-                    for v1, v2 in zip(first, second))
-        decisive = [v for v in first + second if v != "TIE"]
-        report["compare"] = {
-            "win": win, "tie": tie, "loss": loss,
-            "win_rate": win / n, "tie_rate": tie / n, "loss_rate": loss / n,
-            "win_rate_decided": win / (win + loss) if win + loss else None,
-            "order_agreement": agree / n,
-            # share of decisive verdicts that picked whichever answer was shown first: 0.5 = no bias
-            "first_position_rate": decisive.count("A") / len(decisive) if decisive else None}
+        report["compare"] = compare_summary(first, second, outcomes)
+        report["compare"]["length_controlled_win_rate"] = length_controlled_win_rate(
+            outcomes, [len(a) for a in ans_a], [len(b) for b in ans_b])
         for it, v1, v2, o in zip(items, first, second, outcomes):
             it.update(verdicts=[v1, v2], outcome=o)
 
@@ -128,10 +140,7 @@ def evaluate(model_a, model_b, tokenizer, prompts: str | Path | Sequence[str], j
         work = [(p, a) for p, a in zip(instructions, ans_a)] + [(p, b) for p, b in zip(instructions, ans_b)]
         scores = _judged(judge.score_many, work, batch_size, progress, "judge scores")
         sa, sb = scores[:n], scores[n:]
-        report["score"] = {"mean_a": _mean(s for s in sa if s is not None),
-                           "mean_b": _mean(s for s in sb if s is not None),
-                           "invalid_a": sa.count(None), "invalid_b": sb.count(None),
-                           "hist_a": _hist(sa), "hist_b": _hist(sb)}
+        report["score"] = score_summary(sa, sb)
         for it, x, y in zip(items, sa, sb):
             it.update(score_a=x, score_b=y)
 
@@ -151,24 +160,13 @@ def _judged(fn, work: list, chunk: int, progress: bool, desc: str) -> list:
     return out
 
 
-def _mean(xs) -> float | None:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else None
-
-
-def _hist(scores) -> dict[str, int]:
-    h: dict[str, int] = {}
-    for s in scores:
-        if s is not None:
-            h[str(s)] = h.get(str(s), 0) + 1
-    return dict(sorted(h.items(), key=lambda kv: int(kv[0])))
-
-
 def format_report(r: dict, name_a: str | None = None, name_b: str | None = None) -> str:
     """The report as text; A and B are called by the report's ``names`` unless given."""
     names = r.get("names", {})
     name_a, name_b = name_a or names.get("a", "A"), name_b or names.get("b", "B")
-    lines = [f"{name_a} vs {name_b} on {r['n_prompts']} prompts"
+    what = (f"{r['n_questions']} {r['format']} questions ({r['n_prompts']} judged turns)" if "format" in r
+            else f"{r['n_prompts']} prompts")
+    lines = [f"{name_a} vs {name_b} on {what}"
              + (f" ({r['n_dropped']} too long, dropped)" if r["n_dropped"] else "") + f", judge {r['judge']}"]
     c = r.get("compare")
     if c:
@@ -185,6 +183,20 @@ def format_report(r: dict, name_a: str | None = None, name_b: str | None = None)
     lines.append(f"  avg answer length: {name_a} {ln['avg_chars_a']:.0f} chars ({ln['avg_tokens_a']:.1f} tok)"
                  f" | {name_b} {ln['avg_chars_b']:.0f} chars ({ln['avg_tokens_b']:.1f} tok)"
                  "  <- watch for length gaming")
+    if c and c.get("length_controlled_win_rate") is not None:
+        lines.append(f"  win rate (ties count half) {_pct(c['win_rate_ties_half'])}, length-controlled "
+                     f"{_pct(c['length_controlled_win_rate'])} (AlpacaEval's: as if both answers were "
+                     f"equally long)")
+    rep = r.get("repetition")
+    if rep:
+        lines.append(f"  repetition: repeated 4-grams {name_a} {rep['a']['repeat_4']:.1%} | {name_b} "
+                     f"{rep['b']['repeat_4']:.1%}; distinct-2 {name_a} {_num(rep['a']['distinct_2'], 3)} | "
+                     f"{name_b} {_num(rep['b']['distinct_2'], 3)}")
+    for key, label in (("categories", "category"), ("turns", "turn")):
+        if len(r.get(key) or {}) > 1:
+            lines.append(f"  by {label} (win/tie/loss, win rate with ties as half): " + "; ".join(
+                f"{k} {v['win']}/{v['tie']}/{v['loss']} {v['win_rate_ties_half']:.1%}"
+                for k, v in r[key].items()))
     js = r.get("judge_stats", {})
     if js.get("invalid") or js.get("rejected"):
         lines.append(f"  judge replies without a verdict: {js['invalid']} (counted as ties / no score), "
@@ -196,5 +208,5 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{x:.1%}"
 
 
-def _num(x) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
+def _num(x, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"

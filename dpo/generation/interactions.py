@@ -81,9 +81,9 @@ def is_interaction_log(path: str | Path) -> bool:
 
 def interaction_conversations(path: str | Path, n: int | None = None, seed: int = 0,
                               single_turn: bool = False) -> list[Turns]:
-    """The distinct conversations users sent to chat completions (system text folded into the first
-    user turn, as the server rendered it), in log order; ``n`` of them sampled with ``seed``;
-    ``single_turn`` keeps only one-question conversations."""
+    """The distinct conversations users sent to chat completions (system turns included: the
+    server's chat template rendered them), in log order; ``n`` of them sampled with ``seed``;
+    ``single_turn`` keeps only one-question conversations (system turns aside)."""
     seen: dict[Turns, None] = {}
     for lineno, rec in read_interactions(path):
         if "messages" not in rec:
@@ -92,10 +92,13 @@ def interaction_conversations(path: str | Path, n: int | None = None, seed: int 
             turns = tuple(chat_turns(rec["messages"]))
         except RequestError as e:
             raise ValueError(f"{path}:{lineno}: field 'messages': {e.message}") from None
-        if single_turn and len(turns) != 1:
+        if single_turn and sum(role != "system" for role, _ in turns) != 1:
             continue
         seen.setdefault(turns, None)
-    convs = list(seen)
+    return _sampled(list(seen), n, seed)
+
+
+def _sampled(convs: list, n: int | None, seed: int) -> list:
     if n is not None and n < len(convs):
         keep = sorted(random.Random(seed).sample(range(len(convs)), n))
         convs = [convs[i] for i in keep]
@@ -103,5 +106,8 @@ def interaction_conversations(path: str | Path, n: int | None = None, seed: int 
 
 
 def interaction_prompts(path: str | Path, n: int | None = None, seed: int = 0) -> list[str]:
-    """The distinct single-question prompts of the log (what ``fastdpo pairs`` mines from)."""
-    return [turns[0][1] for turns in interaction_conversations(path, n, seed, single_turn=True)]
+    """The distinct single-question prompts of the log (what ``fastdpo pairs`` mines from), system
+    text folded into the question as fastdpo's own template folds it."""
+    folded = ("\n\n".join([t for r, t in turns if r == "system"] + [t for r, t in turns if r == "user"])
+              for turns in interaction_conversations(path, single_turn=True))
+    return _sampled(list(dict.fromkeys(folded)), n, seed)

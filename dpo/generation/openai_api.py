@@ -113,27 +113,24 @@ def _text_content(content, where: str) -> str:
 
 
 def chat_turns(messages) -> list[tuple[str, str]]:
-    """OpenAI messages -> template turns. System text is folded into the first user turn (the
-    template has no system role); the conversation must end with a user turn."""
+    """OpenAI messages -> template turns, system turns included (the tokenizer's chat template
+    renders them; fastdpo's own folds them into the first user turn); the last message other than
+    a system one must be the user's."""
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "'messages' must be a non-empty list", "messages")
-    system: list[str] = []
     turns: list[tuple[str, str]] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise RequestError(400, f"messages[{i}] must be an object", "messages")
         role, text = m.get("role"), _text_content(m.get("content"), f"messages[{i}]")
         if role in ("system", "developer"):
-            system.append(text)
+            turns.append(("system", text))
         elif role in ("user", "assistant"):
             turns.append((role, text))
         else:
             raise RequestError(400, f"messages[{i}]: unsupported role {role!r}", "messages")
-    if not turns or turns[-1][0] != "user":
+    if [role for role, _ in turns if role != "system"][-1:] != ["user"]:
         raise RequestError(400, "the last non-system message must have role 'user'", "messages")
-    if system:
-        first = next(i for i, t in enumerate(turns) if t[0] == "user")
-        turns[first] = ("user", "\n\n".join(system + [turns[first][1]]))
     return turns
 
 
@@ -246,7 +243,10 @@ def parse_request(body: dict, chat: bool, tokenizer, limits: Limits, rng: random
     _unsupported(req, chat)
     if chat:
         turns = chat_turns(req.messages)
-        prompts = [tokenizer.render_conversation(turns)]
+        try:
+            prompts = [tokenizer.render_conversation(turns)]
+        except ValueError as e:   # the chat template refused the messages
+            raise RequestError(400, str(e), "messages") from None
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens
         record = {"messages": req.messages}

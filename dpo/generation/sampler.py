@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastdpo.models.gpt import GPT, KVCache
+from fastdpo.models.kv_cache import KVCache
 
 # Called as on_step(step, rows, logits) before each token is drawn: ``rows`` are the original row
 # indices still generating, ``logits`` their float32 next-token logits. For tests and diagnostics.
@@ -47,7 +47,7 @@ def _per_row(value, n: int, name: str) -> list:
     return value
 
 
-def _prepare(model: GPT, prompts, temperatures, max_new_tokens, top_k, top_p, truncate):
+def _prepare(model: torch.nn.Module, prompts, temperatures, max_new_tokens, top_k, top_p, truncate):
     """Validate the request; return (prompts as lists, temps, per-row token budgets)."""
     cfg = model.config
     prompts = [list(map(int, p)) for p in prompts]
@@ -99,7 +99,7 @@ def _row_uniforms(seed, n: int, steps: int) -> torch.Tensor:
     return out
 
 
-def _precision(model: GPT, dtype: torch.dtype | None):
+def _precision(model: torch.nn.Module, dtype: torch.dtype | None):
     """None: the caller's precision (their autocast, if any). Otherwise autocast to ``dtype`` (e.g.
     torch.bfloat16, ~2x faster on AVX512-BF16 CPUs), or, for the weights' own dtype, no autocast."""
     param = next(model.parameters())
@@ -149,14 +149,14 @@ def _pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, lens
 
 
-def _prefill(model: GPT, prompts: list[list[int]], max_len: int):
+def _prefill(model: torch.nn.Module, prompts: list[list[int]], max_len: int):
     """Distinct prompts through the model once. Returns per-layer caches fanned out to one row per
     prompt, the rows' cursors (= prompt lengths) and their next-token logits (float32)."""
     device = next(model.parameters()).device
     distinct: dict[tuple[int, ...], int] = {}
     group = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
     ids, lens = _pad([list(p) for p in distinct], device)
-    caches = [KVCache(len(distinct), max_len) for _ in model.transformer.h]
+    caches = [KVCache(len(distinct), max_len) for _ in range(model.config.n_layer)]
     # Right padding + causal attention: a real token never sees the pads after it. The pads'
     # keys/values land in slots past each row's cursor, which decode overwrites before reading.
     h = model.hidden_states(ids, kv_caches=caches)
@@ -167,7 +167,8 @@ def _prefill(model: GPT, prompts: list[list[int]], max_len: int):
     return caches, lens[group], logits[group]
 
 
-def decode_step(model: GPT, caches: list[KVCache], tok: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+def decode_step(model: torch.nn.Module, caches: list[KVCache], tok: torch.Tensor,
+                cur: torch.Tensor) -> torch.Tensor:
     """Append token ``tok[b]`` at position ``cur[b]`` of each row; return next-token logits (float32).
 
     Each row attends to its own slots 0..cur[b]; the cache is read only as far as the longest row
@@ -178,7 +179,7 @@ def decode_step(model: GPT, caches: list[KVCache], tok: torch.Tensor, cur: torch
 
 
 @_no_grad
-def sample(model: GPT, prompts: Sequence[Sequence[int]], temperatures, max_new_tokens,
+def sample(model: torch.nn.Module, prompts: Sequence[Sequence[int]], temperatures, max_new_tokens,
            top_k: int | None = 50, eos_id: int | None = None, seed=0, *, top_p: float = 1.0,
            dtype: torch.dtype | None = None, truncate: str | None = None, progress: bool = False,
            on_step: StepHook | None = None, on_token: TokenHook | None = None, return_finish: bool = False):
@@ -274,7 +275,7 @@ def _progress_bar(total: int, progress: bool):
 
 # -- the oracle -----------------------------------------------------------------------------------
 @_no_grad
-def sample_reforward(model: GPT, prompts: Sequence[Sequence[int]], temperatures, max_new_tokens,
+def sample_reforward(model: torch.nn.Module, prompts: Sequence[Sequence[int]], temperatures, max_new_tokens,
                      top_k: int | None = 50, eos_id: int | None = None, seed=0, *, top_p: float = 1.0,
                      dtype: torch.dtype | None = None, truncate: str | None = None,
                      progress: bool = False, on_step: StepHook | None = None,

@@ -1,4 +1,9 @@
-"""Checkpoints: a directory holding ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``).
+"""Checkpoints: a directory holding ``model.safetensors`` + ``config.json`` (+ the tokenizer's files).
+
+config.json records the model family and its config, the step, and the tokenizer's kind and hash;
+the tokenizer (and with it the chat template) is saved next to the weights, so resume, eval and
+serve find it. Every reader also takes a local Hugging Face model directory
+(``fastdpo.models.hf_import``).
 
 A model with LoRA adapters is saved as its adapter in the PEFT format (``adapter_config.json`` +
 ``adapter_model.safetensors``, see ``fastdpo.models.lora``) with ``config.json`` naming the
@@ -23,19 +28,39 @@ from safetensors.torch import load_file, save_file
 
 from fastdpo.files import fsync_path, temp_sibling
 from fastdpo.models import lora
+from fastdpo.models.errors import CheckpointError
+from fastdpo.models.families import build_model, config_from_dict, family_of
 from fastdpo.models.gpt import GPT, GPTConfig
-from fastdpo.models.tokenizer import Tokenizer
+from fastdpo.models.hf_import import is_hf_model_dir, load_hf_model
+from fastdpo.models.tokenizer import ChatTokenizer, open_tokenizer
+
+__all__ = ["CheckpointError", "load_checkpoint", "load_policy", "load_tokenizer", "read_config",
+           "save_checkpoint", "write_directory"]
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 FORMAT = "fastdpo-checkpoint-v1"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, or does not fit what it is loaded with."""
+def write_directory(path: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Create the directory ``path`` atomically: ``fill(tmp)`` writes its files into a hidden
+    temporary sibling, which is flushed and renamed into place (replacing an older ``path``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        for f in tmp.iterdir():
+            fsync_path(f)
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
 
 
-def save_checkpoint(path: str | Path, model: GPT, *, step: int = 0, tokenizer: Tokenizer | None = None,
-                    meta: dict | None = None,
+def save_checkpoint(path: str | Path, model: torch.nn.Module, *, step: int = 0,
+                    tokenizer: ChatTokenizer | None = None, meta: dict | None = None,
                     extra_files: dict[str, Callable[[Path], None]] | None = None,
                     merged: bool = False) -> Path:
     """Write ``model`` (and optionally its tokenizer) to the directory ``path`` atomically.
@@ -45,11 +70,7 @@ def save_checkpoint(path: str | Path, model: GPT, *, step: int = 0, tokenizer: T
     swap so a checkpoint's parts always belong together. A model with LoRA adapters writes its
     adapter, and the merged weights too when ``merged`` or when ``meta`` has no ``base_checkpoint``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
-    tmp.mkdir()
-    try:
+    def fill(tmp: Path) -> None:
         adapted = isinstance(model, torch.nn.Module) and lora.has_lora(model)
         base = (meta or {}).get("base_checkpoint")
         if adapted:
@@ -58,22 +79,19 @@ def save_checkpoint(path: str | Path, model: GPT, *, step: int = 0, tokenizer: T
             state = lora.merged_state_dict(model) if adapted else model.state_dict()
             state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
             save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
-        config = {"format": FORMAT, "model": model.config.to_dict(), "step": int(step)}
+        config = {"format": FORMAT, "family": family_of(model.config), "model": model.config.to_dict(),
+                  "step": int(step)}
         if tokenizer is not None:
+            config["tokenizer_kind"] = tokenizer.kind
             config["tokenizer_hash"] = tokenizer.hash
             config["tokenizer_vocab_size"] = tokenizer.vocab_size
-            tokenizer.save(tmp / TOKENIZER)
+            tokenizer.save(tmp)
         config.update(meta or {})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         for name, write in (extra_files or {}).items():
             write(tmp / name)
-        for f in tmp.iterdir():
-            fsync_path(f)
-        _swap_into_place(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return write_directory(path, fill)
 
 
 def _swap_into_place(tmp: Path, path: Path) -> None:
@@ -115,25 +133,32 @@ def read_config(path: str | Path) -> dict:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}:{e.lineno}: invalid JSON ({e.msg})") from e
     if not isinstance(config, dict) or config.get("format") != FORMAT or "model" not in config:
-        raise CheckpointError(f"{cfg_file}: field 'format' must be {FORMAT!r} with a 'model' section")
+        raise CheckpointError(f"{cfg_file}: field 'format' must be {FORMAT!r} with a 'model' section "
+                              f"(or a Hugging Face model directory's config.json with a 'model_type')")
     try:
-        GPTConfig.from_dict(config["model"])
+        config_from_dict(config.get("family", "gpt2"), config["model"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_file}: field 'model': {e}") from e
     return config
 
 
-def load_checkpoint(path: str | Path, tokenizer: Tokenizer | None = None, map_location="cpu",
-                    check_tokenizer: bool = True) -> tuple[GPT, dict]:
-    """Load a checkpoint directory into a new ``GPT``; returns ``(model, config)``.
+def load_checkpoint(path: str | Path, tokenizer: ChatTokenizer | None = None, map_location="cpu",
+                    check_tokenizer: bool = True) -> tuple[torch.nn.Module, dict]:
+    """Load a fastdpo checkpoint directory, or a local Hugging Face model directory, into a new
+    model of its family; returns ``(model, config)``.
 
     With a ``tokenizer``, its vocabulary must fit the model and match the one the checkpoint
     was trained with (hash stored in config.json); a mismatch is an error, not a warning,
     because it silently turns every token into a different one.
     """
     path = Path(path)
+    if is_hf_model_dir(path):
+        model, config = load_hf_model(path, map_location)
+        if tokenizer is not None and check_tokenizer:
+            check_tokenizer_matches(path, config, tokenizer)
+        return model, config
     config = read_config(path)
-    gpt_config = GPTConfig.from_dict(config["model"])
+    model_config = config_from_dict(config.get("family", "gpt2"), config["model"])
     if tokenizer is not None and check_tokenizer:
         check_tokenizer_matches(path, config, tokenizer)
     weights = path / WEIGHTS
@@ -145,12 +170,12 @@ def load_checkpoint(path: str | Path, tokenizer: Tokenizer | None = None, map_lo
         state = load_file(weights, device=str(map_location))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{weights}: corrupt or truncated safetensors file ({e})") from e
-    model = GPT(gpt_config)
+    model = build_model(model_config)
     _load_state(model, state, weights)
     return model.to(map_location), config
 
 
-def _load_with_adapter(path: Path, config: dict, tokenizer, map_location, check_tokenizer) -> GPT:
+def _load_with_adapter(path: Path, config: dict, tokenizer, map_location, check_tokenizer) -> torch.nn.Module:
     """An adapter-only checkpoint: its base (itself possibly one) with the adapter merged in."""
     model = load_base(path, config, tokenizer, map_location, check_tokenizer)
     try:
@@ -161,7 +186,7 @@ def _load_with_adapter(path: Path, config: dict, tokenizer, map_location, check_
 
 
 def load_base(path: Path, config: dict, tokenizer=None, map_location="cpu",
-              check_tokenizer: bool = True) -> GPT:
+              check_tokenizer: bool = True) -> torch.nn.Module:
     """The model the adapter in the checkpoint ``path`` applies to (``config.json``'s
     ``base_checkpoint``), loaded."""
     base = config.get("base_checkpoint")
@@ -175,7 +200,7 @@ def load_base(path: Path, config: dict, tokenizer=None, map_location="cpu",
         raise CheckpointError(f"{path / CONFIG}: field 'base_checkpoint': {e}") from e
 
 
-def check_tokenizer_matches(path: Path, config: dict, tokenizer: Tokenizer) -> None:
+def check_tokenizer_matches(path: Path, config: dict, tokenizer: ChatTokenizer) -> None:
     vocab = config["model"]["vocab_size"]
     stored_vocab = config.get("tokenizer_vocab_size")
     if tokenizer.vocab_size > vocab or (stored_vocab is not None and tokenizer.vocab_size != stored_vocab):
@@ -190,22 +215,22 @@ def check_tokenizer_matches(path: Path, config: dict, tokenizer: Tokenizer) -> N
 
 
 def load_policy(ckpt: str | Path, tokenizer_path: str | Path | None = None,
-                device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+                device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ChatTokenizer]:
     """A checkpoint's model in eval mode and its tokenizer (its own unless ``tokenizer_path``)."""
-    tok = Tokenizer.load(tokenizer_path) if tokenizer_path else load_tokenizer(ckpt)
+    tok = open_tokenizer(tokenizer_path) if tokenizer_path else load_tokenizer(ckpt)
     model, _ = load_checkpoint(ckpt, tokenizer=tok, map_location=device)
     return model.eval(), tok
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer saved inside a checkpoint directory."""
+def load_tokenizer(path: str | Path) -> ChatTokenizer:
+    """The tokenizer saved inside a checkpoint (or Hugging Face model) directory."""
     file = Path(path) / TOKENIZER
     if not file.is_file():
         raise CheckpointError(f"{file}: missing; pass --tokenizer explicitly")
-    return Tokenizer.load(file)
+    return open_tokenizer(path)
 
 
-def _load_state(model: GPT, state: dict[str, torch.Tensor], source) -> None:
+def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

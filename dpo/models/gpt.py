@@ -10,17 +10,21 @@ The forward pass takes positions explicitly (one per row and token) instead of a
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastdpo.models.base import CausalLM, DictConfig
+from fastdpo.models.kv_cache import KVCache, attend, checked_positions
 from fastdpo.models.recompute import run_block
+
+__all__ = ["GPT", "GPTConfig", "KVCache", "PRESETS", "config_from_preset"]
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(DictConfig):
     vocab_size: int = 50304
     block_size: int = 1024
     n_layer: int = 12
@@ -35,17 +39,6 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GPTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig fields: {unknown}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # Named shapes. vocab_size is usually overridden by the tokenizer's size.
@@ -63,35 +56,6 @@ def config_from_preset(name: str, **overrides) -> GPTConfig:
     return GPTConfig(**{**PRESETS[name], **overrides})
 
 
-class KVCache:
-    """One layer's keys and values, preallocated as (rows, heads, max_len, head_dim).
-
-    Row ``b``'s token at position ``pos[b, t]`` is stored in slot ``pos[b, t]``, so every row keeps
-    its own write cursor. The buffers are allocated on the first ``update``, in the dtype the
-    attention produces (float32, or bf16 under autocast)."""
-
-    def __init__(self, rows: int, max_len: int):
-        self.rows, self.max_len = rows, max_len
-        self.k = self.v = None
-
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write ``k``, ``v`` (rows, heads, T, head_dim) at positions ``pos`` (rows, T); return the
-        whole buffers."""
-        if self.k is None:
-            shape = (self.rows, k.shape[1], self.max_len, k.shape[3])
-            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[rows, :, pos] = k.transpose(1, 2)  # advanced indices first: (rows, T, heads, hd)
-        self.v[rows, :, pos] = v.transpose(1, 2)
-        return self.k, self.v
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep (or repeat) the given rows: fans one prefilled prompt out to its K samples and
-        drops finished rows so later decode steps cost less."""
-        self.k, self.v, self.rows = self.k[rows], self.v[rows], len(rows)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -103,24 +67,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 attn_mask: torch.Tensor | None = None):
-        """Plain causal attention over this call's tokens unless ``attn_mask`` is given.
-
-        With a ``kv_cache`` the keys/values are also written into it at ``pos`` (rows, T). Then
-        ``attn_mask`` (rows, 1, T, L) bool, if given, selects which of the first L cached slots
-        each query sees (a decode step); without it the call is a prefill from position 0."""
+        """See ``fastdpo.models.kv_cache.attend`` for the cache and mask semantics."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        if kv_cache is not None:
-            k_all, v_all = kv_cache.update(pos.expand(B, T), k, v)
-            if attn_mask is not None:  # attend over the cache, only as far as the mask reaches
-                L = attn_mask.shape[-1]
-                k, v = k_all[:, :, :L], v_all[:, :, :L]
-        dropout = self.dropout if self.training else 0.0
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        y = attend(q, k, v, pos, kv_cache, attn_mask, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -149,8 +100,8 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
-    gradient_checkpointing = False   # per-block activation checkpointing (fastdpo.models.recompute)
+class GPT(CausalLM):
+    family = "gpt2"
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -182,6 +133,11 @@ class GPT(nn.Module):
         """The output projection (V, C). Tied to the token embedding, as in GPT-2."""
         return self.transformer.wte.weight
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The decoder blocks, in order (FSDP shards and gradient checkpointing wrap these)."""
+        return self.transformer.h
+
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
@@ -200,23 +156,9 @@ class GPT(nn.Module):
         the bool
         (B, 1, T, L) mask over the first L cache slots that goes with a decode step; a cached call
         without ``attn_mask`` is a prefill from position 0."""
-        B, T = ids.shape
-        if kv_caches is not None and len(kv_caches) != len(self.transformer.h):
-            raise ValueError(f"need one KV cache per layer ({len(self.transformer.h)}), got {len(kv_caches)}")
-        if pos is None:
-            if T > self.config.block_size:
-                raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-            pos = torch.arange(T, device=ids.device)
-        elif pos.numel() and int(pos.max()) >= self.config.block_size:
-            raise ValueError(f"position {int(pos.max())} exceeds block_size {self.config.block_size}")
+        pos = checked_positions(ids, pos, kv_caches, self.config)
         x = self.transformer.drop(self.transformer.wte(ids) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             x = run_block(self, block, x, pos=pos, kv_cache=None if kv_caches is None else kv_caches[i],
                           attn_mask=attn_mask)
         return self.transformer.ln_f(x)
-
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor | None = None, kv_caches=None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) at every position."""
-        h = self.hidden_states(ids, pos=pos, kv_caches=kv_caches, attn_mask=attn_mask)
-        return F.linear(h, self.lm_head_weight)

@@ -187,8 +187,11 @@ def _same(name: str) -> str:
     return name
 
 
-# Per model class. fastdpo's GPT keeps GPT-2's module names (transformer.h.N.attn.c_attn ...).
-PEFT_NAMES: dict[str, PeftNames] = {"GPT": PeftNames(_same, _same, fan_in_fan_out=True)}
+# Per model class. fastdpo's families keep transformers' module names (transformer.h.N.attn.c_attn
+# for GPT-2, model.layers.N.self_attn.q_proj for the Llama family: fastdpo.models.hf_weights.to_hf_name);
+# only GPT-2's projections are Conv1D there.
+PEFT_NAMES: dict[str, PeftNames] = {"GPT": PeftNames(_same, _same, fan_in_fan_out=True),
+                                    "Llama": PeftNames(_same, _same, fan_in_fan_out=False)}
 
 
 def peft_names(model: nn.Module) -> PeftNames:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdpo.models.tokenizer import Tokenizer
+from fastdpo.models.tokenizer import ChatTokenizer
 from fastdpo.training.data import DataError, DataStats, PreferenceExample, SFTExample, load_examples
 
 
@@ -66,7 +66,7 @@ def answer_room(prompt_len: int, max_length: int, max_prompt_length: int, block_
     return room if max_completion_length is None else min(room, max_completion_length)
 
 
-def tokenize_pairs(examples: Sequence[PreferenceExample], tok: Tokenizer, max_length: int,
+def tokenize_pairs(examples: Sequence[PreferenceExample], tok: ChatTokenizer, max_length: int,
                    max_prompt_length: int, block_size: int, stats: DataStats,
                    max_completion_length: int | None = None) -> list[TokenizedPair]:
     """Prompt and answer ids (the sampled ones when they belong to ``tok``); drop over-long
@@ -84,7 +84,7 @@ def tokenize_pairs(examples: Sequence[PreferenceExample], tok: Tokenizer, max_le
     return out
 
 
-def _pair_ids(ex: PreferenceExample, tok: Tokenizer, stats: DataStats):
+def _pair_ids(ex: PreferenceExample, tok: ChatTokenizer, stats: DataStats):
     ids = ex.ids
     if ids is not None and ids.tokenizer_hash == tok.hash:
         prompt = ids.prompt if ids.prompt is not None else tok.render_conversation(ex.turns)
@@ -98,13 +98,14 @@ def _pair_ids(ex: PreferenceExample, tok: Tokenizer, stats: DataStats):
         stats.retokenized += 1
 
     def answer(text: str, finish: str) -> list[int]:   # a cut-off answer stays open
-        return tok.render_answer(text) if finish == "stop" else tok.encode(text)
+        ids = tok.render_answer(text)
+        return ids[:-1] if finish == "length" and ids[-1:] == [tok.eos_id] else ids
 
     return (tok.render_conversation(ex.turns), answer(ex.chosen, ex.finish[0]),
             answer(ex.rejected, ex.finish[1]))
 
 
-def tokenize_sft(examples: Sequence[SFTExample], tok: Tokenizer, max_length: int, max_prompt_length: int,
+def tokenize_sft(examples: Sequence[SFTExample], tok: ChatTokenizer, max_length: int, max_prompt_length: int,
                  block_size: int, stats: DataStats,
                  max_completion_length: int | None = None) -> list[TokenizedSFT]:
     """Prompt and answer ids; drop over-long prompts; cut answers to fit (see the module docstring)."""
@@ -234,7 +235,7 @@ def _collate(rows, pad_id):
     return ids, mask
 
 
-def _load(kind: str, tokenize, cfg, tok: Tokenizer, max_length: int, max_prompt_length: int,
+def _load(kind: str, tokenize, cfg, tok: ChatTokenizer, max_length: int, max_prompt_length: int,
           block_size: int, seed: int, max_completion_length: int | None):
     stats = DataStats()
     examples = load_examples(cfg.paths, cfg.format, cfg.on_error, kind, cfg.max_rows, stats)
@@ -246,7 +247,7 @@ def _load(kind: str, tokenize, cfg, tok: Tokenizer, max_length: int, max_prompt_
     return train, val, stats
 
 
-def load_preference_data(cfg, tok: Tokenizer, max_length: int, max_prompt_length: int, block_size: int,
+def load_preference_data(cfg, tok: ChatTokenizer, max_length: int, max_prompt_length: int, block_size: int,
                          seed: int, max_completion_length: int | None = None
                          ) -> tuple[list[TokenizedPair], list[TokenizedPair], DataStats]:
     """``PreferenceDatasetConfig`` -> (train pairs, val pairs, stats)."""
@@ -254,7 +255,7 @@ def load_preference_data(cfg, tok: Tokenizer, max_length: int, max_prompt_length
                  max_completion_length)
 
 
-def load_sft_data(cfg, tok: Tokenizer, max_length: int, max_prompt_length: int, block_size: int,
+def load_sft_data(cfg, tok: ChatTokenizer, max_length: int, max_prompt_length: int, block_size: int,
                   seed: int, max_completion_length: int | None = None
                   ) -> tuple[list[TokenizedSFT], list[TokenizedSFT], DataStats]:
     """``SFTDatasetConfig`` -> (train examples, val examples, stats)."""

@@ -12,6 +12,7 @@ A YAML file holds one section per dataclass plus the top-level run inputs::
     dpo: {...}                         # DPOConfig            (configs for ``fastdpo train``)
     data: {...}                        # PreferenceDatasetConfig
     sft: {...} / data: {...}           # SFTConfig / SFTDatasetConfig (``fastdpo sft``)
+    health: {...}                      # HealthConfig: training alarms (both commands)
 
 Unknown keys are errors naming the file and the key: a typo must never silently fall back to a
 default and train something else than what the file says.
@@ -40,10 +41,11 @@ REFERENCE_FREE_LOSSES = ("simpo", "orpo")                       # no reference m
 LENGTH_NORMALISED_LOSSES = ("sigmoid_norm", "ipo", "simpo", "orpo")  # divide by answer token counts
 SMOOTHED_LOSSES = ("sigmoid", "sigmoid_norm", "robust", "simpo")
 REFERENCE_MODES = ("auto", "cached", "model", "none")
-DATA_FORMATS = ("auto", "prompt", "conversations", "hh")
-SFT_FORMATS = ("auto", "prompt", "conversations")
+DATA_FORMATS = ("auto", "prompt", "implicit", "conversations", "hh")   # see fastdpo.training.data
+SFT_FORMATS = ("auto", "prompt", "messages", "conversations")
 # the kernel choices of fastdpo.training.logprobs (kept here: configs load without importing torch)
 KERNELS = ("auto", "triton", "torch", "oracle")
+REPORT_TO = ("wandb", "tensorboard", "none")
 
 
 @dataclass
@@ -81,6 +83,9 @@ class TrainingConfig:
     device: str = "auto"                      # "auto" | "cpu" | "cuda" | "cuda:1" ...
     kernel: str = "auto"                      # auto (Triton on CUDA, else torch) | triton | torch | oracle
     parallel: str = "ddp"                     # under torchrun: "ddp" (replicas) | "fsdp" (FSDP2 shards)
+    # Where metrics go besides metrics.jsonl (always written), HF-style: wandb | tensorboard | none.
+    # TensorBoard event files go to run_dir/tensorboard (needs the extra: pip install fastdpo[tensorboard]).
+    report_to: list[str] = field(default_factory=lambda: ["wandb"])
     wandb: str = "auto"                       # "auto" (online with an API key, else offline) | ...
     wandb_project: str = "fastdpo"
     overwrite: bool = False                   # a fresh run may replace an existing run directory
@@ -100,6 +105,12 @@ class TrainingConfig:
         _choice("parallel", self.parallel, ("ddp", "fsdp"))
         self._check_lora()
         _choice("wandb", self.wandb, ("auto", "disabled", "offline", "online"))
+        self.report_to = ([self.report_to] if isinstance(self.report_to, str)
+                          else ["none"] if self.report_to is None else list(self.report_to))
+        for tracker in self.report_to:
+            _choice("TrainingConfig.report_to entries", tracker, REPORT_TO)
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ValueError(f"TrainingConfig.report_to: 'none' cannot be combined with {self.report_to}")
         for name in ("learning_rate", "epochs"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"TrainingConfig.{name} must be > 0, got {getattr(self, name)}")
@@ -252,7 +263,7 @@ class _DatasetConfig:
 
 @dataclass
 class PreferenceDatasetConfig(_DatasetConfig):
-    FORMATS: ClassVar[tuple[str, ...]] = DATA_FORMATS   # auto | prompt | conversations | hh
+    FORMATS: ClassVar[tuple[str, ...]] = DATA_FORMATS   # auto | prompt | implicit | conversations | hh
 
 
 @dataclass
@@ -270,7 +281,41 @@ class SFTConfig(LengthLimits):
 
 @dataclass
 class SFTDatasetConfig(_DatasetConfig):
-    FORMATS: ClassVar[tuple[str, ...]] = SFT_FORMATS    # auto | prompt | conversations
+    FORMATS: ClassVar[tuple[str, ...]] = SFT_FORMATS    # auto | prompt | messages | conversations
+
+
+@dataclass
+class HealthConfig:
+    """Alarms during training, each a console warning and a metrics.jsonl row (split "alarm");
+    see ``fastdpo.training.health``. The defaults flag clear trouble, not ordinary DPO drift."""
+    enabled: bool = True
+    # -- on the logged training metrics
+    displacement_per_token: float = 0.5   # chosen answers' NLL per token rose this much above its first
+    #                                       logged value while the reward margin grew
+    max_margin: float = 10.0              # rewards/margins above this: saturated, log-probs being destroyed
+    grad_norm_spike: float = 10.0         # grad norm above this multiple of the median of earlier logs
+    # -- on answers to held-out prompts at each evaluation, against the reference model's (step 0)
+    prompts: Path | None = None           # JSONL with a "prompt" field; default: the val split's prompts
+    n_prompts: int = 32                   # 0 turns the held-out answers off
+    max_new_tokens: int = 64
+    temperature: float = 0.0              # 0: greedy (no sampling noise between evaluations)
+    judge: str | None = None              # a judge name ("task", module:fn) scoring the held-out answers
+    length_drift: float = 0.5             # mean answer length off the reference's by more than this fraction
+    repetition_rise: float = 0.15         # repeated-4-gram fraction above the reference's by more than this
+    distinct_drop: float = 0.5            # distinct-2 below (1 - this) x the reference's
+    hacking_drop: float = 0.1             # held-out score (judge) or val preference accuracy this fraction
+    #                                       below its best while the training reward keeps rising
+
+    def __post_init__(self):
+        if self.prompts is not None:
+            self.prompts = Path(self.prompts)
+        for name in ("displacement_per_token", "max_margin", "grad_norm_spike", "length_drift",
+                     "repetition_rise", "distinct_drop", "hacking_drop", "temperature"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"HealthConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("n_prompts", "max_new_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"HealthConfig.{name} must be >= 0, got {getattr(self, name)}")
 
 
 def _choice(name, value, allowed):
@@ -302,8 +347,10 @@ def _paths(path, dataset_name, split) -> list[Path]:
 # --------------------------------------------------------------------------- YAML + overrides
 
 SECTIONS = {
-    "dpo": {"train": TrainingConfig, "dpo": DPOConfig, "data": PreferenceDatasetConfig},
-    "sft": {"train": TrainingConfig, "sft": SFTConfig, "data": SFTDatasetConfig},
+    "dpo": {"train": TrainingConfig, "dpo": DPOConfig, "data": PreferenceDatasetConfig,
+            "health": HealthConfig},
+    "sft": {"train": TrainingConfig, "sft": SFTConfig, "data": SFTDatasetConfig,
+            "health": HealthConfig},
 }
 TOP_LEVEL = {"dpo": ("sft_checkpoint", "tokenizer"), "sft": ("init_checkpoint", "model", "tokenizer")}
 

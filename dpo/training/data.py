@@ -1,34 +1,48 @@
 """Preference and SFT data files: read local JSONL / JSON arrays and validate their rows into
-examples (``fastdpo.training.batches`` tokenizes and batches them).
+examples (``fastdpo.training.batches`` tokenizes and batches them, rendering every prompt with the
+model's chat template).
 
-Three preference formats (detected per file from its first row, or forced with ``format``):
+Messages are ``{"role": "system"|"user"|"assistant", "content": str}`` (TRL's conversational format,
+OpenAI's) or ShareGPT's ``{"from": "system"|"human"|"gpt", "value": str}``, anywhere a message list
+is accepted.
 
-- ``prompt``:        ``{"prompt": str, "chosen": str, "rejected": str, ...extra fields kept as meta}``
-- ``conversations``: ``{"conversations": [{"from": "user"|"assistant", "value": str}, ...],
-  "chosen": str, "rejected": str}``; the history ends with a user turn and is rendered by the chat
-  template, the two answers are the competing next assistant turns.
+Preference formats (detected per file from its first row, or forced with ``format``):
+
+- ``prompt``:        ``{"prompt", "chosen", "rejected", ...extra fields kept as meta}``; each a
+  string (TRL's standard format) or a message list (TRL's conversational format: the prompt's
+  messages, and one assistant message per answer).
+- ``implicit``:      TRL's conversational rows with an implicit prompt: ``chosen`` and ``rejected``
+  are whole conversations sharing every message but their last, assistant, one.
+- ``conversations``: ``{"conversations": [messages], "chosen": ..., "rejected": ...}`` (answers as
+  strings, or one assistant message each, as LLaMA-Factory writes them); the history ends with a
+  user turn, the two answers are the competing next assistant turns.
 - ``hh``:            HH-RLHF transcripts, ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...",
   "rejected": ...}``; both share everything up to their last assistant turn.
 
-All three become the same ``PreferenceExample``: the prompt as chat turns and the two answers.
+All of them become the same ``PreferenceExample``: the prompt as chat turns and the two answers.
 Rows written by ``fastdpo pairs`` also carry the sampled token ids (``chosen_ids``,
 ``rejected_ids``, ``prompt_ids``, the ``tokenizer_hash`` they belong to) and each answer's finish
 reason (``chosen_finish`` / ``rejected_finish``: ``stop`` or ``length``, i.e. cut off); training
 uses those ids as they are (see ``fastdpo.training.batches``), the text is for people and judges.
 
-SFT rows are ``{"prompt", "response"}`` or ``{"conversations": [...]}`` whose last turn is the
-assistant's answer (the only tokens trained on).
+SFT rows: ``{"prompt", "response"}`` or TRL's ``{"prompt", "completion"}`` (strings or message
+lists), or ``{"messages": [...]}`` / ``{"conversations": [...]}`` whose last turn is the assistant's
+answer (the only tokens trained on).
 
 Every bad row is reported as ``file:line: reason``; with ``on_error="skip"`` it is skipped and
 counted instead of stopping the run.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+PREFERENCE_FORMATS = ("prompt", "implicit", "conversations", "hh")
+SFT_FORMATS = ("prompt", "messages", "conversations")
 
 
 class DataError(ValueError):
@@ -89,21 +103,31 @@ class DataStats:
 
 
 def read_records(path: Path) -> Iterator[tuple[int, object, str | None]]:
-    """Yield ``(line, value, error)`` for each record of a JSONL file or a JSON array file."""
+    """Yield ``(line, value, error)`` for each record of a JSONL file or a JSON array file.
+
+    JSONL is streamed line by line (memory does not grow with the file); a JSON array is one
+    document and is read whole. Lines split on ``\\n`` only, so a raw U+2028 inside a string
+    does not cut a record in two."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        yield from _read_array(path, text)
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+        while not head and f.peek(1):   # a long run of leading blank space
+            head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        yield from _read_array(path, path.read_text(encoding="utf-8"))
         return
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield i, json.loads(line), None
-        except json.JSONDecodeError as e:
-            yield i, None, f"invalid JSON ({e.msg} at column {e.colno})"
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield i, json.loads(raw), None
+            except json.JSONDecodeError as e:
+                yield i, None, f"invalid JSON ({e.msg} at column {e.colno})"
+            except UnicodeDecodeError:
+                yield i, None, "not valid UTF-8"
 
 
 def _read_array(path: Path, text: str) -> Iterator[tuple[int, object, str | None]]:
@@ -141,19 +165,65 @@ def _string_field(row: dict, name: str) -> str:
     return v
 
 
-def _turns_field(row: dict) -> list[tuple[str, str]]:
-    conv = row["conversations"]
-    if not isinstance(conv, list) or not conv:
-        raise DataError("field 'conversations' must be a non-empty list of {from, value} turns")
+_ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user",
+          "assistant": "assistant", "gpt": "assistant", "model": "assistant"}
+
+
+def _messages(value, name: str) -> list[tuple[str, str]]:
+    """A message list (role/content or from/value) as (role, text) turns with canonical roles."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"field '{name}' must be a non-empty list of {{role, content}} messages")
     turns = []
-    for j, t in enumerate(conv):
-        if not (isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)):
-            raise DataError(f"field 'conversations[{j}]' must be {{\"from\": str, \"value\": str}}")
-        role = t["from"].lower()
-        if role not in ("user", "human", "assistant", "gpt"):
-            raise DataError(f"field 'conversations[{j}].from': unknown role {t['from']!r}")
-        turns.append(("user" if role in ("user", "human") else "assistant", t["value"]))
+    for j, m in enumerate(value):
+        keys = ("role", "content") if isinstance(m, dict) and "role" in m else ("from", "value")
+        if not (isinstance(m, dict) and isinstance(m.get(keys[0]), str) and isinstance(m.get(keys[1]), str)):
+            raise DataError(f"field '{name}[{j}]' must be {{\"role\": str, \"content\": str}} "
+                            f"(or ShareGPT's {{\"from\": str, \"value\": str}})")
+        role = _ROLES.get(m[keys[0]].lower())
+        if role is None:
+            raise DataError(f"field '{name}[{j}].{keys[0]}': unknown role {m[keys[0]]!r} "
+                            f"(expected system, user or assistant)")
+        turns.append((role, m[keys[1]]))
     return turns
+
+
+def _turns_field(row: dict, name: str = "conversations") -> list[tuple[str, str]]:
+    if name not in row:
+        raise DataError(f"missing field '{name}'")
+    return _messages(row[name], name)
+
+
+def _prompt_field(row: dict) -> list[tuple[str, str]]:
+    """``prompt``: a string (one user turn) or a message list."""
+    if isinstance(row.get("prompt"), list):
+        return _messages(row["prompt"], "prompt")
+    return [("user", _string_field(row, "prompt"))]
+
+
+def _answer_field(row: dict, name: str) -> str:
+    """An answer: a string, a message list holding one assistant message, or that one message
+    (LLaMA-Factory's ShareGPT preference rows: ``"chosen": {"from": "gpt", "value": ...}``)."""
+    value = row.get(name)
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        return _string_field(row, name)
+    turns = _messages(value, name)
+    if len(turns) != 1 or turns[0][0] != "assistant":
+        raise DataError(f"field '{name}' must hold exactly one assistant message")
+    return turns[0][1]
+
+
+def _implicit_prompt(row: dict) -> tuple[list[tuple[str, str]], str, str]:
+    """TRL's implicit prompt: the messages chosen and rejected share, then one answer each."""
+    chosen, rejected = _messages(row.get("chosen"), "chosen"), _messages(row.get("rejected"), "rejected")
+    for name, turns in (("chosen", chosen), ("rejected", rejected)):
+        if turns[-1][0] != "assistant":
+            raise DataError(f"field '{name}': the conversation does not end with an assistant message")
+    if chosen[:-1] != rejected[:-1]:
+        raise DataError("chosen and rejected conversations do not share their prompt (every message "
+                        "but the last)")
+    return chosen[:-1], chosen[-1][1], rejected[-1][1]
 
 
 def _parse_hh(text: str, name: str) -> tuple[list[tuple[str, str]], str]:
@@ -171,34 +241,32 @@ def _parse_hh(text: str, name: str) -> tuple[list[tuple[str, str]], str]:
 def detect_format(row: object, kinds: Sequence[str]) -> str | None:
     if not isinstance(row, dict):
         return None
-    if "conversations" in row:
-        return "conversations"
-    if "prompt" in row:
-        return "prompt"
-    if "hh" in kinds and "chosen" in row:
-        return "hh"
+    for fmt in ("messages", "conversations", "prompt"):
+        if fmt in kinds and fmt in row:
+            return fmt
+    if "chosen" in row:
+        if "implicit" in kinds and isinstance(row["chosen"], list):
+            return "implicit"
+        if "hh" in kinds:
+            return "hh"
     return None
 
 
 def parse_preference(row: object, fmt: str, source: str) -> PreferenceExample:
     if not isinstance(row, dict):
         raise DataError(f"expected a JSON object, got {type(row).__name__}")
+    used = {"chosen", "rejected"}
     if fmt == "hh":
         turns, chosen = _parse_hh(_string_field(row, "chosen"), "chosen")
         r_turns, rejected = _parse_hh(_string_field(row, "rejected"), "rejected")
         if r_turns != turns:
             raise DataError("chosen and rejected transcripts do not share their prompt")
-        used = {"chosen", "rejected"}
+    elif fmt == "implicit":
+        turns, chosen, rejected = _implicit_prompt(row)
     else:
-        chosen, rejected = _string_field(row, "chosen"), _string_field(row, "rejected")
-        if fmt == "prompt":
-            turns = [("user", _string_field(row, "prompt"))]
-            used = {"prompt", "chosen", "rejected"}
-        else:
-            if "conversations" not in row:
-                raise DataError("missing field 'conversations'")
-            turns = _turns_field(row)
-            used = {"conversations", "chosen", "rejected"}
+        turns = _prompt_field(row) if fmt == "prompt" else _turns_field(row)
+        chosen, rejected = _answer_field(row, "chosen"), _answer_field(row, "rejected")
+        used.add(fmt)
     if not turns or turns[-1][0] != "user":
         raise DataError("the prompt must end with a user turn")
     ids, finish = _sampled(row)
@@ -251,20 +319,19 @@ def parse_sft(row: object, fmt: str, source: str) -> SFTExample:
     if not isinstance(row, dict):
         raise DataError(f"expected a JSON object, got {type(row).__name__}")
     if fmt == "prompt":
-        turns = [("user", _string_field(row, "prompt"))]
-        response = _string_field(row, "response")
-        used = {"prompt", "response"}
+        turns = _prompt_field(row)
+        answer = "completion" if "completion" in row and "response" not in row else "response"
+        response = _answer_field(row, answer)
+        used = {"prompt", answer}
     else:
-        if "conversations" not in row:
-            raise DataError("missing field 'conversations'")
-        turns = _turns_field(row)
+        turns = _turns_field(row, fmt)
         if "response" in row:
             response = _string_field(row, "response")
         elif turns[-1][0] == "assistant":
             turns, response = turns[:-1], turns[-1][1]
         else:
-            raise DataError("conversations must end with the assistant's answer (or give 'response')")
-        used = {"conversations", "response"}
+            raise DataError(f"{fmt} must end with the assistant's answer (or give 'response')")
+        used = {fmt, "response"}
     if not turns or turns[-1][0] != "user":
         raise DataError("the prompt must end with a user turn")
     if not response.strip():
@@ -272,20 +339,18 @@ def parse_sft(row: object, fmt: str, source: str) -> SFTExample:
     return SFTExample(turns, response, source, {k: v for k, v in row.items() if k not in used})
 
 
-def load_examples(paths: Sequence[Path], fmt: str = "auto", on_error: str = "raise", kind: str = "preference",
-                  max_rows: int | None = None, stats: DataStats | None = None) -> list:
-    """Parse every file into examples; bad rows raise ``DataError`` or are skipped and counted."""
-    if not paths:
-        raise ValueError("no data files given (set data.path)")
+def iter_rows(paths: Sequence[Path], fmt: str = "auto", on_error: str = "raise", kind: str = "preference",
+              stats: DataStats | None = None) -> Iterator[tuple[PreferenceExample | SFTExample, object]]:
+    """Stream ``(example, record)`` for every good row of the files, in order (``record`` is the
+    row as read). Bad rows raise ``DataError`` naming file and line, or with ``on_error="skip"``
+    are counted in ``stats`` and skipped."""
     stats = stats if stats is not None else DataStats()
     parse = parse_preference if kind == "preference" else parse_sft
-    kinds = ("prompt", "conversations", "hh") if kind == "preference" else ("prompt", "conversations")
-    out: list = []
+    kinds = PREFERENCE_FORMATS if kind == "preference" else SFT_FORMATS
     for path in paths:
         file_fmt = None if fmt == "auto" else fmt
+        stats.formats[str(path)] = file_fmt
         for line, row, err in read_records(Path(path)):
-            if max_rows is not None and len(out) >= max_rows:
-                break
             stats.rows += 1
             source = f"{path}:{line}"
             try:
@@ -297,7 +362,8 @@ def load_examples(paths: Sequence[Path], fmt: str = "auto", on_error: str = "rai
                         raise DataError(f"cannot detect the data format from this row (fields "
                                         f"{sorted(row) if isinstance(row, dict) else type(row).__name__}); "
                                         f"set data.format to one of {list(kinds)}")
-                out.append(parse(row, file_fmt, source))
+                    stats.formats[str(path)] = file_fmt
+                example = parse(row, file_fmt, source)
             except DataError as e:
                 msg = f"{source}: {e}"
                 if on_error == "raise":
@@ -305,7 +371,19 @@ def load_examples(paths: Sequence[Path], fmt: str = "auto", on_error: str = "rai
                 stats.skipped += 1
                 if len(stats.errors) < 20:
                     stats.errors.append(msg)
-        stats.formats[str(path)] = file_fmt
+                continue
+            yield example, row
+
+
+def load_examples(paths: Sequence[Path], fmt: str = "auto", on_error: str = "raise", kind: str = "preference",
+                  max_rows: int | None = None, stats: DataStats | None = None) -> list:
+    """Parse every file into examples; bad rows raise ``DataError`` or are skipped and counted."""
+    if not paths:
+        raise ValueError("no data files given (set data.path)")
+    stats = stats if stats is not None else DataStats()
+    rows = iter_rows(paths, fmt, on_error, kind, stats)
+    out = [ex for ex, _ in itertools.islice(rows, max_rows)]
+    rows.close()
     if not out:
         raise DataError(f"no usable rows in {[str(p) for p in paths]} ({stats.summary()})")
     return out

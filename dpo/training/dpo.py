@@ -23,11 +23,12 @@ import torch
 from fastdpo import kernels, runtime
 from fastdpo.models import lora
 from fastdpo.models.checkpoint import load_checkpoint
-from fastdpo.models.tokenizer import Tokenizer
+from fastdpo.models.tokenizer import ChatTokenizer
 from fastdpo.runtime import autocast, resolve_device, resolve_precision
 from fastdpo.training.batches import TokenizedPair, eval_batches, load_preference_data
-from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig, to_dict
+from fastdpo.training.config import DPOConfig, HealthConfig, PreferenceDatasetConfig, TrainingConfig, to_dict
 from fastdpo.training.finetuning import apply_finetuning, load_trainable
+from fastdpo.training.health import HealthMonitor
 from fastdpo.training.logprobs import kernel_backend, pair_logprobs
 from fastdpo.training.loop import Task, Trainer, planned_steps
 from fastdpo.training.losses import dpo_losses
@@ -74,6 +75,9 @@ class DPOTask(Task):
 
     def val_batches(self):
         return self._val_batches
+
+    def heldout_prompts(self):
+        return [p.prompt for p in self.val]
 
     def bind_policy(self, policy):
         self.policy = policy
@@ -174,7 +178,7 @@ def choose_reference(n_train: int, n_val: int, cfg: TrainingConfig, *, cache_hit
 
 def prepare_dpo(policy: torch.nn.Module, train: Sequence[TokenizedPair], val: Sequence[TokenizedPair],
                 train_cfg: TrainingConfig, dpo_cfg: DPOConfig, *, pad_id: int, tokenizer_hash: str = "",
-                reference: torch.nn.Module | None = None, tokenizer: Tokenizer | None = None,
+                reference: torch.nn.Module | None = None, tokenizer: ChatTokenizer | None = None,
                 meta: dict | None = None, logger: RunLogger | None = None, on_step=None,
                 device: torch.device | None = None, say=None) -> Trainer:
     """A ready-to-run DPO ``Trainer`` from in-memory objects (``run_dpo`` and the bench use it).
@@ -232,14 +236,18 @@ def prepare_dpo(policy: torch.nn.Module, train: Sequence[TokenizedPair], val: Se
 
 
 def run_dpo(sft_checkpoint: str | Path, train_config: TrainingConfig, dpo_config: DPOConfig,
-            preference_config: PreferenceDatasetConfig, tokenizer: Tokenizer | str | Path | None = None, *,
-            resume: bool | str | Path = False, on_step: Callable | None = None) -> Path:
-    """Train a DPO policy from ``sft_checkpoint`` (also the reference unless
-    ``dpo_config.reference_checkpoint`` says otherwise); returns the final checkpoint directory.
+            preference_config: PreferenceDatasetConfig,
+            tokenizer: ChatTokenizer | str | Path | None = None, *, resume: bool | str | Path = False,
+            on_step: Callable | None = None, health: HealthConfig | None = None, heldout_probe=None) -> Path:
+    """Train a DPO policy from ``sft_checkpoint`` (a fastdpo checkpoint or a local Hugging Face model
+    directory; also the reference unless ``dpo_config.reference_checkpoint`` says otherwise);
+    returns the final checkpoint directory.
 
-    ``tokenizer`` may be a loaded ``Tokenizer``, a path, or None (the checkpoint's own).
+    ``tokenizer`` may be a loaded tokenizer, a path, or None (the checkpoint's own).
     ``resume=True`` continues from the newest checkpoint in ``output_dir/run_name`` (or a given
-    checkpoint directory), restoring weights, optimizer, RNG and data position."""
+    checkpoint directory), restoring weights, optimizer, RNG and data position. ``health`` sets the
+    alarm thresholds (default ``HealthConfig()``); ``heldout_probe``
+    (``fastdpo.generation.heldout.HeldoutProbe``) adds the checks on held-out answers."""
     sft_checkpoint = Path(sft_checkpoint)
     tok = resolve_tokenizer(tokenizer, sft_checkpoint, train_config)
     train_config = join_ranks(train_config, "pairs")
@@ -268,5 +276,5 @@ def run_dpo(sft_checkpoint: str | Path, train_config: TrainingConfig, dpo_config
                                    meta={"kind": "dpo", "run_name": train_config.run_name, "config": config,
                                          **({"base_checkpoint": base} if base else {})},
                                    logger=logger, on_step=on_step, device=device, say=say),
-        train_config, config, resume_path, say)
+        train_config, config, resume_path, say, HealthMonitor(health, heldout_probe, reference))
 

@@ -8,6 +8,9 @@ micro-batches of step ``s`` are a pure function of ``(seed, s)`` (see
 ``fastdpo.training.data.epoch_batches``), so a checkpoint needs the step number, the weights, the
 optimizer state and the RNG state, nothing else, and a resumed run is bit-identical to an
 uninterrupted one on the same machine.
+
+The module is long because those parts share one trainer's state (step, optimizer, RNG, logger,
+health monitor); the pieces that stand alone live elsewhere (``runs``, ``health``, ``metrics``).
 """
 from __future__ import annotations
 
@@ -31,8 +34,9 @@ from fastdpo.models.recompute import set_gradient_checkpointing
 from fastdpo.runtime import autocast, resolve_device, resolve_precision
 from fastdpo.training import parallel
 from fastdpo.training.batches import epoch_batches
-from fastdpo.training.config import TrainingConfig
+from fastdpo.training.config import HealthConfig, TrainingConfig
 from fastdpo.training.finetuning import apply_finetuning
+from fastdpo.training.health import HealthMonitor
 from fastdpo.training.metrics import RunLogger
 from fastdpo.training.runs import FINAL, STATE_FILE, _step_dirs, latest_checkpoint
 
@@ -108,6 +112,9 @@ class Task(abc.ABC):
     def val_batches(self) -> list[list[int]]:
         return []
 
+    def heldout_prompts(self) -> list[list[int]]:   # what the health checks answer by default
+        return []
+
     def bind_policy(self, policy: torch.nn.Module) -> None:
         """Run the trained model's forwards through ``policy``, its DDP/FSDP2 wrapper."""
         raise TypeError(f"{type(self).__name__} does not support multi-process training")
@@ -152,6 +159,7 @@ class Trainer:
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
         self._stop_requested = False
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self.health = HealthMonitor(HealthConfig(enabled=False))   # alarms: train_to_completion sets them
 
     # -- data position -------------------------------------------------------------------
     def micro_batches(self, step: int) -> list[list[int]]:
@@ -230,6 +238,7 @@ class Trainer:
                    desc=self.run_dir.name, dynamic_ncols=True, leave=False)
         sums: dict = {}
         seconds = 0.0   # training time only: evaluation and checkpoint writes do not count in tokens/s
+        self._health(self.health.on_start(self))
         with self._sigint_saves():
             try:
                 while self.state.step < end:
@@ -265,14 +274,20 @@ class Trainer:
 
     def finish(self) -> Path:
         """Final evaluation and the final checkpoint (with its trainer state)."""
-        if self.task.n_val:
+        if self.task.n_val or self.health.probes(self):
             self.evaluate()
         path = self._save(self.run_dir / FINAL, merged=self.cfg.lora_save_merged)
         self._prune()
         return path
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
+        """Loss metrics on the val split (when there is one), then the health checks' held-out answers."""
+        metrics = self._val_metrics() if self.task.n_val else {}
+        self._health(self.health.on_evaluate(self))
+        return metrics
+
+    @torch.no_grad()
+    def _val_metrics(self) -> dict:
         self.model.eval()
         sums: dict = {}
         for idx in self.task.val_batches():
@@ -286,6 +301,10 @@ class Trainer:
                                                                               "rewards/margins"))
         self._console(f"eval step={self.state.step} {shown}")
         return metrics
+
+    def _health(self, rows: list[tuple[str, dict]]) -> None:
+        for split, row in rows:   # training.health's rows: held-out answer statistics, alarms
+            self._record(row, split)
 
     def _log_train(self, sums: dict, seconds: float) -> None:
         sums = runtime.all_reduce_sums(sums, keep=("grad_norm", "steps"))
@@ -307,6 +326,10 @@ class Trainer:
         self.state.history.append({"step": self.state.step, "split": split, **metrics})
         if self.logger is not None:
             self.logger.log(self.state.step, metrics, split)
+        if split == "alarm":
+            self._console(f"WARNING [health] step {self.state.step}: {metrics['message']}")
+        elif split in ("train", "val"):
+            self._health(self.health.on_record(metrics, split))
 
     def _console(self, line: str) -> None:
         if self.logger is not None:

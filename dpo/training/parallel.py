@@ -13,7 +13,7 @@ PARALLEL_MODES = ("ddp", "fsdp")
 
 
 def parallelize(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
-    """Wrap ``model`` (a GPT) for multi-process training; returns the module to run forwards on.
+    """Wrap ``model`` (any model family) for multi-process training; returns the module to run forwards on.
 
     ``ddp``: every rank holds the whole model, gradients are all-reduced (averaged) in buckets
     during backward. ``fsdp``: FSDP2 shards parameters, gradients and optimizer state over the
@@ -23,12 +23,12 @@ def parallelize(model: torch.nn.Module, mode: str, device: torch.device) -> torc
         raise ValueError(f"parallel must be one of {list(PARALLEL_MODES)}, got {mode!r}")
     wrapper = PolicyForward(model)
     if mode == "ddp":
-        # forward_sync_buffers=False: the GPT has no buffers that change, and a broadcast per forward
+        # forward_sync_buffers=False: the models have no buffers that change, and a broadcast per forward
         # would force every rank to run the same number of forwards even in evaluation.
         return torch.nn.parallel.DistributedDataParallel(
             wrapper, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
     from torch.distributed.fsdp import fully_shard
-    for block in model.transformer.h:
+    for block in model.blocks:
         fully_shard(block)
     fully_shard(wrapper)
     return wrapper

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 
 from fastdpo import runtime
 from fastdpo.models.checkpoint import load_tokenizer, read_config, restore_interrupted_swap
-from fastdpo.models.tokenizer import Tokenizer
+from fastdpo.models.tokenizer import ChatTokenizer, open_tokenizer
 from fastdpo.training.config import TrainingConfig
 from fastdpo.training.curves import plot_curves
+from fastdpo.training.health import HealthMonitor
 from fastdpo.training.metrics import RunLogger
 
 if TYPE_CHECKING:
@@ -45,13 +46,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(candidates)[1] if candidates else None
 
 
-def resolve_tokenizer(tokenizer, checkpoint: Path | None, train_cfg: TrainingConfig) -> Tokenizer:
-    if isinstance(tokenizer, Tokenizer):
+def resolve_tokenizer(tokenizer, checkpoint: Path | None, train_cfg: TrainingConfig) -> ChatTokenizer:
+    """The tokenizer given (loaded, or a path: a tokenizer.json or a tokenizer directory), else
+    ``train.tokenizer_name``, else the checkpoint's own (a Hugging Face model directory's too)."""
+    if isinstance(tokenizer, ChatTokenizer):
         return tokenizer
     if tokenizer is not None:
-        return Tokenizer.load(tokenizer)
+        return open_tokenizer(tokenizer)
     if train_cfg.tokenizer_name:
-        return Tokenizer.load(train_cfg.tokenizer_name)
+        return open_tokenizer(train_cfg.tokenizer_name)
     if checkpoint is None:
         raise ValueError("no tokenizer: pass one (or set train.tokenizer_name)")
     return load_tokenizer(checkpoint)
@@ -87,14 +90,19 @@ def _prepare_run_dir(train_cfg: TrainingConfig, resume) -> Path | None:
 
 
 def train_to_completion(build: Callable[[RunLogger | None], Trainer], train_config: TrainingConfig,
-                        config: dict, resume_path: Path | None, say) -> Path:
+                        config: dict, resume_path: Path | None, say,
+                        health: HealthMonitor | None = None) -> Path:
     """The run shared by SFT and DPO: open the run's logger (rank 0 only), build the trainer with
-    it, resume if asked, train, write the final checkpoint, and always close the logger."""
+    it, attach the health alarms, resume if asked, train, write the final checkpoint, and always
+    close the logger."""
     logger = RunLogger(train_config.run_dir, mode=train_config.wandb, project=train_config.wandb_project,
                        name=train_config.run_name, config=config,
-                       resume_step=_checkpoint_step(resume_path)) if runtime.is_main() else None
+                       resume_step=_checkpoint_step(resume_path),
+                       report_to=train_config.report_to) if runtime.is_main() else None
     try:
         trainer = build(logger)
+        if health is not None and runtime.is_main():
+            trainer.health = health
         if resume_path is not None:
             trainer.resume_from(resume_path)
             say(f"resumed from {resume_path} at step {trainer.state.step}", flush=True)

@@ -3,10 +3,11 @@
 The loss is the mean per-token NLL of the answer tokens (``<|end|>`` included), computed by the
 same ``kernels.linear_sequence_logprobs`` as DPO: summed answer log-probs per row, divided by the
 number of answer tokens in the whole optimizer step. It makes the starting checkpoint of DPO,
-from an existing checkpoint or from a fresh model of a named shape (``PRESETS``). A fresh model
-given no tokenizer gets a byte-level BPE trained on the SFT data itself (``sft.tokenizer_vocab_size``),
-saved as ``run_dir/tokenizer.json`` and in every checkpoint, so ``fastdpo sft`` can start a loop
-from nothing but data.
+from an existing checkpoint (fastdpo's or a local Hugging Face model directory) or from a fresh
+model of a named shape (``PRESETS``: GPT-2 and Llama shapes). A fresh model given no tokenizer gets a
+byte-level BPE trained on the SFT data itself (``sft.tokenizer_vocab_size``), saved as
+``run_dir/tokenizer.json`` and in every checkpoint, so ``fastdpo sft`` can start a loop from
+nothing but data.
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ import torch
 
 from fastdpo import runtime
 from fastdpo.models.checkpoint import load_checkpoint, load_tokenizer
-from fastdpo.models.gpt import GPT, PRESETS, GPTConfig, config_from_preset
-from fastdpo.models.tokenizer import Tokenizer
+from fastdpo.models.families import FAMILIES, PRESETS, build_model, config_from_preset
+from fastdpo.models.tokenizer import ChatTokenizer, Tokenizer
 from fastdpo.runtime import resolve_device, resolve_precision
 from fastdpo.training.batches import TokenizedSFT, collate_sft, eval_batches, load_sft_data
-from fastdpo.training.config import SFTConfig, SFTDatasetConfig, TrainingConfig, to_dict
+from fastdpo.training.config import HealthConfig, SFTConfig, SFTDatasetConfig, TrainingConfig, to_dict
 from fastdpo.training.data import load_examples
 from fastdpo.training.finetuning import load_trainable
+from fastdpo.training.health import HealthMonitor
 from fastdpo.training.logprobs import sequence_logprobs
 from fastdpo.training.loop import Task, Trainer
 from fastdpo.training.runs import (
@@ -59,6 +61,9 @@ class SFTTask(Task):
     def val_batches(self):
         return self._val_batches
 
+    def heldout_prompts(self):
+        return [x.prompt for x in self.val]
+
     def bind_policy(self, policy):
         self.model = policy
 
@@ -75,18 +80,22 @@ class SFTTask(Task):
         return {"loss": loss, "ppl": float(torch.tensor(loss).exp())}
 
 
+_MODEL_CONFIGS = tuple(config_cls for config_cls, _ in FAMILIES.values())
+
+
 def _is_fresh(init) -> bool:
-    if isinstance(init, GPTConfig):
+    if isinstance(init, _MODEL_CONFIGS):
         return True
     return isinstance(init, str) and init in PRESETS and not Path(init).exists()
 
 
-def init_model(init: str | Path | GPTConfig, tok: Tokenizer, device: torch.device) -> GPT:
-    """A checkpoint directory, a preset name (``tiny``, ``gpt2-124m``) or a ``GPTConfig``."""
-    if isinstance(init, GPTConfig):
-        return GPT(init).to(device)
+def init_model(init, tok: ChatTokenizer, device: torch.device) -> torch.nn.Module:
+    """A checkpoint directory (fastdpo's or Hugging Face's), a preset name (``tiny``, ``gpt2-124m``,
+    ``llama-tiny``, ``llama-124m``) or a model config (``GPTConfig``, ``LlamaConfig``)."""
+    if isinstance(init, _MODEL_CONFIGS):
+        return build_model(init).to(device)
     if _is_fresh(init):
-        return GPT(config_from_preset(init, vocab_size=tok.vocab_size)).to(device)
+        return build_model(config_from_preset(init, vocab_size=tok.vocab_size)).to(device)
     return load_checkpoint(init, tokenizer=tok, map_location=device)[0]
 
 
@@ -99,12 +108,12 @@ def train_data_tokenizer(dataset_config: SFTDatasetConfig, vocab_size: int, path
 
 
 def _data_tokenizer(init, train_config: TrainingConfig, sft_config: SFTConfig,
-                    dataset_config: SFTDatasetConfig, resume_path: Path | None, say) -> Tokenizer:
-    """For a fresh model given no tokenizer: one trained on the data (as large as a ``GPTConfig``'s
+                    dataset_config: SFTDatasetConfig, resume_path: Path | None, say) -> ChatTokenizer:
+    """For a fresh model given no tokenizer: one trained on the data (as large as a model config's
     vocabulary, else ``sft.tokenizer_vocab_size``), or, resuming, the one the checkpoint holds."""
     if resume_path is not None:
         return load_tokenizer(resume_path)
-    vocab = init.vocab_size if isinstance(init, GPTConfig) else sft_config.tokenizer_vocab_size
+    vocab = init.vocab_size if isinstance(init, _MODEL_CONFIGS) else sft_config.tokenizer_vocab_size
     path = runtime.run_on_main(train_data_tokenizer, dataset_config, vocab,
                                train_config.run_dir / "tokenizer.json")
     tok = Tokenizer.load(path)
@@ -113,12 +122,15 @@ def _data_tokenizer(init, train_config: TrainingConfig, sft_config: SFTConfig,
     return tok
 
 
-def run_sft(init_checkpoint: str | Path | GPTConfig, train_config: TrainingConfig, sft_config: SFTConfig,
-            dataset_config: SFTDatasetConfig, tokenizer: Tokenizer | str | Path | None = None, *,
-            resume: bool | str | Path = False, on_step: Callable | None = None) -> Path:
-    """Fine-tune ``init_checkpoint`` (a checkpoint dir, a preset name, or a ``GPTConfig`` for a fresh
-    model) on answer tokens; returns the final checkpoint directory. ``tokenizer`` may be None for a
-    fresh model: one is trained on the data (see the module docstring)."""
+def run_sft(init_checkpoint, train_config: TrainingConfig, sft_config: SFTConfig,
+            dataset_config: SFTDatasetConfig, tokenizer: ChatTokenizer | str | Path | None = None, *,
+            resume: bool | str | Path = False, on_step: Callable | None = None,
+            health: HealthConfig | None = None, heldout_probe=None) -> Path:
+    """Fine-tune ``init_checkpoint`` (a checkpoint or Hugging Face model directory, a preset name, or
+    a model config for a fresh model) on answer tokens; returns the final checkpoint directory.
+    ``health`` and ``heldout_probe`` as in ``run_dpo`` (the reference is the starting model).
+    ``tokenizer`` may be None for a fresh model: one is trained on the data (see the module
+    docstring)."""
     fresh = _is_fresh(init_checkpoint)
     train_tokenizer = tokenizer is None and not train_config.tokenizer_name and fresh
     tok = None if train_tokenizer else resolve_tokenizer(tokenizer, None if fresh else Path(init_checkpoint),
@@ -154,4 +166,5 @@ def run_sft(init_checkpoint: str | Path | GPTConfig, train_config: TrainingConfi
                              **({"base_checkpoint": base} if base else {})},
                        logger=logger, on_step=on_step)
 
-    return train_to_completion(build, train_config, config, resume_path, say)
+    return train_to_completion(build, train_config, config, resume_path, say,
+                               HealthMonitor(health, heldout_probe))

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fastdpo import runtime
-from fastdpo.training.config import DPOConfig, PreferenceDatasetConfig, TrainingConfig
+from fastdpo.training.config import DPOConfig, HealthConfig, PreferenceDatasetConfig, TrainingConfig
 from fastdpo.training.dpo import run_dpo
 from fastdpo.training.metrics import read_metrics
 from fastdpo.training.runs import resolve_tokenizer
@@ -27,7 +27,7 @@ def _replace_field(configs: dict, key: str, value) -> dict:
 
 def run_sweep(sft_checkpoint, train_config: TrainingConfig, dpo_config: DPOConfig,
               preference_config: PreferenceDatasetConfig, tokenizer=None, *, sweep: dict[str, list],
-              resume: bool = False) -> list[dict]:
+              resume: bool = False, health: HealthConfig | None = None, heldout_probe=None) -> list[dict]:
     """One run per combination of ``sweep`` values (e.g. ``{"beta": [0.05, 0.1, 0.5]}``), all in
     ``output_dir`` so they share the cached reference log-probs; prints a comparison table and
     returns its rows."""
@@ -40,7 +40,8 @@ def run_sweep(sft_checkpoint, train_config: TrainingConfig, dpo_config: DPOConfi
             configs = _replace_field(configs, k, v)
         suffix = "-".join(f"{k.rpartition('.')[2]}{v}" for k, v in zip(keys, values))
         configs["train"] = dataclasses.replace(configs["train"], run_name=f"{train_config.run_name}-{suffix}")
-        final = run_dpo(sft_checkpoint, configs["train"], configs["dpo"], configs["data"], tok, resume=resume)
+        final = run_dpo(sft_checkpoint, configs["train"], configs["dpo"], configs["data"], tok, resume=resume,
+                        health=health, heldout_probe=heldout_probe)
         history = read_metrics(configs["train"].run_dir / "metrics.jsonl")
         last_train = next((h for h in reversed(history) if h["split"] == "train"), {})
         last_val = next((h for h in reversed(history) if h["split"] == "val"), {})

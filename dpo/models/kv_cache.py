@@ -1,0 +1,75 @@
+"""The per-layer KV cache and the attention call every model family shares.
+
+Each row keeps its own write cursor: row ``b``'s token at position ``pos[b, t]`` lives in cache slot
+``pos[b, t]``, so right-padded ragged prompts and rows that decode at different lengths share one
+buffer. Grouped-query attention stores only the ``n_kv_heads`` heads the layer computes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """One layer's keys and values, preallocated as (rows, kv_heads, max_len, head_dim).
+
+    The buffers are allocated on the first ``update``, in the dtype the attention produces
+    (float32, or bf16 under autocast), with as many heads as the keys written."""
+
+    def __init__(self, rows: int, max_len: int):
+        self.rows, self.max_len = rows, max_len
+        self.k = self.v = None
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write ``k``, ``v`` (rows, heads, T, head_dim) at positions ``pos`` (rows, T); return the
+        whole buffers."""
+        if self.k is None:
+            shape = (self.rows, k.shape[1], self.max_len, k.shape[3])
+            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, :, pos] = k.transpose(1, 2)  # advanced indices first: (rows, T, heads, hd)
+        self.v[rows, :, pos] = v.transpose(1, 2)
+        return self.k, self.v
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (or repeat) the given rows: fans one prefilled prompt out to its K samples and
+        drops finished rows so later decode steps cost less."""
+        self.k, self.v, self.rows = self.k[rows], self.v[rows], len(rows)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+           kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
+           dropout_p: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention of ``q`` (B, H, T, D) over ``k``, ``v`` (B, H_kv, T, D).
+
+    Plain causal attention over this call's tokens unless ``attn_mask`` is given. With a
+    ``kv_cache`` the keys/values are also written into it at ``pos`` (B, T); then ``attn_mask``
+    (B, 1, T, L) bool, if given, selects which of the first L cached slots each query sees (a
+    decode step); without it the call is a prefill from position 0. Without a cache,
+    ``attn_mask`` (B, 1, T, T) replaces the causal mask (the packed shared-prompt layout)."""
+    B, _, T, _ = q.shape
+    if kv_cache is not None:
+        k_all, v_all = kv_cache.update(pos.expand(B, T), k, v)
+        if attn_mask is not None:  # attend over the cache, only as far as the mask reaches
+            L = attn_mask.shape[-1]
+            k, v = k_all[:, :, :L], v_all[:, :, :L]
+    gqa = k.shape[1] != q.shape[1]
+    if attn_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=gqa)
+
+
+def checked_positions(ids: torch.Tensor, pos: torch.Tensor | None, kv_caches, config) -> torch.Tensor:
+    """The positions of a forward over ``ids`` (B, T): ``pos`` as given, or ``arange(T)``; an
+    error if one falls outside ``config.block_size`` or the caches do not match the layers."""
+    T = ids.shape[1]
+    if kv_caches is not None and len(kv_caches) != config.n_layer:
+        raise ValueError(f"need one KV cache per layer ({config.n_layer}), got {len(kv_caches)}")
+    if pos is None:
+        if T > config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {config.block_size}")
+        return torch.arange(T, device=ids.device)
+    if pos.numel() and int(pos.max()) >= config.block_size:
+        raise ValueError(f"position {int(pos.max())} exceeds block_size {config.block_size}")
+    return pos
