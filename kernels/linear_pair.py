@@ -103,8 +103,9 @@ def _loss_and_row_grads(tok, cc, cr, pair_local, offset, p0: int, p1: int, K: in
     """Chunk [p0, p1): per-pair log-probs (written to lc_out/lr_out), the summed loss, and the
     loss gradient w.r.t. each row's log-prob (None without ``need_grad``)."""
     n = p1 - p0
-    lc = _pair_sums(cc * tok, pair_local, offset, n, K)
-    lr = _pair_sums(cr * tok, pair_local, offset, n, K)
+    # where, not a product: a row of one answer may hold a -inf label logit, and -inf * 0 = nan
+    lc = _pair_sums(torch.where(cc != 0, cc * tok, 0.0), pair_local, offset, n, K)
+    lr = _pair_sums(torch.where(cr != 0, cr * tok, 0.0), pair_local, offset, n, K)
     lc_out[p0:p1], lr_out[p0:p1] = lc, lr
     pairs = torch.arange(p0, p1, device=tok.device)
     with torch.enable_grad():
