@@ -10,9 +10,10 @@ with 3 matmuls and no recompute, reusing the Triton kernels below.
 
 Two implementations share that contract.
 
-Torch path (every backend but ``triton``): active rows gathered, then (rows x vocabulary) tiles,
-each ``h_rows @ W[v0:v1].T`` folded into an online log-sum-exp (running row max and sum of
-exponentials) and the label logit. Saved for backward: the active rows of ``hidden``, labels,
+Torch path (every backend but ``triton``; ``torch_stats`` / ``torch_grads``, shared with the pair
+op): active rows gathered, then (rows x vocabulary) tiles, each ``h_rows @ W[v0:v1].T`` folded
+into an online log-sum-exp (running row max and sum of exponentials) and the label logit. All
+tiles of a pass share preallocated buffers. Saved for backward: the active rows of ``hidden``, labels,
 coefficients, row max and log-sum; nothing of size V. Backward recomputes each tile and turns it
 into ``dlogits = g * coef * (onehot - softmax)``; ``grad_W[v0:v1] = dlogits.T @ h`` is one matmul
 (the sum over rows happens inside the GEMM's float32 accumulator) and ``grad_h += dlogits @
@@ -153,6 +154,110 @@ def _label_cols(lab: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torc
     return (lab >= v0) & (lab < v1), (lab - v0).clamp(0, v1 - v0 - 1)[:, None]
 
 
+class _TileBuffers:
+    """Scratch for the (rows x vocabulary) tiles of one pass, allocated once and reused by every
+    tile: a fresh multi-megabyte temporary per tile costs page faults (measured: the elementwise
+    passes over 2048 x 50304 logits 3x slower), and a tile is a few hundred microseconds of work."""
+
+    def __init__(self, tiles, C: int, wdtype, cdtype, device, grads: bool = False):
+        most = max(((r1 - r0) * (v1 - v0) for r0, r1, v0, v1 in tiles), default=0)
+        rows = max((r1 - r0 for r0, r1, _, _ in tiles), default=0)
+        cols = max((v1 - v0 for _, _, v0, v1 in tiles), default=0)
+        f32 = torch.float32
+        self.zf = torch.empty(most, dtype=f32, device=device)
+        self.zc = torch.empty(most, dtype=cdtype, device=device) if cdtype != f32 else None
+        self.w = torch.empty(cols * C, dtype=cdtype, device=device) if wdtype != cdtype else None
+        self.gh = torch.empty(rows * C, dtype=cdtype, device=device) if grads else None
+        self.gw = torch.empty(cols * C, dtype=cdtype, device=device) if grads else None
+
+    @staticmethod
+    def view(buf, rows: int, cols: int, offset: int = 0):
+        return buf[offset:offset + rows * cols].view(rows, cols)
+
+    def weight(self, weight, v0: int, v1: int):
+        """weight[v0:v1] in the compute dtype (cast into the buffer, or a view if no cast is needed)."""
+        if self.w is None:
+            return weight[v0:v1]
+        return self.view(self.w, v1 - v0, weight.shape[1]).copy_(weight[v0:v1])
+
+    def logits(self, h, wt, out=None):
+        """float32 h @ wt.T computed in the compute dtype (rounded like any matmul output); ``out``:
+        where the compute-dtype product goes (default: the buffer)."""
+        r, v = h.shape[0], wt.shape[0]
+        zf = self.view(self.zf, r, v)
+        if self.zc is None and out is None:
+            return torch.mm(h, wt.t(), out=zf)
+        z = torch.mm(h, wt.t(), out=self.view(self.zc, r, v) if out is None else out)
+        return zf.copy_(z)
+
+    def kept(self, z, r: int, v: int):
+        """A kept compute-dtype tile as float32 in the buffer."""
+        return self.view(self.zf, r, v).copy_(z)
+
+
+def kept_offsets(tiles) -> list[int]:
+    """Start of each tile in a tile-major buffer of kept logits (tile after tile, each contiguous)."""
+    offsets, at = [], 0
+    for r0, r1, v0, v1 in tiles:
+        offsets.append(at)
+        at += (r1 - r0) * (v1 - v0)
+    return offsets
+
+
+def torch_stats(h, weight, lab, cdtype, tiles, keep=None):
+    """float32 (m, logsum, label logit) per row of h @ weight.T: an online log-sum-exp over the
+    vocabulary ``tiles``. ``keep``: a flat compute-dtype buffer that receives every tile's logits,
+    tile-major (``kept_offsets``), for a backward that reads them instead of recomputing."""
+    n, dev = h.shape[0], h.device
+    m = torch.full((n,), -float("inf"), dtype=torch.float32, device=dev)
+    s = torch.zeros(n, dtype=torch.float32, device=dev)
+    zlab = torch.zeros(n, dtype=torch.float32, device=dev)
+    buf = _TileBuffers(tiles, h.shape[1], weight.dtype, cdtype, dev)
+    offsets = kept_offsets(tiles) if keep is not None else None
+    for i, (r0, r1, v0, v1) in enumerate(tiles):
+        out = None if keep is None else _TileBuffers.view(keep, r1 - r0, v1 - v0, offsets[i])
+        z = buf.logits(h[r0:r1], buf.weight(weight, v0, v1), out)   # float32, edited in place
+        hit, col = _label_cols(lab[r0:r1], v0, v1)
+        zlab[r0:r1] += torch.where(hit, z.gather(1, col).squeeze(1), 0.0)
+        m_old = m[r0:r1]
+        m_new = torch.maximum(m_old, z.amax(-1))
+        s[r0:r1] = s[r0:r1] * torch.exp(m_old - m_new) + z.sub_(m_new[:, None]).exp_().sum(-1)
+        m[r0:r1] = m_new
+    # max and log-sum kept apart, as in logprob.py: z - max is exact at |z| ~ 1e4, z - lse is not
+    return m, s.log(), zlab
+
+
+def torch_grads(h, weight, lab, g, m, logsum, cdtype, tiles, *, need_h=True, gw=None, kept=None):
+    """grad_h (n, C) float32 (or None) and the weight gradient of the row losses g * log p(label):
+    per tile ``dl = g * (onehot - softmax)``, ``grad_h += dl @ W[v0:v1]``, ``gw[v0:v1] += dl.T @ h``.
+    The tiles' logits are recomputed, or read from ``kept`` (filled by ``torch_stats``). ``gw``:
+    the accumulator to add into (float32, or the tiles' dtype), None to skip the weight gradient."""
+    n, C, dev = h.shape[0], h.shape[1], h.device
+    gh = torch.zeros(n, C, dtype=torch.float32, device=dev) if need_h else None
+    buf = _TileBuffers(tiles, C, weight.dtype, cdtype, dev, grads=True)
+    offsets = kept_offsets(tiles) if kept is not None else None
+    for i, (r0, r1, v0, v1) in enumerate(tiles):
+        hc, gc = h[r0:r1], g[r0:r1]
+        wt = buf.weight(weight, v0, v1)
+        if kept is None:
+            dl = buf.logits(hc, wt)
+        else:
+            dl = buf.kept(_TileBuffers.view(kept, r1 - r0, v1 - v0, offsets[i]), r1 - r0, v1 - v0)
+        dl.sub_(m[r0:r1, None]).sub_(logsum[r0:r1, None]).exp_().mul_(-gc[:, None])
+        hit, col = _label_cols(lab[r0:r1], v0, v1)
+        dl.scatter_add_(1, col, torch.where(hit, gc, 0.0)[:, None])
+        if cdtype != torch.float32:
+            dl = _TileBuffers.view(buf.zc, r1 - r0, v1 - v0).copy_(dl)
+        if need_h:
+            gh[r0:r1] += torch.mm(dl, wt, out=_TileBuffers.view(buf.gh, r1 - r0, C))
+        if gw is not None:
+            if gw.dtype == dl.dtype:
+                gw[v0:v1].addmm_(dl.t(), hc)  # no (tile, C) temporary
+            else:
+                gw[v0:v1] += torch.mm(dl.t(), hc, out=_TileBuffers.view(buf.gw, v1 - v0, C))
+    return gh
+
+
 class LinearSequenceLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, ids, mask, cdtype):
@@ -162,34 +267,18 @@ class LinearSequenceLogprobs(torch.autograd.Function):
         rows = torch.nonzero(coef.reshape(-1)).flatten()  # one host sync per call (the tile loop's bounds)
         lab, cf = labels.reshape(-1)[rows], coef.reshape(-1)[rows]
         h = hidden.reshape(B * T, C).index_select(0, rows).to(cdtype)
-        n = rows.numel()
-        dev = hidden.device
-        # online log-sum-exp over vocabulary tiles: running row max, sum of exp(z - max), label logit.
-        # The weight is cast to the matmul dtype tile by tile, never as a whole (V, C) copy.
-        m = torch.full((n,), -float("inf"), dtype=torch.float32, device=dev)
-        s = torch.zeros(n, dtype=torch.float32, device=dev)
-        zlab = torch.zeros(n, dtype=torch.float32, device=dev)
-        for r0, r1, v0, v1 in _tiles(n, V, FWD_TILE_BYTES):
-            z = (h[r0:r1] @ weight[v0:v1].to(cdtype).t()).float()  # a fresh float32 tile: edited in place
-            hit, col = _label_cols(lab[r0:r1], v0, v1)
-            zlab[r0:r1] += torch.where(hit, z.gather(1, col).squeeze(1), 0.0)
-            m_old = m[r0:r1]
-            m_new = torch.maximum(m_old, z.amax(-1))
-            s[r0:r1] = s[r0:r1] * torch.exp(m_old - m_new) + z.sub_(m_new[:, None]).exp_().sum(-1)
-            m[r0:r1] = m_new
-            del z
-        # max and log-sum kept apart, as in logprob.py: z - max is exact at |z| ~ 1e4, z - lse is not
-        stats = torch.stack([m, s.log()], 1)
-        tok = (zlab - m) - stats[:, 1]
-        out = torch.zeros(B, dtype=torch.float32, device=dev)
+        # the weight is cast to the matmul dtype tile by tile, never as a whole (V, C) copy
+        m, logsum, zlab = torch_stats(h, weight, lab, cdtype, list(_tiles(rows.numel(), V, FWD_TILE_BYTES)))
+        tok = (zlab - m) - logsum
+        out = torch.zeros(B, dtype=torch.float32, device=hidden.device)
         out.index_add_(0, rows // T, tok * cf)
-        ctx.save_for_backward(h, weight, rows, lab, cf, stats)
+        ctx.save_for_backward(h, weight, rows, lab, cf, m, logsum)
         ctx.meta = (B, T, C, hidden.dtype, cdtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, weight, rows, lab, cf, stats = ctx.saved_tensors
+        h, weight, rows, lab, cf, m, logsum = ctx.saved_tensors
         B, T, C, hdtype, cdtype = ctx.meta
         V = weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -197,28 +286,12 @@ class LinearSequenceLogprobs(torch.autograd.Function):
         n = rows.numel()
         with torch.autocast(dev.type, enabled=False):
             g = grad_out.float()[rows // T] * cf
-            gh = torch.zeros(n, C, dtype=torch.float32, device=dev) if need_h else None
             # the returned weight gradient doubles as the accumulator unless it is bf16 and several
             # row super-chunks add into it (then float32, converted once at the end)
-            several = n > MAX_ROWS
-            gw_dtype = torch.float32 if several else weight.dtype
+            gw_dtype = torch.float32 if n > MAX_ROWS else weight.dtype
             gw = torch.zeros(V, C, dtype=gw_dtype, device=dev) if need_w else None
-            for r0, r1, v0, v1 in _tiles(n, V, BWD_TILE_BYTES):
-                hc, gc = h[r0:r1], g[r0:r1]
-                wt = weight[v0:v1].to(cdtype)
-                dl = (hc @ wt.t()).float().sub_(stats[r0:r1, 0:1]).sub_(stats[r0:r1, 1:2])
-                dl.exp_().mul_(-gc[:, None])
-                hit, col = _label_cols(lab[r0:r1], v0, v1)
-                dl.scatter_add_(1, col, torch.where(hit, gc, 0.0)[:, None])
-                dl = dl.to(cdtype)
-                if need_h:
-                    gh[r0:r1] += dl @ wt
-                if need_w:
-                    if gw.dtype == dl.dtype:
-                        gw[v0:v1].addmm_(dl.t(), hc)  # no (tile, C) temporary
-                    else:
-                        gw[v0:v1] += dl.t() @ hc
-                del dl, wt
+            gh = torch_grads(h, weight, lab, g, m, logsum, cdtype, list(_tiles(n, V, BWD_TILE_BYTES)),
+                             need_h=need_h, gw=gw)
         grad_h = grad_w = None
         if need_h:
             grad_h = torch.zeros(B * T, C, dtype=hdtype, device=dev)

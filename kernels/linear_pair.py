@@ -6,19 +6,20 @@ its caller's upstream gradient is only known after the whole batch. A DPO-style 
 pair i's chosen and rejected log-probs, so its gradient is known as soon as that pair's log-probs
 are. This op therefore walks the batch in chunks of whole pairs and, per chunk:
 
-1. computes the logits of the chunk's active rows once (matmul 1) and keeps them, in the compute
-   dtype, in a buffer bounded by a byte budget;
-2. reduces them to row log-probs (float32 log-sum-exp) and sums those per pair and answer;
+1. computes the logits of the chunk's active rows once (matmul 1), tile by tile, folding each
+   tile into a float32 online log-sum-exp and keeping it, in the compute dtype, in a buffer
+   bounded by a byte budget;
+2. sums the row log-probs per pair and answer;
 3. calls ``pair_loss_fn`` on the chunk's pairs and differentiates it with autograd (a few scalars);
-4. turns the kept logits into ``dlogits = g * (onehot - softmax)`` in place and runs the two
-   gradient GEMMs: ``grad_h = dlogits @ W`` (matmul 2), ``grad_W += dlogits.T @ h`` (matmul 3).
+4. turns each kept tile into ``dlogits = g * (onehot - softmax)`` and runs the two gradient GEMMs
+   on it: ``grad_h += dlogits @ W[tile]`` (matmul 2), ``grad_W[tile] += dlogits.T @ h`` (matmul 3).
 
 Three lm_head matmuls per active row instead of four, and no saved activations. The returned loss
-carries the gradients; its backward only scales them by the upstream scalar (1 in training), in
-place, so one backward per call. Any
-loss that is a sum of per-pair terms fits: sigmoid DPO with label smoothing, IPO, hinge, an NLL
-term on the chosen answers normalised by a fixed token count (RPO), and ones added later. A loss
-that couples pairs (e.g. batch-normalised margins) must use ``linear_sequence_logprobs``.
+carries the gradients; its backward only scales them, in place, by the upstream scalar (1 in
+training), so one backward per call. Any loss that is a sum of per-pair terms fits: sigmoid DPO
+with label smoothing, IPO, hinge, an NLL term on the chosen answers normalised by a fixed token
+count (RPO), and ones added later. A loss that couples pairs (e.g. batch-normalised margins)
+must use ``linear_sequence_logprobs``.
 
 Layouts (``P`` pairs, both masks ``(P, T)``, shifted as in ``sequence_logprobs``):
 - packed / shared prompt: ``hidden (P, T, C)``, ``ids (P, T)``; row i holds pair i's prompt,
@@ -31,7 +32,8 @@ kernels of ``linear_logprob.py``; rows compacted on the device and chunks of a s
 pairs whose row counts stay on the device, so no host sync), ``reference`` (autograd through the
 oracle's full logits: the test's ground truth), ``auto``. Memory: the kept logits of one chunk
 (``PAIR_CHUNK_BYTES`` on the torch path, ``linear_logprob.SCRATCH_BYTES`` of static bound on the
-Triton path; always at least one pair) plus the float32 weight gradient.
+Triton path; always at least one pair), the weight in the compute dtype (one (V, C) copy under
+autocast) and the float32 gradients.
 """
 from __future__ import annotations
 
@@ -43,10 +45,8 @@ from . import linear_logprob as lin
 from .logprob import _check_backend
 
 # Bytes of kept logits (compute dtype) per chunk of pairs on the torch path: at V = 50304 in bf16,
-# 128 MB is ~1.3k rows, GEMMs large enough that 256 MB measured no faster (64 MB: ~12% slower).
+# 128 MB is ~1.3k rows.
 PAIR_CHUNK_BYTES = 128 * 2**20
-# float32 scratch of one elementwise pass over kept logits (rows of a chunk at a time)
-PASS_BYTES = 8 * 2**20
 
 PairLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -130,62 +130,6 @@ def _loss_and_row_grads(tok, cc, cr, pair_local, offset, p0: int, p1: int, K: in
 # --------------------------------------------------------------------------- torch path
 
 
-def _row_blocks(n: int, rows: int):
-    for r0 in range(0, n, rows):
-        yield r0, min(n, r0 + rows)
-
-
-class _Buffers:
-    """Scratch reused by every chunk of one call: the kept logits, one float32 row block for the
-    elementwise passes, one (vocabulary tile, C) GEMM output. Fresh multi-megabyte temporaries per
-    block cost page faults (measured: a 2048 x 50304 pass 3x slower with them), so nothing here is
-    allocated inside the loops."""
-
-    def __init__(self, rows: int, V: int, C: int, dtype, device):
-        self.z = torch.empty(rows, V, dtype=dtype, device=device)
-        self.block = max(1, min(rows, PASS_BYTES // (4 * V)))
-        self.work = torch.empty(self.block, V, dtype=torch.float32, device=device)
-        self.vstep = max(64, PASS_BYTES // (4 * C))
-        self.gw_tile = torch.empty(min(V, self.vstep), C, dtype=dtype, device=device)
-
-
-def _torch_stats(z, lab, buf: _Buffers):
-    """float32 (max, log-sum, label logit) of each row of the kept logits z."""
-    n = z.shape[0]
-    m = torch.empty(n, dtype=torch.float32, device=z.device)
-    logsum, zlab = torch.empty_like(m), torch.empty_like(m)
-    for r0, r1 in _row_blocks(n, buf.block):
-        zb, work = z[r0:r1], buf.work[: r1 - r0]
-        m[r0:r1] = zb.amax(1)
-        torch.sub(zb, m[r0:r1, None], out=work)
-        torch.log(work.exp_().sum(1), out=logsum[r0:r1])
-        zlab[r0:r1] = zb.gather(1, lab[r0:r1, None]).squeeze(1)
-    return m, logsum, zlab
-
-
-def _torch_dlogits_(z, lab, g, m, logsum, buf: _Buffers) -> None:
-    """In place: z <- g * (onehot(lab) - exp(z - m - logsum)), float32 math one row block at a time."""
-    neg_scale = -g * torch.exp(-logsum)
-    for r0, r1 in _row_blocks(z.shape[0], buf.block):
-        zb = z[r0:r1]
-        work = zb if zb.dtype == torch.float32 else buf.work[: r1 - r0]
-        torch.sub(zb, m[r0:r1, None], out=work)
-        work.exp_().mul_(neg_scale[r0:r1, None]).scatter_add_(1, lab[r0:r1, None], g[r0:r1, None])
-        if work is not zb:
-            zb.copy_(work)
-
-
-def _add_weight_grad(gw, dl, h, buf: _Buffers):
-    """gw (V, C) float32 += dl.T @ h, one vocabulary tile at a time (no (V, C) temporary)."""
-    if dl.dtype == torch.float32:
-        gw.addmm_(dl.t(), h)
-        return
-    for v0 in range(0, gw.shape[0], buf.vstep):
-        v1 = min(gw.shape[0], v0 + buf.vstep)
-        tile = torch.mm(dl[:, v0:v1].t(), h, out=buf.gw_tile[: v1 - v0])
-        gw[v0:v1] += tile
-
-
 def _chunks(starts: list[int], budget_rows: int) -> list[tuple[int, int]]:
     """Greedy chunks [p0, p1) of whole pairs whose active rows fit ``budget_rows`` (at least one)."""
     chunks, p0, P = [], 0, len(starts) - 1
@@ -199,6 +143,9 @@ def _chunks(starts: list[int], budget_rows: int) -> list[tuple[int, int]]:
 
 
 def _torch_pair_loss(hidden, weight, rows: _PairRows, fn, cdtype, need_h, need_w):
+    """The torch path: ``linear_logprob``'s tile loops, the forward one keeping its logits tiles
+    and the gradient one reading them back instead of recomputing (each elementwise pass still
+    runs on a tile that is in cache, right after or before its GEMM)."""
     B, T, C = hidden.shape
     V = weight.shape[0]
     P, K, dev = rows.P, rows.K, hidden.device
@@ -208,7 +155,7 @@ def _torch_pair_loss(hidden, weight, rows: _PairRows, fn, cdtype, need_h, need_w
     for c in act.view(P, K).sum(1).tolist():  # a host sync: free on CPU, once per call elsewhere
         starts.append(starts[-1] + c)
     h2 = hidden.reshape(B * T, C)
-    wc = weight.to(cdtype)   # one cast per call (a (V, C) copy under autocast), not one per chunk
+    wc = weight.to(cdtype)   # one cast per call (a (V, C) copy under autocast), not one per tile
     lab_all = rows.labels[idx]
     cc_all, cr_all, pair_all = rows.cc[idx], rows.cr[idx], rows.pair[idx]
     offset_all = torch.arange(idx.numel(), device=dev) - torch.tensor(starts[:-1], device=dev)[pair_all]
@@ -217,23 +164,21 @@ def _torch_pair_loss(hidden, weight, rows: _PairRows, fn, cdtype, need_h, need_w
     gh = torch.zeros(B * T, C, dtype=hidden.dtype, device=dev) if need_h else None
     gw = torch.zeros(V, C, dtype=torch.float32, device=dev) if need_w else None
     chunks = _chunks(starts, max(1, PAIR_CHUNK_BYTES // (V * wc.element_size())))
-    buf = _Buffers(max(starts[p1] - starts[p0] for p0, p1 in chunks), V, C, cdtype, dev)
+    kept = torch.empty(max(starts[p1] - starts[p0] for p0, p1 in chunks) * V, dtype=cdtype, device=dev)
     for p0, p1 in chunks:
         sl = slice(starts[p0], starts[p1])
-        hc = h2.index_select(0, idx[sl]).to(cdtype)
-        z = torch.mm(hc, wc.t(), out=buf.z[: hc.shape[0]])    # matmul 1: the chunk's logits, kept
-        m, logsum, zlab = _torch_stats(z, lab_all[sl], buf)
-        tok = (zlab - m) - logsum
-        part, g = _loss_and_row_grads(tok, cc_all[sl], cr_all[sl], pair_all[sl] - p0, offset_all[sl],
-                                      p0, p1, K, fn, lc, lr, need_h or need_w)
+        hc, lab = h2.index_select(0, idx[sl]).to(cdtype), lab_all[sl]
+        tiles = list(lin._tiles(hc.shape[0], V, lin.FWD_TILE_BYTES))
+        m, logsum, zlab = lin.torch_stats(hc, wc, lab, cdtype, tiles, keep=kept)     # matmul 1
+        part, g = _loss_and_row_grads((zlab - m) - logsum, cc_all[sl], cr_all[sl], pair_all[sl] - p0,
+                                      offset_all[sl], p0, p1, K, fn, lc, lr, need_h or need_w)
         loss = loss + part
-        if g is None or hc.shape[0] == 0:
+        if g is None or not tiles:
             continue
-        _torch_dlogits_(z, lab_all[sl], g, m, logsum, buf)
-        if need_h:                                           # matmul 2
-            gh.index_copy_(0, idx[sl], (z @ wc).to(hidden.dtype))
-        if need_w:                                           # matmul 3
-            _add_weight_grad(gw, z, hc, buf)
+        gh_c = lin.torch_grads(hc, wc, lab, g, m, logsum, cdtype, tiles, need_h=need_h,  # matmuls 2, 3
+                               gw=gw, kept=kept)
+        if need_h:
+            gh.index_copy_(0, idx[sl], gh_c.to(hidden.dtype))
     return loss, lc, lr, (gh.view(B, T, C) if need_h else None), (gw.to(weight.dtype) if need_w else None)
 
 

@@ -37,7 +37,6 @@ def small(monkeypatch):
     monkeypatch.setattr(linear_logprob, "MAX_ROWS", 5)
     monkeypatch.setattr(linear_logprob, "SCRATCH_BYTES", 1)       # one row block per Triton chunk
     monkeypatch.setattr(linear_pair, "PAIR_CHUNK_BYTES", 1)   # one pair per torch chunk
-    monkeypatch.setattr(linear_pair, "PASS_BYTES", 4 * 301 * 3)
 
 
 def assert_close(a, b, tol):
