@@ -6,9 +6,11 @@ its caller's upstream gradient is only known after the whole batch. A DPO-style 
 pair i's chosen and rejected log-probs, so its gradient is known as soon as that pair's log-probs
 are. This op therefore walks the batch in chunks of whole pairs and, per chunk:
 
-1. computes the logits of the chunk's active rows once (matmul 1), tile by tile, folding each
-   tile into a float32 online log-sum-exp and keeping it, in the compute dtype, in a buffer
-   bounded by a byte budget;
+1. computes the logits of the chunk's active rows once (matmul 1), tile by tile, folds each tile
+   into a float32 online log-sum-exp, and keeps it in a buffer bounded by a byte budget (the
+   torch path keeps ``exp(z - running max)``, so that the backward needs no exp either; the
+   Triton path keeps the logits, rounded to the compute dtype, and takes the statistics of
+   exactly the kept values);
 2. sums the row log-probs per pair and answer;
 3. calls ``pair_loss_fn`` on the chunk's pairs and differentiates it with autograd (a few scalars);
 4. turns each kept tile into ``dlogits = g * (onehot - softmax)`` and runs the two gradient GEMMs
@@ -143,9 +145,9 @@ def _chunks(starts: list[int], budget_rows: int) -> list[tuple[int, int]]:
 
 
 def _torch_pair_loss(hidden, weight, rows: _PairRows, fn, cdtype, need_h, need_w):
-    """The torch path: ``linear_logprob``'s tile loops, the forward one keeping its logits tiles
-    and the gradient one reading them back instead of recomputing (each elementwise pass still
-    runs on a tile that is in cache, right after or before its GEMM)."""
+    """The torch path: ``linear_logprob``'s tile loops, the forward one keeping each tile's
+    exponentials and the gradient one turning them into the softmax with one multiply instead of
+    recomputing logits and exponentials (each pass runs on a tile next to its GEMM)."""
     B, T, C = hidden.shape
     V = weight.shape[0]
     P, K, dev = rows.P, rows.K, hidden.device
@@ -169,14 +171,14 @@ def _torch_pair_loss(hidden, weight, rows: _PairRows, fn, cdtype, need_h, need_w
         sl = slice(starts[p0], starts[p1])
         hc, lab = h2.index_select(0, idx[sl]).to(cdtype), lab_all[sl]
         tiles = list(lin._tiles(hc.shape[0], V, lin.FWD_TILE_BYTES))
-        m, logsum, zlab = lin.torch_stats(hc, wc, lab, cdtype, tiles, keep=kept)     # matmul 1
+        m, logsum, zlab, maxima = lin.torch_stats(hc, wc, lab, cdtype, tiles, keep=kept)  # matmul 1
         part, g = _loss_and_row_grads((zlab - m) - logsum, cc_all[sl], cr_all[sl], pair_all[sl] - p0,
                                       offset_all[sl], p0, p1, K, fn, lc, lr, need_h or need_w)
         loss = loss + part
         if g is None or not tiles:
             continue
         gh_c = lin.torch_grads(hc, wc, lab, g, m, logsum, cdtype, tiles, need_h=need_h,  # matmuls 2, 3
-                               gw=gw, kept=kept)
+                               gw=gw, kept=kept, kept_max=maxima)
         if need_h:
             gh.index_copy_(0, idx[sl], gh_c.to(hidden.dtype))
     return loss, lc, lr, (gh.view(B, T, C) if need_h else None), (gw.to(weight.dtype) if need_w else None)
