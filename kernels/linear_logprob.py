@@ -201,7 +201,7 @@ def kept_offsets(tiles) -> list[int]:
     return offsets
 
 
-def torch_stats(h, weight, lab, cdtype, tiles, keep=None):
+def torch_stats(h, weight, lab, cdtype, tiles, keep=None, buf=None):
     """float32 (m, logsum, label logit) per row of h @ weight.T: an online log-sum-exp over the
     vocabulary ``tiles``.
 
@@ -210,12 +210,12 @@ def torch_stats(h, weight, lab, cdtype, tiles, keep=None):
     the final statistics these give the softmax by one multiply, so a backward reads them instead
     of recomputing the logits and their exponentials. In bf16 they carry a relative rounding of
     2^-9, the rounding the dlogits get anyway before the gradient GEMMs (and less than a bf16 logit
-    passes on to its softmax: |z| * 2^-9)."""
+    passes on to its softmax: |z| * 2^-9). ``buf``: tile buffers to reuse (default: new ones)."""
     n, dev = h.shape[0], h.device
     m = torch.full((n,), -float("inf"), dtype=torch.float32, device=dev)
     s = torch.zeros(n, dtype=torch.float32, device=dev)
     zlab = torch.zeros(n, dtype=torch.float32, device=dev)
-    buf = _TileBuffers(tiles, h.shape[1], weight.dtype, cdtype, dev)
+    buf = buf or _TileBuffers(tiles, h.shape[1], weight.dtype, cdtype, dev)
     offsets = kept_offsets(tiles) if keep is not None else None
     maxima = []
     for i, (r0, r1, v0, v1) in enumerate(tiles):
@@ -236,15 +236,16 @@ def torch_stats(h, weight, lab, cdtype, tiles, keep=None):
 
 
 def torch_grads(h, weight, lab, g, m, logsum, cdtype, tiles, *, need_h=True, gw=None, kept=None,
-                kept_max=None):
+                kept_max=None, buf=None):
     """grad_h (n, C) float32 (or None) and the weight gradient of the row losses g * log p(label):
     per tile ``dl = g * (onehot - softmax)``, ``grad_h += dl @ W[v0:v1]``, ``gw[v0:v1] += dl.T @ h``.
     The softmax is recomputed from the logits, or read from ``kept`` / ``kept_max`` (filled by
     ``torch_stats``): one multiply per element instead of a GEMM and an exp. ``gw``: the accumulator
-    to add into (float32, or the tiles' dtype), None to skip the weight gradient."""
+    to add into (float32, or the tiles' dtype), None to skip the weight gradient. ``buf``: tile
+    buffers to reuse (made with ``grads=True``; default: new ones)."""
     n, C, dev = h.shape[0], h.shape[1], h.device
     gh = torch.zeros(n, C, dtype=torch.float32, device=dev) if need_h else None
-    buf = _TileBuffers(tiles, C, weight.dtype, cdtype, dev, grads=True)
+    buf = buf or _TileBuffers(tiles, C, weight.dtype, cdtype, dev, grads=True)
     offsets = kept_offsets(tiles) if kept is not None else None
     for i, (r0, r1, v0, v1) in enumerate(tiles):
         hc, gc = h[r0:r1], g[r0:r1]
