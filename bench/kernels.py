@@ -1,10 +1,26 @@
-"""Fused log-prob kernels vs the naive oracle (and torch's chunked linear cross-entropy), on CPU.
+"""Fused log-prob kernels vs the naive oracle (and torch's chunked linear cross-entropy).
 
-    python -m fastdpo.bench.kernels [--quick] [--reps N] [--threads N] [--json out.json]
+    python -m fastdpo.bench.kernels [--device auto|cpu|cuda] [--quick] [--reps N] [--threads N]
+                                    [--json out.json]
 
 Each case times forward + backward of every implementation *interleaved* in one process (the
 machine is shared: absolute times swing, ratios measured side by side hold up) and reports
-median time ratios against the oracle, with each implementation's spread (max - min) / median.
+median time ratios against the case's baseline (the oracle; for the pair-loss case the recompute
+op the trainer calls today), with each implementation's spread (max - min) / median. On CPU the
+same ratio of process CPU seconds is shown too: it does not count time the process waited for a
+core, so it holds up better than wall time on a busy machine (it does count memory stalls).
+
+``--device``: ``auto`` is CUDA when available. Every row states its device; ``backend="auto"``
+makes the fused ops run their Triton kernels on CUDA and the torch paths on CPU. Linear and
+pair-loss rows also report achieved TFLOP/s of *useful* work (3 lm_head GEMMs over the rows
+that predict a response token: logits, grad_hidden, grad_weight; the same count for every
+implementation, so the column ranks them like the time does) and its fraction of the device's
+measured bf16 matmul peak (``bench.peak``).
+
+Cases: ``sequence_logprobs`` (fused log-softmax on given logits), ``linear_sequence_logprobs``
+(fused lm_head vs matmul + fused logits op vs oracle), ``linear_pair_loss`` (gradient in forward
+vs the recompute op + the same sigmoid DPO loss with cached reference log-probs, both layouts,
+8 x 1024 rows, C = 768, V = 50304, bf16 autocast, half the rows predicting response tokens).
 
 Threads and OpenMP: on a small CPU shared with other processes (2 cores, load average 5-8), libgomp's
 default barrier *spins* before it sleeps. The chunked paths run hundreds of small parallel ops and
@@ -16,7 +32,8 @@ PASSIVE (1 thread: 1.45 s); profiled at the default policy, ``amax`` 83 -> 551 m
 (unless already set) *before* importing torch, since libgomp reads it once when torch loads it; the
 header line says whether that worked. ``--threads`` defaults to torch's own choice (all cores).
 
-Peak memory: tracemalloc does not see torch's allocations, so this reads the kernel's own counter:
+Peak memory on CUDA: ``torch.cuda.max_memory_allocated`` above the allocation before the run.
+On CPU tracemalloc does not see torch's allocations, so this reads the kernel's own counter:
 before each run the process' peak-RSS mark is reset (``echo 5 > /proc/self/clear_refs``), glibc is
 told to serve every allocation above 128 KB by mmap (returned to the OS on free, so RSS follows
 live tensors instead of a heap high-water mark) and trimmed; after the run, ``VmHWM - VmRSS(before)``
@@ -26,8 +43,10 @@ subtracts their size ("w/o grads": what the op allocates beyond its inputs and r
 The in-place variant writes the logits gradient into the logits, so it returns no new tensor.
 Without /proc (non-Linux) the memory columns are empty.
 
-Finally every Triton kernel is compiled ahead of time for sm_89 (RTX 4090) and ptxas' register,
-spill and shared-memory figures are printed: without a CUDA device the GPU path cannot be timed.
+Finally every Triton kernel is compiled ahead of time for sm_80/89/90 and ptxas' register,
+spill and shared-memory figures are printed (the static performance signal where no GPU is at hand).
+The module is long because the three cases (logits op, fused linear op, pair-loss op) share its
+timer, memory probe and table.
 """
 import argparse
 import ctypes
@@ -45,6 +64,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fastdpo import kernels  # noqa: E402
+from fastdpo.bench.peak import measure_matmul_peak  # noqa: E402
 from fastdpo.kernels import reference  # noqa: E402
 
 _M_MMAP_THRESHOLD = -3
@@ -82,8 +102,28 @@ def _status_kb(key: str) -> int | None:
     return None
 
 
-def measure(fn) -> tuple[float, float | None]:
-    """(seconds, peak extra resident MB) of one call of ``fn``; the result is dropped before return."""
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return torch.device(device)
+
+
+def measure(fn, device: torch.device | str = "cpu") -> tuple[float, float | None]:
+    """(seconds, peak extra MB) of one call of ``fn``; the result is dropped before return.
+    CUDA: synchronized wall time and allocator peak; CPU: resident memory (see the module doc)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+        del out
+        return dt, peak
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
     try:
@@ -114,12 +154,12 @@ def dpo_mask(B: int, T: int, seed: int = 0) -> torch.Tensor:
 # --------------------------------------------------------------------------- cases
 
 
-def _seq_impls(B, T, V, dtype):
+def _seq_impls(B, T, V, dtype, device="cpu"):
     g = torch.Generator().manual_seed(0)
-    logits = (torch.randn(B, T, V, generator=g) * 2).to(dtype).requires_grad_()
-    ids = torch.randint(0, V, (B, T), generator=g)
-    mask = dpo_mask(B, T)
-    gout = torch.randn(B, generator=g)
+    logits = (torch.randn(B, T, V, generator=g) * 2).to(device, dtype).requires_grad_()
+    ids = torch.randint(0, V, (B, T), generator=g).to(device)
+    mask = dpo_mask(B, T).to(device)
+    gout = torch.randn(B, generator=g).to(device)
 
     def run(f, **kw):
         def call():
@@ -128,8 +168,8 @@ def _seq_impls(B, T, V, dtype):
         return call
 
     impls = {"oracle": run(reference.sequence_logprobs),
-             "fused": run(kernels.sequence_logprobs, backend="torch"),
-             "fused_inplace": run(kernels.sequence_logprobs, backend="torch", inplace_backward=True)}
+             "fused": run(kernels.sequence_logprobs),
+             "fused_inplace": run(kernels.sequence_logprobs, inplace_backward=True)}
     # in-place overwrites the logits with their gradient: run it last in each round, refill after
     refill = logits.detach().clone()
 
@@ -143,25 +183,25 @@ def _seq_impls(B, T, V, dtype):
     return impls, restore, info
 
 
-def _linear_impls(B, T, V, C, dtype):
+def _linear_impls(B, T, V, C, dtype, device="cpu"):
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(B, T, C, generator=g).requires_grad_()
-    weight = (torch.randn(V, C, generator=g) / C**0.5).requires_grad_()
-    ids = torch.randint(0, V, (B, T), generator=g)
-    mask = dpo_mask(B, T)
-    gout = torch.randn(B, generator=g)
+    hidden = torch.randn(B, T, C, generator=g).to(device).requires_grad_()
+    weight = (torch.randn(V, C, generator=g) / C**0.5).to(device).requires_grad_()
+    ids = torch.randint(0, V, (B, T), generator=g).to(device)
+    mask = dpo_mask(B, T).to(device)
+    gout = torch.randn(B, generator=g).to(device)
     amp = dtype == torch.bfloat16  # bf16 = the trainer's setting: float32 params under bf16 autocast
+    dev = torch.device(device).type
 
     def run(f):
         def call():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
                 out = f()
             return out, torch.autograd.grad(out, (hidden, weight), gout)
         return call
 
     def matmul_fused():
-        return kernels.sequence_logprobs(hidden @ weight.t(), ids, mask, backend="torch",
-                                         inplace_backward=True)
+        return kernels.sequence_logprobs(hidden @ weight.t(), ids, mask, inplace_backward=True)
 
     def torch_lce():
         # per-token -log p(next) of every position, then the same masked per-sequence sum
@@ -175,68 +215,179 @@ def _linear_impls(B, T, V, C, dtype):
              "torch_lce": run(torch_lce)}
     grads_mb = (hidden.numel() + weight.numel()) * 4 / 2**20
     return impls, None, {"logits_f32_MB": B * T * V * 4 / 2**20, "grads_MB": grads_mb,
-                         "response_frac": float(mask.float().mean())}
+                         "response_frac": float(mask.float().mean()),
+                         "useful_flops": 6 * int(mask[:, 1:].sum()) * V * C}
 
 
-def cases(quick: bool):
+def pair_batch(P: int, T: int, layout: str, seed: int = 0):
+    """(ids, chosen_mask, rejected_mask) of P pairs: half of all rows predict a response token.
+    packed: one row per pair, prompt ~ half the row, then chosen and rejected (a quarter each);
+    separate: 2P rows (chosen rows, then rejected rows), prompt ~ half of each row."""
+    g = torch.Generator().manual_seed(seed)
+    cm = torch.zeros(P, T, dtype=torch.bool)
+    rm = torch.zeros(P, T, dtype=torch.bool)
+    for i in range(P):
+        p = int(torch.randint(int(0.4 * T), int(0.6 * T) + 1, (1,), generator=g))
+        if layout == "packed":   # prompt | chosen | copy of the prompt's last token | rejected
+            c = (T - p) // 2
+            cm[i, p:p + c] = True
+            rm[i, p + c + 1:] = True
+        else:
+            cm[i, p:] = True
+            rm[i, p:] = True
+    rows = P if layout == "packed" else 2 * P
+    return torch.randint(0, 50, (rows, T), generator=g), cm, rm
+
+
+def _pair_impls(B, T, V, C, layout, device="cpu"):
+    """The per-pair sigmoid DPO loss with cached reference log-probs, forward + backward, on B rows:
+    gradient in forward (``linear_pair_loss``) vs the recompute op the trainer calls today."""
+    P = B if layout == "packed" else B // 2
+    g = torch.Generator().manual_seed(0)
+    ids, cm, rm = pair_batch(P, T, layout)
+    ids = torch.randint(0, V, ids.shape, generator=g).to(device)
+    cm, rm = cm.to(device), rm.to(device)
+    hidden = torch.randn(B, T, C, generator=g).to(device).requires_grad_()
+    weight = (torch.randn(V, C, generator=g) / C**0.5).to(device).requires_grad_()
+    ref_c, ref_r = (torch.randn(P, generator=g).to(device) * 10 - 300 for _ in range(2))
+    beta, dev = 0.1, torch.device(device).type
+
+    def pair_loss(c, r, pairs):
+        z = (c - ref_c[pairs]) - (r - ref_r[pairs])
+        return -F.logsigmoid(beta * z) / P
+
+    def recompute():
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            if layout == "packed":   # the trainer's call: one kernel over [rows; rows] with the two masks
+                lp = kernels.linear_sequence_logprobs(torch.cat([hidden, hidden]), weight,
+                                                      torch.cat([ids, ids]), torch.cat([cm, rm]))
+            else:
+                lp = kernels.linear_sequence_logprobs(hidden, weight, ids, torch.cat([cm, rm]))
+        loss = pair_loss(lp[:P], lp[P:], torch.arange(P, device=device)).sum()
+        return loss, torch.autograd.grad(loss, (hidden, weight))
+
+    def grad_in_forward():
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            loss, _, _ = kernels.linear_pair_loss(hidden, weight, ids, cm, rm, pair_loss)
+        return loss, torch.autograd.grad(loss, (hidden, weight))
+
+    n_act = int(cm[:, 1:].sum() + rm[:, 1:].sum())
+    info = {"logits_f32_MB": B * T * V * 4 / 2**20, "grads_MB": (hidden.numel() + weight.numel()) * 4 / 2**20,
+            "response_frac": n_act / (B * T), "useful_flops": 6 * n_act * V * C, "baseline": "recompute",
+            "layout": layout}
+    return {"recompute": recompute, "grad_in_forward": grad_in_forward}, None, info
+
+
+def cases(quick: bool, device="cpu"):
     if quick:
         shapes, C = [(2, 128, 4099)], 128
     else:
         shapes, C = [(8, 512, 32768), (8, 1024, 50304)], 768
     for B, T, V in shapes:
         for dt in (torch.float32, torch.bfloat16):
-            yield "sequence_logprobs", (B, T, V), dt, lambda B=B, T=T, V=V, dt=dt: _seq_impls(B, T, V, dt)
+            yield ("sequence_logprobs", (B, T, V), dt,
+                   lambda B=B, T=T, V=V, dt=dt: _seq_impls(B, T, V, dt, device))
     for B, T, V in shapes:
         for dt in (torch.float32, torch.bfloat16):
             yield ("linear_sequence_logprobs", (B, T, V, C), dt,
-                   lambda B=B, T=T, V=V, dt=dt: _linear_impls(B, T, V, C, dt))
+                   lambda B=B, T=T, V=V, dt=dt: _linear_impls(B, T, V, C, dt, device))
+    B, T, V = shapes[-1]
+    for layout in ("packed", "separate"):
+        yield ("linear_pair_loss", (B, T, V, C), torch.bfloat16,
+               lambda layout=layout: _pair_impls(B, T, V, C, layout, device))
+
+
+# Dense bf16 tensor-core peaks with float32 accumulation (TFLOP/s, vendor datasheets), matched
+# against torch.cuda.get_device_name in this order; other GPUs use their measured cuBLAS peak.
+GPU_BF16_PEAK = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0),
+                 ("RTX 4090", 165.2), ("L40S", 362.1), ("L4", 121.0), ("A10", 125.0), ("RTX 3090", 71.0))
+
+
+def device_peak(device: torch.device, quick: bool, C: int = 768, V: int = 50304) -> dict:
+    """The device's name and bf16 peak (FLOP/s) for the TFLOP/s columns: the datasheet figure of
+    a known GPU, else the best measured bf16 GEMM: a square 2048^3 one, or on CPU also one shaped
+    like these ops' lm_head GEMMs (1024 x C x V), which oneDNN runs faster than the square one."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_BF16_PEAK:
+            if key in name:
+                return {"device_name": name, "bf16_peak_flops": tflops * 1e12, "peak_source": "datasheet"}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    n, t = (1024, 0.2) if quick else (2048, 0.5)
+    best = measure_matmul_peak(torch.bfloat16, n, device.type, t)
+    if device.type == "cpu":
+        a = torch.randn(1024, C, dtype=torch.bfloat16)
+        b = torch.randn(C, V, dtype=torch.bfloat16)
+        for _ in range(2 if quick else 4):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * 1024 * C * V / (time.perf_counter() - t0))
+    return {"device_name": name, "bf16_peak_flops": best, "peak_source": "measured"}
 
 
 def run_kernel_bench(quick: bool = False, reps: int | None = None, aot: bool = True,
-                     only: str | None = None) -> list[dict]:
+                     only: str | None = None, device: str = "auto") -> list[dict]:
     """One dict per (op, shape, dtype, implementation) plus one per AOT-compiled kernel."""
     results = []
+    dev = resolve_device(device)
     threads = torch.get_num_threads()
-    for op, shape, dtype, build in cases(quick):
+    peak_info = None
+    for op, shape, dtype, build in cases(quick, dev):
         if only and only not in op:
             continue
+        if op.startswith("linear") and peak_info is None:
+            peak_info = device_peak(dev, quick, shape[3], shape[2])
         impls, restore, info = build()
+        base = info.pop("baseline", "oracle")
         n = reps if reps is not None else 3
         times = {k: [] for k in impls}
+        cpu = {k: [] for k in impls}
         peaks = {k: [] for k in impls}
         names = list(impls)
         for i in range(n):
             for name in names:
                 if i and name in ONE_ROUND:
                     continue
-                dt, peak = measure(impls[name])
+                c0 = time.process_time()
+                dt, peak = measure(impls[name], dev)
+                cpu[name].append(time.process_time() - c0)
                 times[name].append(dt)
                 peaks[name].append(peak)
                 if name.endswith("inplace") and restore is not None:
                     restore()
-        t_or = statistics.median(times["oracle"])
-        p_or = max(peaks["oracle"]) if peaks["oracle"][0] is not None else None
+        t_or = statistics.median(times[base])
+        p_or = max(peaks[base]) if peaks[base][0] is not None else None
         # what every implementation must return anyway; the in-place one returns the logits buffer
         required = {name: 0.0 if name.endswith("inplace") else info["grads_MB"] for name in names}
-        po_wo = None if p_or is None else max(0.0, p_or - required["oracle"])
+        po_wo = None if p_or is None else max(0.0, p_or - required[base])
         rows = []
         for name in names:
             t = statistics.median(times[name])
             p = max(peaks[name]) if peaks[name][0] is not None else None
             row = {"op": op, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "impl": name,
-                   "threads": threads, "omp_wait_policy": _omp_policy(), "reps": len(times[name]),
-                   "seconds": t,
-                   "spread": (max(times[name]) - min(times[name])) / t, "speedup_vs_oracle": t_or / t,
-                   "peak_extra_MB": p, "mem_vs_oracle": (p / p_or) if (p is not None and p_or) else None,
+                   "device": dev.type, "threads": threads, "omp_wait_policy": _omp_policy(),
+                   "reps": len(times[name]), "seconds": t,
+                   "spread": (max(times[name]) - min(times[name])) / t,
+                   "baseline": base, "speedup": t_or / t,
+                   "speedup_vs_oracle": t_or / t if base == "oracle" else None,
+                   "peak_extra_MB": p, "mem_vs_baseline": (p / p_or) if (p is not None and p_or) else None,
                    "required_outputs_MB": required[name], **info}
+            row["mem_vs_oracle"] = row["mem_vs_baseline"] if base == "oracle" else None
+            if dev.type == "cpu":   # CPU seconds: what descheduling by other processes does not inflate
+                row["cpu_seconds"] = statistics.median(cpu[name])
+                row["cpu_speedup"] = statistics.median(cpu[base]) / row["cpu_seconds"]
             if p is not None:
                 p_wo = max(0.0, p - required[name])
                 row["peak_extra_wo_grads_MB"] = p_wo
-                row["mem_wo_grads_vs_oracle"] = p_wo / po_wo if po_wo else None
+                row["mem_wo_grads_vs_oracle"] = p_wo / po_wo if (po_wo and base == "oracle") else None
                 row["mem_vs_logits"] = p / info["logits_f32_MB"]
                 row["mem_wo_grads_vs_logits"] = p_wo / info["logits_f32_MB"]
-            if op.startswith("linear"):
+            if op == "linear_sequence_logprobs":
                 row["time_vs_matmul_fused"] = t / statistics.median(times["matmul+fused"])
+            if "useful_flops" in info and peak_info is not None:
+                row.update(peak_info)
+                row["tflops"] = info["useful_flops"] / t / 1e12
+                row["peak_fraction"] = info["useful_flops"] / t / peak_info["bf16_peak_flops"]
             rows.append(row)
         results += rows
         print(format_rows(rows), flush=True)
@@ -263,18 +414,28 @@ def format_rows(rows: list[dict]) -> str:
             wo = r.get("mem_wo_grads_vs_oracle")
             wo = "-" if wo is None else f"{wo:5.3f}"
             extra = f"  mem/oracle {r['mem_vs_oracle']:5.3f} (w/o grads {wo})"
+        elif r.get("mem_vs_baseline") is not None:
+            extra = f"  mem/{r['baseline']} {r['mem_vs_baseline']:5.3f}"
         if r["op"].startswith("linear") and "mem_vs_logits" in r:
             extra += (f"  mem/f32-logits {r['mem_vs_logits']:5.3f} "
-                      f"(w/o grads {r['mem_wo_grads_vs_logits']:5.3f})"
-                      f"  t/(mm+fused) {r['time_vs_matmul_fused']:.2f}")
-        lines.append(f"{r['op'][:6]:<6} {str(tuple(r['shape'])):<22} {r['dtype']:<8} {r['impl']:<13} "
-                     f"{r['seconds']:7.3f}s ±{r['spread'] * 100:3.0f}%  x{r['speedup_vs_oracle']:5.2f}  "
+                      f"(w/o grads {r['mem_wo_grads_vs_logits']:5.3f})")
+        if "time_vs_matmul_fused" in r:
+            extra += f"  t/(mm+fused) {r['time_vs_matmul_fused']:.2f}"
+        if "tflops" in r:
+            extra += f"  {r['tflops']:6.3f} TFLOP/s {100 * r['peak_fraction']:4.1f}% of bf16 peak"
+        what = r["op"][:6] + (f"/{r['layout']}" if "layout" in r else "")
+        cpu = f"(cpu x{r['cpu_speedup']:5.2f})" if r.get("cpu_speedup") else ""
+        lines.append(f"{r['device']:<4} {what:<15} {str(tuple(r['shape'])):<22} {r['dtype']:<8} "
+                     f"{r['impl']:<15} {r['seconds']:7.3f}s ±{r['spread'] * 100:3.0f}%  "
+                     f"x{r['speedup']:5.2f} vs {r['baseline']:<9} {cpu:<13} "
                      f"peak+ {mem} MB{extra}  (resp {r['response_frac']:.2f}, reps {r['reps']})")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto: CUDA when available (Triton kernels), else CPU (torch paths)")
     ap.add_argument("--quick", action="store_true", help="small shapes, seconds instead of minutes")
     ap.add_argument("--reps", type=int, default=None, help="rounds per case (default 3; torch_lce: 1)")
     ap.add_argument("--threads", type=int, default=None,
@@ -285,13 +446,18 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch threads: {torch.get_num_threads()}, OMP_WAIT_POLICY={_omp_policy()}\n"
-          "x = oracle time / impl time (median over rounds, interleaved), "
+    dev = resolve_device(args.device)
+    print(f"device: {dev.type}, torch threads: {torch.get_num_threads()}, OMP_WAIT_POLICY={_omp_policy()}\n"
+          "x = baseline time / impl time (median over rounds, interleaved), "
           "± = (max - min) / median of the impl's own times\n"
           "peak+ = peak extra resident memory of one fwd+bwd (VmHWM reset per run, mmap'd allocations), "
           "including returned gradients; 'w/o grads' subtracts the returned gradients (required outputs "
           "of every implementation; none for in-place); f32-logits = B*T*V*4 bytes")
-    rows = run_kernel_bench(args.quick, args.reps, not args.no_aot, args.only)
+    rows = run_kernel_bench(args.quick, args.reps, not args.no_aot, args.only, args.device)
+    if any("bf16_peak_flops" in r for r in rows):
+        r = next(r for r in rows if "bf16_peak_flops" in r)
+        print(f"TFLOP/s = 3 useful lm_head GEMMs over active rows / time; bf16 peak of {r['device_name']}: "
+              f"{r['bf16_peak_flops'] / 1e12:.2f} TFLOP/s ({r['peak_source']})")
     aot_rows = [r for r in rows if r["op"] == "aot"]
     if aot_rows and "error" not in aot_rows[0]:
         from fastdpo.kernels.aot import format_table

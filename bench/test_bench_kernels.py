@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from fastdpo.bench.kernels import _linear_impls, _seq_impls
+from fastdpo.bench.kernels import _linear_impls, _pair_impls, _seq_impls
 
 QUICK = os.environ.get("FASTDPO_BENCH_QUICK") == "1"
 SEQ_SHAPES = [(2, 128, 4099)] if QUICK else [(8, 512, 32768), (8, 1024, 50304)]
@@ -38,3 +38,10 @@ def test_sequence_logprobs(benchmark, case, dtype, impl):
 def test_linear_sequence_logprobs(benchmark, case, dtype, impl):
     impls, _, _ = _linear_impls(*case, DTYPES[dtype])
     benchmark.pedantic(impls[impl], rounds=_rounds(impl), iterations=1, warmup_rounds=0)
+
+
+@pytest.mark.parametrize("impl", ["recompute", "grad_in_forward"])
+@pytest.mark.parametrize("layout", ["packed", "separate"])
+def test_linear_pair_loss(benchmark, layout, impl):
+    impls, _, _ = _pair_impls(*LIN_SHAPES[-1], layout)
+    benchmark.pedantic(impls[impl], rounds=3, iterations=1, warmup_rounds=0)

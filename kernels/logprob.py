@@ -40,6 +40,11 @@ except ImportError:  # triton is Linux-only; the torch path does not need it
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 
+
+class DtypeError(TypeError, ValueError):
+    """A tensor of the wrong dtype. A TypeError by nature, and also a ValueError, which is what
+    every other bad input to these ops raises (callers and the CLI catch one class)."""
+
 # Bytes of float32 scratch one torch-path chunk may use; ~8 MB keeps a chunk's passes in L2/L3.
 # Measured at 8x512x32768 bf16, fwd+bwd, 1 thread: 8 MB 0.96 s, 32 MB 1.29 s, 128 MB 2.40 s. With 2
 # threads on a loaded 2-core machine and libgomp's default spinning barriers the order flips (8 MB
@@ -90,21 +95,21 @@ def check_inputs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                  what: str = "logits") -> None:
     """Shape/dtype/range checks with messages that say which argument is wrong."""
     if not logits.is_floating_point():
-        raise TypeError(f"{what} must be a floating point tensor, got {logits.dtype}")
+        raise DtypeError(f"{what} must be a floating point tensor, got {logits.dtype}")
     if shift and logits.dim() != 3:
         raise ValueError(f"{what} must be (B, T, V), got shape {tuple(logits.shape)}")
     if logits.dim() < 2:
         raise ValueError(f"{what} must have a vocabulary dimension, got shape {tuple(logits.shape)}")
     name = "ids" if shift else "labels"
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
-        raise TypeError(f"{name} must be an integer tensor (int64), got {labels.dtype}")
+        raise DtypeError(f"{name} must be an integer tensor (int64), got {labels.dtype}")
     if tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"{name} shape {tuple(labels.shape)} must equal {what}.shape[:-1] = "
                          f"{tuple(logits.shape[:-1])}")
     if tuple(mask.shape) != tuple(labels.shape):
         raise ValueError(f"mask shape {tuple(mask.shape)} must equal {name} shape {tuple(labels.shape)}")
     if mask.is_complex():
-        raise TypeError(f"mask must be bool or real, got {mask.dtype}")
+        raise DtypeError(f"mask must be bool or real, got {mask.dtype}")
     if labels.device != logits.device or mask.device != logits.device:
         raise ValueError(f"{what}, {name} and mask must be on one device, got "
                          f"{logits.device}, {labels.device}, {mask.device}")
