@@ -288,11 +288,14 @@ def test_100_choices_survive_sigkill_at_random_moments(tmp_path):
     state = {"url": None}
     proc, state["url"] = _start(cands, out)
     kills = 0
+    done = threading.Event()   # the labelling loop ended (or failed): the killer must not wait on
 
     def killer():
         nonlocal proc, kills
         for target in (rng.randint(10, 45), rng.randint(55, 90)):
             while len(intended) < target:
+                if done.is_set():
+                    return
                 time.sleep(0.001)
             time.sleep(rng.uniform(0, 0.03))          # anywhere inside a request, or between two
             proc.send_signal(signal.SIGKILL)
@@ -325,6 +328,7 @@ def test_100_choices_survive_sigkill_at_random_moments(tmp_path):
             choice = intended.setdefault(iid, rng.choice(["A", "B", "A", "B", "tie", "skip"]))
             call("/api/choice", {"tab": "tab-1", "id": iid, "choice": choice, "annotator": "kill-test"})
     finally:
+        done.set()
         k.join()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
