@@ -114,13 +114,26 @@ def check_inputs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
         raise ValueError(f"{what}, {name} and mask must be on one device, got "
                          f"{logits.device}, {labels.device}, {mask.device}")
     used = labels[:, 1:] if shift else labels
-    if used.numel():
-        lo, hi = int(used.min()), int(used.max())
-        V = logits.shape[-1]
-        if lo < 0 or hi >= V:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{name} contains token id {bad}, outside the vocabulary [0, {V}) "
-                             f"of {what} (V = {V})")
+    V = logits.shape[-1]
+    if not used.numel():
+        return
+    if not range_check_on_host(used.device):
+        # Reading min/max on the host would wait for the device at every call: the check runs
+        # on the device instead, and a bad id stops the process at the next synchronization.
+        torch._assert_async(((used >= 0) & (used < V)).all(),
+                            f"{name} contains a token id outside the vocabulary [0, {V}) of {what}")
+        return
+    lo, hi = int(used.min()), int(used.max())
+    if lo < 0 or hi >= V:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} contains token id {bad}, outside the vocabulary [0, {V}) "
+                         f"of {what} (V = {V})")
+
+
+def range_check_on_host(device: torch.device) -> bool:
+    """Whether ``check_inputs`` reads the id range on the host (a clear ValueError): on CPU, where
+    that costs nothing; elsewhere it asserts on the device (no host sync)."""
+    return device.type == "cpu"
 
 
 def shifted_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

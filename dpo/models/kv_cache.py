@@ -70,6 +70,17 @@ def checked_positions(ids: torch.Tensor, pos: torch.Tensor | None, kv_caches, co
         if T > config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {config.block_size}")
         return torch.arange(T, device=ids.device)
-    if pos.numel() and int(pos.max()) >= config.block_size:
+    if not pos.numel():
+        return pos
+    if not position_check_on_host(pos.device):   # a host read of pos.max() would wait for the device
+        torch._assert_async(pos.max() < config.block_size, f"a position exceeds block_size "
+                                                            f"{config.block_size}")
+    elif int(pos.max()) >= config.block_size:
         raise ValueError(f"position {int(pos.max())} exceeds block_size {config.block_size}")
     return pos
+
+
+def position_check_on_host(device: torch.device) -> bool:
+    """Whether ``checked_positions`` reads the largest position on the host (a clear ValueError):
+    on CPU, where that costs nothing; elsewhere it asserts on the device (no host sync)."""
+    return device.type == "cpu"
