@@ -120,6 +120,16 @@ def resolve_precision(mixed_precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and has_bf16 else "fp32"
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the device: to CUDA through pinned memory
+    and a non-blocking copy (a copy from ordinary pageable memory first waits for every queued
+    kernel, i.e. a host sync per batch). Torch keeps the pinned buffer until the copy is done."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -162,6 +172,16 @@ def any_rank(flag: bool) -> bool:
     if not is_distributed():
         return flag
     return any(all_gather_object(bool(flag)))
+
+
+def any_rank_on_device(flag: torch.Tensor) -> torch.Tensor:
+    """A bool tensor, True on every rank when it is True on some rank, as an all-reduce queued on
+    the device (no host read: the training step's non-finite flag)."""
+    if not is_distributed():
+        return flag
+    votes = flag.to(torch.int32)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return votes.bool()
 
 
 def all_ranks(flag: bool) -> bool:

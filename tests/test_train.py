@@ -132,12 +132,12 @@ def test_multi_process_reference_uses_the_policys_separate_rows(workdir, tok, mo
                    device=torch.device("cpu"), ref_model=load_checkpoint(workdir / "sft")[0])
     task.bind_policy(model)        # what the Trainer does with its DDP/FSDP2 wrapper
     layouts = []
-    real = train_module.pair_logprobs
-    monkeypatch.setattr(train_module, "pair_logprobs",
-                        lambda *a, shared_prompt, **k: layouts.append(shared_prompt) or real(
-                            *a, shared_prompt=shared_prompt, **k))
+    real = train_module.pair_rows
+    monkeypatch.setattr(train_module, "pair_rows",
+                        lambda pairs, pad_id, device, shared: layouts.append(shared) or real(
+                            pairs, pad_id, device, shared))
     task.loss([0, 1], task.step_norm([[0, 1]]))
-    assert layouts == [False, False]   # policy, reference
+    assert layouts == [False]   # one set of rows: the reference's and the policy's
     assert reference_layout_shared(DPOConfig())
     monkeypatch.setattr(runtime, "world_size", lambda: 2)
     assert not reference_layout_shared(DPOConfig())   # the cache is computed and keyed that way

@@ -4,8 +4,12 @@ One micro-batch is one forward. By default each pair is one packed row whose pro
 once for both answers (``collate_packed_pairs``; ``shared_prompt: false`` gives the seed's layout,
 chosen rows and rejected rows concatenated on the batch dimension). The answers' log-probs come
 from ``fastdpo.training.logprobs`` (the fused kernels on the final hidden states, so the (B, T, V)
-logits are never materialized; ``kernel: oracle`` uses the naive formula instead). The reference
-model's log-probs are computed once up front and cached on disk
+logits are never materialized; ``kernel: oracle`` uses the naive formula instead). A training
+step's reference log-probs are known before the policy's forward (cached, none, or the reference
+model run first), and every loss type is a sum of per-pair terms, so the policy's forward is
+the fused pair loss: the loss and its gradients in one pass (``kernels.linear_pair_loss``; the
+logged statistics come from the log-probs it returns). Evaluation and the reference pass use the
+log-prob op. The reference model's log-probs are computed once up front and cached on disk
 (``fastdpo.training.reference_cache``) with ``reference: cached``; ``reference: model`` keeps a
 frozen copy and runs it every step; ``auto`` (the default) picks the cheaper (``choose_reference``);
 ``reference: none`` trains reference-free.
@@ -24,14 +28,14 @@ from fastdpo import kernels, runtime
 from fastdpo.models import lora
 from fastdpo.models.checkpoint import load_checkpoint
 from fastdpo.models.tokenizer import ChatTokenizer
-from fastdpo.runtime import autocast, resolve_device, resolve_precision
+from fastdpo.runtime import autocast, resolve_device, resolve_precision, to_device
 from fastdpo.training.batches import TokenizedPair, eval_batches, load_preference_data
 from fastdpo.training.config import DPOConfig, HealthConfig, PreferenceDatasetConfig, TrainingConfig, to_dict
 from fastdpo.training.finetuning import apply_finetuning, load_trainable
 from fastdpo.training.health import HealthMonitor
-from fastdpo.training.logprobs import kernel_backend, pair_logprobs
+from fastdpo.training.logprobs import kernel_backend, pair_forward, pair_logprobs, pair_rows
 from fastdpo.training.loop import Task, Trainer, planned_steps
-from fastdpo.training.losses import dpo_losses
+from fastdpo.training.losses import dpo_losses, pair_loss_closure
 from fastdpo.training.metrics import RunLogger
 from fastdpo.training.reference_cache import cache_file, cached_reference_logprobs
 from fastdpo.training.runs import (
@@ -44,14 +48,21 @@ from fastdpo.training.runs import (
 
 
 class DPOTask(Task):
+    """``gradient_in_forward``: train through the fused pair loss (default); False runs the
+    log-prob op and autograd through the loss (the same numbers; what a loss coupling the pairs
+    of a batch would need)."""
+
     def __init__(self, policy, train: Sequence[TokenizedPair], val: Sequence[TokenizedPair], cfg: DPOConfig,
                  *, pad_id: int, device: torch.device, kernel: str = "auto",
                  ref_train: torch.Tensor | None = None, ref_val: torch.Tensor | None = None,
                  ref_model: torch.nn.Module | None = None, eval_batch_size: int = 8,
-                 ref_view: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+                 ref_view: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 gradient_in_forward: bool = True):
         self.policy, self.train, self.val, self.cfg = policy, list(train), list(val), cfg
         self.pad_id, self.device, self.kernel = pad_id, device, kernel
-        self.ref_train, self.ref_val, self.ref_model = ref_train, ref_val, ref_model
+        # cached reference log-probs live on the device: (N, 2) floats, copied once, not per step
+        self.ref_train, self.ref_val = (None if r is None else r.to(device) for r in (ref_train, ref_val))
+        self.ref_model, self.gradient_in_forward = ref_model, gradient_in_forward
         self.ref_view = ref_view   # entered around reference forwards (a LoRA policy: its base view)
         # The layout the policy's forward actually takes; a wrapped (DDP/FSDP2) policy takes
         # separate rows, and the reference must then be computed the same way.
@@ -83,35 +94,40 @@ class DPOTask(Task):
         self.policy = policy
         self.shared_prompt = False   # a wrapped policy's forward takes separate rows
 
-    def logprobs(self, model, pairs):
-        return pair_logprobs(model, pairs, pad_id=self.pad_id, device=self.device, kernel=self.kernel,
-                             shared_prompt=self.shared_prompt)
-
-    def reference_logprobs(self, idx, pairs, train):
+    def reference_logprobs(self, idx, rows, train):
         if self.cfg.reference == "none":
             return None, None
         if self.ref_model is not None:
             with torch.no_grad(), self.ref_view():
-                return self.logprobs(self.ref_model, pairs)
-        ref = (self.ref_train if train else self.ref_val)[idx].to(self.device)
+                return pair_forward(self.ref_model, rows, self.kernel)
+        ref = (self.ref_train if train else self.ref_val)
+        ref = ref.index_select(0, to_device(torch.tensor(idx), self.device))
         return ref[:, 0], ref[:, 1]
 
     def loss(self, idx, norm, train=True):
         pairs = [self._pairs(train)[i] for i in idx]
-        pc, pr = self.logprobs(self.policy, pairs)
-        rc, rr = self.reference_logprobs(idx, pairs, train)
-        nc, nr = answer_tokens(pairs, pc.device)
-        losses, rew_c, rew_r = dpo_losses(pc, pr, rc, rr, self.cfg.beta, self.cfg.loss_type,
-                                          self.cfg.label_smoothing, chosen_tokens=nc, rejected_tokens=nr,
-                                          simpo_gamma=self.cfg.simpo_gamma)
-        loss = losses.sum() / norm["pairs"]
+        cfg = self.cfg
+        rows = pair_rows(pairs, self.pad_id, self.device, self.shared_prompt)   # the reference's too
+        rc, rr = self.reference_logprobs(idx, rows, train)   # first: the fused loss needs them
+        nc, nr = answer_tokens(pairs, self.device)
+        # TRL's rpo_alpha: mean per-token NLL of the chosen answers over the whole step batch
+        # (the step's chosen tokens: the same normaliser for every micro-batch, so accumulation is exact)
+        nll_scale = cfg.rpo_alpha / norm["chosen_tokens"] if cfg.rpo_alpha else 0.0
+        loss = None
+        if self.gradient_in_forward and torch.is_grad_enabled():
+            fn = pair_loss_closure(cfg, rc, rr, nc, nr, scale=1 / norm["pairs"], nll_scale=nll_scale)
+            loss, pc, pr = pair_forward(self.policy, rows, self.kernel, fn)
+        else:
+            pc, pr = pair_forward(self.policy, rows, self.kernel)
+        # the recompute path's loss; after the fused one, statistics of its detached log-probs only
+        losses, rew_c, rew_r = dpo_losses(pc, pr, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing,
+                                          chosen_tokens=nc, rejected_tokens=nr, simpo_gamma=cfg.simpo_gamma)
+        if loss is None:
+            loss = losses.sum() / norm["pairs"] - nll_scale * pc.sum()
         stats = {"pairs": len(idx), "dpo_loss": losses.detach().sum(), "rewards/chosen": rew_c.sum(),
                  "rewards/rejected": rew_r.sum(), "rewards/accuracies": (rew_c > rew_r).float().sum(),
                  "logps/chosen": pc.detach().sum(), "logps/rejected": pr.detach().sum(),
-                 "chosen_tokens": sum(len(self._pairs(train)[i].chosen) for i in idx)}
-        if self.cfg.rpo_alpha:
-            # TRL's rpo_alpha: mean per-token NLL of the chosen answers over the whole step batch.
-            loss = loss + self.cfg.rpo_alpha * (-pc.sum() / norm["chosen_tokens"])
+                 "chosen_tokens": sum(len(p.chosen) for p in pairs)}
         return loss, stats
 
     def summarize(self, sums):
@@ -129,8 +145,9 @@ class DPOTask(Task):
 
 def answer_tokens(pairs: Sequence[TokenizedPair], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Each pair's chosen and rejected answer token counts ``(B,)`` (the length-normalised losses)."""
-    return (torch.tensor([len(p.chosen) for p in pairs], device=device),
-            torch.tensor([len(p.rejected) for p in pairs], device=device))
+    counts = torch.tensor([[len(p.chosen) for p in pairs], [len(p.rejected) for p in pairs]])
+    counts = to_device(counts, device)
+    return counts[0], counts[1]
 
 
 def reference_layout_shared(dpo_cfg: DPOConfig) -> bool:

@@ -64,12 +64,16 @@ def compute_reference_logprobs(model: torch.nn.Module, pairs: Sequence[Tokenized
     model.eval()
     out = torch.empty(len(pairs), 2, dtype=torch.float32)
     batches = runtime.shard(eval_batches([p.length for p in pairs], batch_size))
+    rows = [i for idx in batches for i in idx]
+    done = []   # kept on the device: one copy to the host at the end, not a wait per batch
     for idx in tqdm(batches, desc="reference log-probs", disable=not progress, leave=False):
         with autocast_ctx():
             chosen, rejected = pair_logprobs_fn(model, [pairs[i] for i in idx])
-        out[idx, 0], out[idx, 1] = chosen.float().cpu(), rejected.float().cpu()
+        done.append(torch.stack([chosen.float(), rejected.float()], 1))
+    if done:
+        out[rows] = torch.cat(done).cpu()
     model.train(was_training)
-    return runtime.gather_rows(out, [i for idx in batches for i in idx])
+    return runtime.gather_rows(out, rows)
 
 
 def cache_file(model: torch.nn.Module, pairs: Sequence[TokenizedPair], cache_dir: Path, tokenizer_hash: str,

@@ -20,7 +20,7 @@ from fastdpo import runtime
 from fastdpo.models.checkpoint import load_checkpoint, load_tokenizer
 from fastdpo.models.families import FAMILIES, PRESETS, build_model, config_from_preset
 from fastdpo.models.tokenizer import ChatTokenizer, Tokenizer
-from fastdpo.runtime import resolve_device, resolve_precision
+from fastdpo.runtime import resolve_device, resolve_precision, to_device
 from fastdpo.training.batches import TokenizedSFT, collate_sft, eval_batches, load_sft_data
 from fastdpo.training.config import HealthConfig, SFTConfig, SFTDatasetConfig, TrainingConfig, to_dict
 from fastdpo.training.data import load_examples
@@ -69,7 +69,7 @@ class SFTTask(Task):
 
     def loss(self, idx, norm, train=True):
         ids, mask = collate_sft([self._items(train)[i] for i in idx], self.pad_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = to_device(ids, self.device), to_device(mask, self.device)
         lp = sequence_logprobs(self.model, ids, mask, self.kernel).float()
         loss = -lp.sum() / norm["tokens"]
         return loss, {"nll": -lp.detach().sum(), "answer_tokens": sum(len(self._items(train)[i].response)
