@@ -150,6 +150,9 @@ class Trainer:
         if self.parallel is not None:
             task.bind_policy(self.parallel)
         self.optimizer = make_optimizer(model, cfg, fused=self.parallel is None)
+        # the NaN/Inf guard without a host read per step (see _guard)
+        self.device_side_guard = self.device.type != "cpu" and bool(self.optimizer.defaults.get("fused"))
+        self._first_bad: torch.Tensor | None = None
         self.steps_per_epoch, total = planned_steps(task.n_train, cfg, self.world)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{task.n_train} training examples are fewer than one optimizer step "
@@ -200,10 +203,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0) + v
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = parallel.plain(torch.nn.utils.clip_grad_norm_(self._params, max_norm))
-        # The check costs a device sync; on CUDA it runs at log steps only (the weights may then
-        # take a few bad updates, but no checkpoint is ever written from them: see _save).
-        if self.device.type == "cpu" or (step + 1) % max(1, self.cfg.log_every) == 0:
-            self._check_finite(step_loss, grad_norm, step)
+        self._guard(step_loss, grad_norm, step)
         lr = lr_at(step, self.cfg, self.state.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -216,15 +216,42 @@ class Trainer:
         self._last_lr = lr
         return grad_norm
 
-    def _check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> None:
-        if bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)):
+    def _guard(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> None:
+        """The NaN/Inf guard: no update is ever applied from a non-finite loss or gradient.
+
+        Reading a device value on the host waits for the device, so where that costs something
+        (CUDA) and the optimizer can skip a step by itself (the fused AdamW), the guard stays on
+        the device, as AMP's GradScaler does: ``found_inf`` = 1 makes the fused AdamW leave the
+        weights, moments and step counts as they were; the first bad step is remembered on the
+        device and the run stops with ``TrainingDiverged`` at the next log step (or its last
+        step), where the host reads it once. Otherwise (CPU, where a read is free; a non-fused
+        optimizer, e.g. FSDP2's) the host checks every step and stops before the update."""
+        bad = runtime.any_rank_on_device(~(torch.isfinite(loss) & torch.isfinite(grad_norm)))
+        if not self.device_side_guard:
+            if bool(bad):
+                self._diverged(step, step, float(loss), float(grad_norm))
             return
+        self.optimizer.found_inf = bad.float()
+        first = torch.stack([torch.full_like(loss, step, dtype=torch.float32), loss.float(),
+                             grad_norm.float()])
+        if self._first_bad is None:
+            self._first_bad = torch.full_like(first, -1.0)
+        self._first_bad = torch.where(bad & (self._first_bad[0] < 0), first, self._first_bad)
+        log_step = self.cfg.log_every and (step + 1) % self.cfg.log_every == 0
+        if log_step or step + 1 == self.state.total_steps:
+            bad_step, bad_loss, bad_norm = self._first_bad.tolist()   # the one host read
+            if bad_step >= 0:
+                self._diverged(int(bad_step), step, bad_loss, bad_norm)
+
+    def _diverged(self, bad_step: int, step: int, loss: float, grad_norm: float):
         last = latest_checkpoint(self.run_dir)
         keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        what = "loss" if not math.isfinite(loss) else "gradient"
+        when = ("stopped before updating the weights" if bad_step == step else
+                f"that update was skipped and the run stopped at step {step + 1}")
         raise TrainingDiverged(
-            f"non-finite {'loss' if not torch.isfinite(loss) else 'gradient'} at step {step + 1} "
-            f"(loss={float(loss):.4g}, grad_norm={float(grad_norm):.4g}); stopped before updating the "
-            f"weights; {keep}. Lower learning_rate, raise beta, or check the data.")
+            f"non-finite {what} at step {bad_step + 1} (loss={loss:.4g}, grad_norm={grad_norm:.4g}); "
+            f"{when}; {keep}. Lower learning_rate, raise beta, or check the data.")
 
     # -- the run ---------------------------------------------------------------------------
     def train(self, steps: int | None = None) -> TrainState:
