@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fastdpo.configs import config_path
+from fastdpo.errors import ServiceError
 
 VERDICTS = ("A", "B", "TIE")
 SCORE_PROMPT = config_path("judge_score.txt")
@@ -36,7 +37,7 @@ COMPARE_PROMPT = config_path("judge_compare.txt")
 API_KEY_ENV = ("FASTDPO_JUDGE_API_KEY", "OPENAI_API_KEY")
 
 
-class JudgeError(RuntimeError):
+class JudgeError(ServiceError):
     """The judge could not be reached or refused the requests (after bounded retries)."""
 
 

@@ -41,11 +41,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastdpo.errors import FastdpoError
+
 PREFERENCE_FORMATS = ("prompt", "implicit", "conversations", "hh")
 SFT_FORMATS = ("prompt", "messages", "conversations")
 
 
-class DataError(ValueError):
+class DataError(FastdpoError):
     """A data file or row that cannot be used; the message names the file and line."""
 
 
