@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastdpo.models.segments import Segments, attend_segments
+
 
 class KVCache:
     """One layer's keys and values, preallocated as (rows, kv_heads, max_len, head_dim).
@@ -47,7 +49,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
     ``kv_cache`` the keys/values are also written into it at ``pos`` (B, T); then ``attn_mask``
     (B, 1, T, L) bool, if given, selects which of the first L cached slots each query sees (a
     decode step); without it the call is a prefill from position 0. Without a cache,
-    ``attn_mask`` (B, 1, T, T) replaces the causal mask (the packed shared-prompt layout)."""
+    ``attn_mask`` (B, 1, T, T) replaces the causal mask (the packed shared-prompt layout), or
+    ``Segments`` says which sequences a padding-free flat row holds (``fastdpo.models.segments``)."""
+    if isinstance(attn_mask, Segments):
+        return attend_segments(q, k, v, attn_mask, dropout_p)
     B, _, T, _ = q.shape
     if kv_cache is not None:
         k_all, v_all = kv_cache.update(pos.expand(B, T), k, v)

@@ -72,6 +72,7 @@ class TrainingConfig:
     eval_every: int = 0                       # 0: only at the end (when there is a val split)
     mixed_precision: str = "auto"             # "bf16" | "fp32" | "auto" (bf16 where supported)
     gradient_checkpointing: bool = False      # recompute each block's activations in backward
+    packing: bool = False                     # a micro-batch's rows end to end in one row, no padding
     finetuning_type: str = "full"             # full | lora (adapters train, the base is frozen)
     lora_target: str | list[str] = "all"      # "all" linear projections, or module names (c_attn, q_proj ...)
     lora_rank: int = 8

@@ -57,7 +57,7 @@ class DPOTask(Task):
                  ref_train: torch.Tensor | None = None, ref_val: torch.Tensor | None = None,
                  ref_model: torch.nn.Module | None = None, eval_batch_size: int = 8,
                  ref_view: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 gradient_in_forward: bool = True):
+                 gradient_in_forward: bool = True, packing: bool = False):
         self.policy, self.train, self.val, self.cfg = policy, list(train), list(val), cfg
         self.pad_id, self.device, self.kernel = pad_id, device, kernel
         # cached reference log-probs live on the device: (N, 2) floats, copied once, not per step
@@ -67,6 +67,7 @@ class DPOTask(Task):
         # The layout the policy's forward actually takes; a wrapped (DDP/FSDP2) policy takes
         # separate rows, and the reference must then be computed the same way.
         self.shared_prompt = cfg.shared_prompt
+        self.packing = packing   # either layout's rows end to end, no padding (training.packing)
         self.n_train, self.n_val = len(self.train), len(self.val)
         length = (lambda p: p.packed_length) if cfg.shared_prompt else (lambda p: p.length)
         self.lengths = [length(p) for p in self.train]
@@ -107,7 +108,8 @@ class DPOTask(Task):
     def loss(self, idx, norm, train=True):
         pairs = [self._pairs(train)[i] for i in idx]
         cfg = self.cfg
-        rows = pair_rows(pairs, self.pad_id, self.device, self.shared_prompt)   # the reference's too
+        # the reference model (if any) runs on the same rows
+        rows = pair_rows(pairs, self.pad_id, self.device, self.shared_prompt, self.packing)
         rc, rr = self.reference_logprobs(idx, rows, train)   # first: the fused loss needs them
         nc, nr = answer_tokens(pairs, self.device)
         # TRL's rpo_alpha: mean per-token NLL of the chosen answers over the whole step batch
@@ -223,7 +225,10 @@ def prepare_dpo(policy: torch.nn.Module, train: Sequence[TokenizedPair], val: Se
         # "auto" means other kernels on another device: key on what actually runs
         backend = kernels.logprob.resolve_backend(kernel_backend(train_cfg.kernel), device)
         shared = reference_layout_shared(dpo_cfg)
-        settings = f"{precision}|{backend}|{device.type}|shared={shared}"
+        # packed or not, the same log-probs up to rounding; keyed apart so that step 0 of a bf16
+        # run matches its reference exactly (loss ln 2)
+        packed = "|packed" if train_cfg.packing else ""
+        settings = f"{precision}|{backend}|{device.type}|shared={shared}{packed}"
         with ref_view():   # the cache key hashes the weights that compute the reference
             cache_path = cache_file(ref_model, [*train, *val], cache_dir, tokenizer_hash, settings)
     if mode == "auto":
@@ -234,7 +239,7 @@ def prepare_dpo(policy: torch.nn.Module, train: Sequence[TokenizedPair], val: Se
     if mode == "cached":
         def ref_logprobs(model, pairs):
             return pair_logprobs(model, pairs, pad_id=pad_id, device=device, kernel=train_cfg.kernel,
-                                 shared_prompt=shared)
+                                 shared_prompt=shared, packing=train_cfg.packing)
 
         with ref_view():
             logps, path, hit = cached_reference_logprobs(
@@ -247,7 +252,7 @@ def prepare_dpo(policy: torch.nn.Module, train: Sequence[TokenizedPair], val: Se
         ref_model, ref_view = None, contextlib.nullcontext  # the cache replaces it: one model in memory
     task = DPOTask(policy, train, val, dpo_cfg, pad_id=pad_id, device=device, kernel=train_cfg.kernel,
                    ref_train=ref_train, ref_val=ref_val, ref_model=ref_model, ref_view=ref_view,
-                   eval_batch_size=2 * train_cfg.micro_batch_size)
+                   eval_batch_size=2 * train_cfg.micro_batch_size, packing=train_cfg.packing)
     return Trainer(policy, task, train_cfg, tokenizer=tokenizer, meta=meta, device=device,
                    precision=precision, logger=logger, on_step=on_step)
 

@@ -16,7 +16,9 @@ Two ops, both on the final hidden states and the lm_head weight:
   by chunk inside the forward: 3 lm_head matmuls per answer token instead of 4.
 
 A micro-batch of pairs becomes model rows in ``pair_rows``, the one place that knows the batch
-layouts, and reaches the kernels through ``pair_forward``. Under DDP/FSDP2 the kernel call runs
+layouts, and reaches the kernels through ``pair_forward``. With ``packing`` the model runs on the
+rows packed end to end without padding (``fastdpo.training.packing``) and the kernels get the
+hidden states back in the padded layout's shape. Under DDP/FSDP2 the kernel call runs
 inside the wrapped module's ``forward`` (``PolicyForward``), where their gradient hooks are.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ from fastdpo.runtime import to_device
 from fastdpo.training.batches import TokenizedPair, collate_packed_pairs, collate_pairs
 from fastdpo.training.config import KERNELS
 from fastdpo.training.losses import PairLossFn
+from fastdpo.training.packing import FlatRows, flat_pairs
 
 
 def kernel_backend(kernel: str) -> str:
@@ -45,18 +48,25 @@ class PairRows:
     """A micro-batch of P pairs as model rows, in a layout ``linear_pair_loss`` reads from shapes:
     packed, ``ids`` (P, T) holding each pair's prompt and both answers (``pos`` and ``attn_mask``
     say how its tokens see each other), or separate, ``ids`` (2P, T): the chosen rows, then the
-    rejected rows. ``chosen_mask`` / ``rejected_mask`` (P, T) mark each pair's answer tokens."""
+    rejected rows. ``chosen_mask`` / ``rejected_mask`` (P, T) mark each pair's answer tokens.
+    ``flat``: the same rows packed without padding, what the model runs on (``pos`` and
+    ``attn_mask`` are then unused)."""
     ids: torch.Tensor
     chosen_mask: torch.Tensor
     rejected_mask: torch.Tensor
     pos: torch.Tensor | None = None
     attn_mask: torch.Tensor | None = None
+    flat: FlatRows | None = None
 
 
-def pair_rows(pairs: Sequence[TokenizedPair], pad_id: int, device, shared_prompt: bool) -> PairRows:
+def pair_rows(pairs: Sequence[TokenizedPair], pad_id: int, device, shared_prompt: bool,
+              packing: bool = False) -> PairRows:
     """The rows of a micro-batch on ``device`` (copied without waiting for it). ``shared_prompt``:
     one packed row per pair (``collate_packed_pairs``), its prompt computed once; otherwise the
-    seed's layout (``collate_pairs``)."""
+    seed's layout (``collate_pairs``). ``packing``: either layout's rows end to end, no padding."""
+    if packing:
+        ids, chosen, rejected, flat = flat_pairs(pairs, pad_id, shared_prompt)
+        return PairRows(*(to_device(t, device) for t in (ids, chosen, rejected)), flat=flat.to(device))
     if shared_prompt:
         b = collate_packed_pairs(pairs, pad_id)
         return PairRows(*(to_device(t, device) for t in (b.ids, b.chosen_mask, b.rejected_mask, b.pos,
@@ -76,12 +86,13 @@ class PolicyForward(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, kernel: str = "auto",
                 rejected_mask: torch.Tensor | None = None, pos: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, pair_loss_fn: PairLossFn | None = None):
+                attn_mask: torch.Tensor | None = None, pair_loss_fn: PairLossFn | None = None,
+                flat: FlatRows | None = None):
         """Rows' ``sequence_logprobs``; with ``rejected_mask``, ``pair_forward`` of the
-        ``PairRows(ids, mask, rejected_mask, pos, attn_mask)``."""
+        ``PairRows(ids, mask, rejected_mask, pos, attn_mask, flat)``."""
         if rejected_mask is None:
-            return sequence_logprobs(self.model, ids, mask, kernel)
-        return pair_forward(self.model, PairRows(ids, mask, rejected_mask, pos, attn_mask), kernel,
+            return sequence_logprobs(self.model, ids, mask, kernel, flat)
+        return pair_forward(self.model, PairRows(ids, mask, rejected_mask, pos, attn_mask, flat), kernel,
                             pair_loss_fn)
 
 
@@ -89,11 +100,13 @@ def is_wrapped_policy(model) -> bool:
     return isinstance(model, (PolicyForward, torch.nn.parallel.DistributedDataParallel))
 
 
-def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
-    """Summed log-probs of the masked tokens per row ``(B,)``, float32 (see the module docstring)."""
+def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, kernel: str = "auto",
+                      flat: FlatRows | None = None) -> torch.Tensor:
+    """Summed log-probs of the masked tokens per row ``(B,)``, float32 (see the module docstring);
+    with ``flat``, the model runs on those rows packed (``fastdpo.training.packing``)."""
     if is_wrapped_policy(model):
-        return model(ids, mask, kernel)   # DDP/FSDP2 hooks run around forward() only
-    hidden = model.hidden_states(ids)
+        return model(ids, mask, kernel, flat=flat)   # DDP/FSDP2 hooks run around forward() only
+    hidden = model.hidden_states(ids) if flat is None else flat.hidden_states(model)
     return kernels.linear_sequence_logprobs(hidden, model.lm_head_weight, ids, mask,
                                             backend=kernel_backend(kernel))
 
@@ -104,8 +117,10 @@ def pair_forward(model, rows: PairRows, kernel: str = "auto", pair_loss_fn: Pair
     ``kernels.linear_pair_loss`` (the loss carries the gradients, the log-probs are detached)."""
     if is_wrapped_policy(model):   # DDP/FSDP2 hooks run around forward() only
         return model(rows.ids, rows.chosen_mask, kernel, rows.rejected_mask, rows.pos, rows.attn_mask,
-                     pair_loss_fn)
-    if rows.pos is None:
+                     pair_loss_fn, rows.flat)
+    if rows.flat is not None:
+        hidden = rows.flat.hidden_states(model)
+    elif rows.pos is None:
         hidden = model.hidden_states(rows.ids)
     else:
         hidden = model.hidden_states(rows.ids, pos=rows.pos, attn_mask=rows.attn_mask)
@@ -125,9 +140,10 @@ def pair_forward(model, rows: PairRows, kernel: str = "auto", pair_loss_fn: Pair
 
 
 def pair_logprobs(model, pairs: Sequence[TokenizedPair], *, pad_id: int, device: torch.device,
-                  kernel: str = "auto", shared_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  kernel: str = "auto", shared_prompt: bool = True,
+                  packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed answer log-probs ``(chosen (B,), rejected (B,))`` of a micro-batch, in one forward
-    (``pair_rows`` says what ``shared_prompt`` means; a DDP/FSDP-wrapped policy is given separate
-    rows by its task)."""
-    return pair_forward(model, pair_rows(pairs, pad_id, device, shared_prompt), kernel)
+    (``pair_rows`` says what ``shared_prompt`` and ``packing`` mean; a DDP/FSDP-wrapped policy is
+    given separate rows by its task)."""
+    return pair_forward(model, pair_rows(pairs, pad_id, device, shared_prompt, packing), kernel)
 

@@ -28,6 +28,7 @@ from fastdpo.training.finetuning import load_trainable
 from fastdpo.training.health import HealthMonitor
 from fastdpo.training.logprobs import sequence_logprobs
 from fastdpo.training.loop import Task, Trainer
+from fastdpo.training.packing import flat_sft
 from fastdpo.training.runs import (
     join_ranks,
     prepare_run_dir,
@@ -40,9 +41,10 @@ from fastdpo.training.runs import (
 class SFTTask(Task):
     def __init__(self, model, train: Sequence[TokenizedSFT], val: Sequence[TokenizedSFT], *, pad_id: int,
                  device: torch.device, kernel: str = "auto",
-                 eval_batch_size: int = 8):
+                 eval_batch_size: int = 8, packing: bool = False):
         self.model, self.train, self.val = model, list(train), list(val)
         self.pad_id, self.device, self.kernel = pad_id, device, kernel
+        self.packing = packing   # a micro-batch's examples end to end, no padding (training.packing)
         self.n_train, self.n_val = len(self.train), len(self.val)
         self.lengths = [x.length for x in self.train]
         self._val_batches = eval_batches([x.length for x in self.val], eval_batch_size)
@@ -68,9 +70,14 @@ class SFTTask(Task):
         self.model = policy
 
     def loss(self, idx, norm, train=True):
-        ids, mask = collate_sft([self._items(train)[i] for i in idx], self.pad_id)
+        items = [self._items(train)[i] for i in idx]
+        if self.packing:
+            ids, mask, flat = flat_sft(items, self.pad_id)
+            flat = flat.to(self.device)
+        else:
+            (ids, mask), flat = collate_sft(items, self.pad_id), None
         ids, mask = to_device(ids, self.device), to_device(mask, self.device)
-        lp = sequence_logprobs(self.model, ids, mask, self.kernel).float()
+        lp = sequence_logprobs(self.model, ids, mask, self.kernel, flat).float()
         loss = -lp.sum() / norm["tokens"]
         return loss, {"nll": -lp.detach().sum(), "answer_tokens": sum(len(self._items(train)[i].response)
                                                                       for i in idx)}
@@ -159,7 +166,7 @@ def run_sft(init_checkpoint, train_config: TrainingConfig, sft_config: SFTConfig
 
     def build(logger):
         task = SFTTask(model, train, val, pad_id=tok.pad_id, device=device, kernel=train_config.kernel,
-                       eval_batch_size=2 * train_config.micro_batch_size)
+                       eval_batch_size=2 * train_config.micro_batch_size, packing=train_config.packing)
         return Trainer(model, task, train_config, tokenizer=tok, device=device,
                        precision=resolve_precision(train_config.mixed_precision, device),
                        meta={"kind": "sft", "run_name": train_config.run_name, "config": config,
