@@ -170,7 +170,7 @@ def test_no_attention_across_sequences(family):
 
 def train_cfg(tmp_path, packing, kernel="torch", **kw):
     base = dict(run_name=f"run-{packing}-{kernel}", output_dir=tmp_path, batch_size=4, micro_batch_size=2,
-                learning_rate=1e-2, max_steps=3, log_every=1, mixed_precision="fp32", wandb="disabled",
+                learning_rate=1e-3, max_steps=3, log_every=1, mixed_precision="fp32", wandb="disabled",
                 report_to="none", progress=False, device="cpu", kernel=kernel, packing=packing)
     return TrainingConfig(**{**base, **kw})
 

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
+
+# a batch of ``Segments.groups`` holds key lengths up to this multiple of its shortest
+GROUP_RATIO = 1.5
 
 try:   # FlashAttention's variable-length entry point (CUDA only)
     from torch.nn.attention.varlen import varlen_attn
@@ -46,6 +48,7 @@ class Segments:
     lengths: list[int]
     prefix: list[tuple[int, int] | None]
     _varlen: dict = field(default_factory=dict, repr=False, compare=False)
+    _padded: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         if len(self.prefix) != len(self.lengths):
@@ -91,6 +94,45 @@ class Segments:
             self._varlen[key] = tuple(x.to(device, non_blocking=True) for x in t)
         return self._varlen[key]
 
+    def groups(self) -> list[list[int]]:
+        """The segments in batches of similar key length (each batch one attention call, padded to
+        its longest): sorted by key length, a new batch when a length exceeds the batch's first by
+        ``GROUP_RATIO``, so the padding stays a bounded fraction of each batch."""
+        kl = self.key_lengths()
+        out: list[list[int]] = []
+        for s in sorted(range(len(kl)), key=kl.__getitem__):
+            if out and kl[s] <= GROUP_RATIO * kl[out[-1][0]]:
+                out[-1].append(s)
+            else:
+                out.append([s])
+        return out
+
+    def padded_tensors(self, device: torch.device):
+        """Per batch of ``groups()``, k_index (G, Lk): the row indices of each segment's keys, its
+        prefix then itself, right-padded with token 0; and out_index (N,): where each token's
+        output sits in the batches' (G * Lk) outputs laid end to end. A segment's queries are the
+        last of its key slots, so plain causal attention over the slots is the segment's
+        bottom-right causal attention, and no real query reaches a padding slot."""
+        key = str(device)
+        if key not in self._padded:
+            starts, key_lengths = self.starts(), self.key_lengths()
+            batches, where, at = [], [0] * self.n_tokens, 0
+            for group in self.groups():
+                Lk = max(key_lengths[s] for s in group)
+                k_index = torch.zeros(len(group), Lk, dtype=torch.long)
+                for g, s in enumerate(group):
+                    n, m = self.lengths[s], key_lengths[s]
+                    if self.prefix[s] is not None:
+                        j = starts[self.prefix[s][0]]
+                        k_index[g, :m - n] = torch.arange(j, j + m - n)
+                    k_index[g, m - n:m] = torch.arange(starts[s], starts[s] + n)
+                    a = at + g * Lk + m - n
+                    where[starts[s]:starts[s] + n] = range(a, a + n)
+                at += len(group) * Lk
+                batches.append(k_index.to(device))
+            self._padded[key] = (batches, torch.tensor(where).to(device))
+        return self._padded[key]
+
     @classmethod
     def of_sequences(cls, lengths: Sequence[int]) -> Segments:
         """One causal segment per sequence."""
@@ -114,19 +156,7 @@ def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments:
     gqa = k.shape[1] != q.shape[1]
     if use_varlen(q, dropout_p):
         return _varlen(q, k, v, segments, gqa)
-    qs, ks, vs = (t.split(segments.lengths, dim=2) for t in (q, k, v))   # one backward per split
-    out = []
-    for s, (n, pre) in enumerate(zip(segments.lengths, segments.prefix)):
-        if pre is None:
-            out.append(F.scaled_dot_product_attention(qs[s], ks[s], vs[s], dropout_p=dropout_p,
-                                                      is_causal=True, enable_gqa=gqa))
-            continue
-        j, p = pre
-        kk = torch.cat([ks[j][:, :, :p], ks[s]], dim=2)
-        vv = torch.cat([vs[j][:, :, :p], vs[s]], dim=2)
-        out.append(F.scaled_dot_product_attention(qs[s], kk, vv, attn_mask=causal_lower_right(n, p + n),
-                                                  dropout_p=dropout_p, enable_gqa=gqa))
-    return torch.cat(out, dim=2)
+    return _batched(q, k, v, segments, dropout_p)
 
 
 def _varlen(q, k, v, segments: Segments, gqa: bool) -> torch.Tensor:
@@ -137,3 +167,37 @@ def _varlen(q, k, v, segments: Segments, gqa: bool) -> torch.Tensor:
     y = varlen_attn(qf, kf, vf, cu_q, cu_k, max(segments.lengths), max(segments.key_lengths()),
                     window_size=(-1, 0), enable_gqa=gqa)
     return y.transpose(0, 1)[None]
+
+
+
+def _batched(q, k, v, segments: Segments, dropout_p: float) -> torch.Tensor:
+    """Each batch of similar segments gathered into (G, heads, Lk, D) and attended causally in one
+    call (see ``Segments.padded_tensors``)."""
+    batches, out_index = segments.padded_tensors(q.device)
+    H, D = q.shape[1], q.shape[3]
+    rows = [t[0].transpose(0, 1) for t in (q, k, v)]          # (N, heads, D)
+    out = []
+    for k_index in batches:
+        G, Lk = k_index.shape
+        qb, kb, vb = (t.index_select(0, k_index.reshape(-1)).view(G, Lk, t.shape[1], D).transpose(1, 2)
+                      for t in rows)                          # (G, heads, Lk, D)
+        out.append(causal_attention(qb, kb, vb, dropout_p).transpose(1, 2).reshape(-1, H, D))
+    return torch.cat(out).index_select(0, out_index).transpose(0, 1)[None]
+
+
+def causal_attention(q, k, v, dropout_p: float) -> torch.Tensor:
+    """Causal attention (B, H, L, D). On CPU in half precision the plain formula (float32 softmax):
+    torch's CPU flash-attention backward in bf16 measured several times slower than it on the
+    short segments of training rows; elsewhere SDPA."""
+    if q.device.type != "cpu" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    if k.shape[1] != q.shape[1]:                              # grouped-query attention
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    L = q.shape[2]
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
+    return probs.to(v.dtype) @ v
