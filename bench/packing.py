@@ -104,6 +104,9 @@ def run_packing_bench(data: str = "demo", preset: str = "tiny", rounds: int = 3,
         trainer = prepare_dpo(copy.deepcopy(base), pairs, [], tc, DPOConfig(reference="cached",
                                                                             shared_prompt=shared),
                               pad_id=0, tokenizer_hash=f"bench-packing-{data}", say=lambda *a, **k: None)
+        # one batching for every variant: the shared-prompt rows' lengths (the separate rows'
+        # would bucket other pairs together)
+        trainer.task.lengths = [p.packed_length for p in pairs]
         trainer.train(steps=1)                  # the optimizer state
         start = trainer.state.step
         trainer.train(steps=rounds * steps)     # warm-up over exactly the timed batches
@@ -111,8 +114,9 @@ def run_packing_bench(data: str = "demo", preset: str = "tiny", rounds: int = 3,
         trainers[name] = trainer
     first = trainers[variants[0]]
     batches = [first.micro_batches(s) for s in range(first.state.step, first.state.step + rounds * steps)]
-    assert all([t.micro_batches(s) for s in range(t.state.step, t.state.step + rounds * steps)] == batches
-               for t in trainers.values()), "variants must train on the same micro-batches"
+    for t in trainers.values():
+        assert [t.micro_batches(s) for s in range(t.state.step, t.state.step + rounds * steps)] == batches, \
+            "variants must train on the same micro-batches"
     times, peaks, tokens = ({k: [] for k in trainers} for _ in range(3))
     for _ in range(rounds):
         for name, trainer in trainers.items():

@@ -10,6 +10,8 @@ Phases (each a module of its own, callable alone with ``python -m fastdpo.bench.
               forward every step (``fastdpo.bench.train``), plus its scaling with sequence length;
 - ``eval``    position-swapped evaluation, prompts/s, with the fast sampler vs the oracle sampler;
 - ``kernels`` the fused log-prob micro-benchmarks and the sm_89 AOT report (``fastdpo.bench.kernels``);
+- ``packing`` padded vs padding-free packed DPO steps at equal work, tokens/s, on demo-like and
+              wide-spread pairs (``fastdpo.bench.packing``; opt-in: ``--phases packing``);
 - ``peers``   TRL ``DPOTrainer`` steps and Liger-Kernel's ``LigerFusedLinearDPOLoss`` on the same
               shapes, when installed (``pip install -e .[peers]``; ``fastdpo.bench.peers``).
 
@@ -31,7 +33,7 @@ import torch
 
 from fastdpo.bench.peak import matmul_peaks
 
-PHASES = ("sample", "judge", "train", "eval", "kernels", "peers")
+PHASES = ("sample", "judge", "train", "eval", "kernels", "peers", "packing")
 DEFAULT_PHASES = ("sample", "judge", "train", "eval", "peers")
 
 
@@ -296,6 +298,12 @@ def bench_peers(preset, quick, peaks, peers, out):
         )
 
 
+def bench_packing(preset, quick, peaks, peers, out):
+    from fastdpo.bench.packing import packing_phase
+
+    packing_phase(preset, quick, out, _summary)
+
+
 RUNNERS = {
     "sample": bench_sample,
     "judge": bench_judge,
@@ -303,6 +311,7 @@ RUNNERS = {
     "eval": bench_eval,
     "kernels": bench_kernels,
     "peers": bench_peers,
+    "packing": bench_packing,
 }
 
 

@@ -199,6 +199,16 @@ def test_ddp_lora_with_gradient_checkpointing_matches_one_process(work):
     assert (work / "runs" / "ddp-lora" / "final" / "adapter_model.safetensors").is_file()
 
 
+def test_ddp_two_ranks_packed_match_one_process_padded(work, single):
+    """``train.packing`` under DDP: each rank's separate rows packed end to end (flat row through
+    PolicyForward) train as the padded one-process run does."""
+    s = spec(work, "ddp-packed", packing=True)
+    s["dpo"]["reference_cache_dir"] = str(work / "cache-packed")   # its own entry, apart from the others
+    proc = worker("train", s)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    assert_same_run(work / "runs" / "ddp-packed", single)
+
+
 def test_fsdp2_two_ranks_match_one_process_and_save_one_file(work, single):
     s = spec(work, "fsdp", parallel="fsdp", save_every=2)
     proc = worker("train", s)

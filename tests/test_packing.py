@@ -294,3 +294,31 @@ def test_sft_rows_unflatten_to_collate_sft():
     assert flat.ids.shape[1] == sum(x.n_tokens for x in items)
     assert torch.equal(flat.ids[0][flat.index][mask], ids[mask])
     assert flat.segments.lengths == [x.n_tokens for x in items] and set(flat.segments.prefix) == {None}
+
+
+def test_the_bench_compares_equal_work():
+    """``python -m fastdpo.bench.packing``: same pairs and tokens per variant, fewer model tokens packed."""
+    from fastdpo.bench.packing import run_packing_bench
+
+    rows = run_packing_bench("wide", rounds=1, steps=1, precision="fp32", micro_batch_size=3,
+                             variants=("padded", "packed", "separate"), verbose=False)
+    padded, packed, separate = rows
+    assert padded["real_tokens_per_step"] == packed["real_tokens_per_step"] == separate["real_tokens_per_step"]
+    assert packed["model_tokens_per_step"] < padded["model_tokens_per_step"] < separate["model_tokens_per_step"]
+    assert packed["speedup"] > 0 and "speedup" not in padded
+
+
+def test_the_wrapped_policy_runs_the_flat_row(monkeypatch):
+    """Under DDP/FSDP2 the policy is ``PolicyForward``: the flat row goes through its forward."""
+    from fastdpo.training.logprobs import PolicyForward, pair_forward, pair_rows
+
+    calls = []
+    real = seg_mod.attend_segments
+    monkeypatch.setattr("fastdpo.models.kv_cache.attend_segments",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, pairs = gpt(), make_pairs(3)
+    want = pair_forward(model, pair_rows(pairs, 0, CPU, False))
+    got = pair_forward(PolicyForward(model), pair_rows(pairs, 0, CPU, False, packing=True))
+    assert len(calls) == model.config.n_layer
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
