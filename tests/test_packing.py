@@ -74,20 +74,28 @@ def dense_mask(s: Segments) -> torch.Tensor:
 SEGMENTS = Segments([5, 3, 1, 4, 6, 2], [None, (0, 4), None, None, (3, 4), (4, 1)])
 
 
+@pytest.mark.parametrize("dtype,plain_max", [(torch.float32, 64), (torch.bfloat16, 64), (torch.bfloat16, 2)],
+                         ids=["fp32", "bf16-plain", "bf16-sdpa"])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
-def test_segment_attention_equals_the_dense_document_mask(heads):
+def test_segment_attention_equals_the_dense_document_mask(heads, dtype, plain_max, monkeypatch):
+    """Float32 tight; bf16 (the plain formula on short segments, SDPA on longer ones) against the
+    float32 formula on the same bf16 inputs, loose."""
+    monkeypatch.setattr(seg_mod, "PLAIN_MAX_LEN", plain_max)
     H, Hkv = heads
     g = torch.Generator().manual_seed(0)
     N = SEGMENTS.n_tokens
-    q, k, v = (torch.randn(1, h, N, 8, generator=g, requires_grad=True) for h in (H, Hkv, Hkv))
+    q, k, v = (torch.randn(1, h, N, 8, generator=g).to(dtype).requires_grad_() for h in (H, Hkv, Hkv))
     w = torch.randn(1, H, N, 8, generator=g)
     out = attend_segments(q, k, v, SEGMENTS)
-    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(SEGMENTS), enable_gqa=H != Hkv)
-    want_grads = torch.autograd.grad((want * w).sum(), (q, k, v))
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    want = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=dense_mask(SEGMENTS), enable_gqa=H != Hkv)
+    want_grads = torch.autograd.grad((want * w).sum(), (q32, k32, v32))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), want, **tol)
     for a, b in zip(grads, want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.float(), b, **tol)
 
 
 def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size, enable_gqa):

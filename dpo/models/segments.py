@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 # a batch of ``Segments.groups`` holds key lengths up to this multiple of its shortest
 GROUP_RATIO = 1.5
+# bf16 on CPU: segments up to this many tokens attend by the plain formula (see causal_attention)
+PLAIN_MAX_LEN = 64
 
 try:   # FlashAttention's variable-length entry point (CUDA only)
     from torch.nn.attention.varlen import varlen_attn
@@ -186,10 +188,11 @@ def _batched(q, k, v, segments: Segments, dropout_p: float) -> torch.Tensor:
 
 
 def causal_attention(q, k, v, dropout_p: float) -> torch.Tensor:
-    """Causal attention (B, H, L, D). On CPU in half precision the plain formula (float32 softmax):
-    torch's CPU flash-attention backward in bf16 measured several times slower than it on the
-    short segments of training rows; elsewhere SDPA."""
-    if q.device.type != "cpu" or q.dtype == torch.float32:
+    """Causal attention (B, H, L, D). On CPU in half precision and up to ``PLAIN_MAX_LEN`` tokens
+    the plain formula (float32 softmax): torch's CPU flash-attention backward in bf16 measured
+    several times slower than it on such short segments (and slower than SDPA on long ones);
+    elsewhere SDPA."""
+    if q.device.type != "cpu" or q.dtype == torch.float32 or q.shape[2] > PLAIN_MAX_LEN:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
                                               enable_gqa=k.shape[1] != q.shape[1])
     if k.shape[1] != q.shape[1]:                              # grouped-query attention
