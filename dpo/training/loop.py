@@ -30,6 +30,7 @@ import torch
 from fastdpo import runtime
 from fastdpo.models import lora
 from fastdpo.models.checkpoint import load_checkpoint, save_checkpoint
+from fastdpo.models.errors import CheckpointError
 from fastdpo.models.recompute import set_gradient_checkpointing
 from fastdpo.runtime import autocast, resolve_device, resolve_precision
 from fastdpo.training import parallel
@@ -38,7 +39,7 @@ from fastdpo.training.config import HealthConfig, TrainingConfig
 from fastdpo.training.finetuning import apply_finetuning
 from fastdpo.training.health import HealthMonitor
 from fastdpo.training.metrics import RunLogger
-from fastdpo.training.runs import FINAL, STATE_FILE, _step_dirs, latest_checkpoint
+from fastdpo.training.runs import FINAL, STATE_FILE, _step_dirs, latest_checkpoint, resume_problem
 
 
 class TrainingDiverged(ValueError):
@@ -411,10 +412,10 @@ class Trainer:
     def resume_from(self, path: Path) -> None:
         """Restore weights, optimizer, RNG and the step (= data position and lr schedule)."""
         path = Path(path)
-        state_file = path / STATE_FILE
-        if not state_file.is_file():
-            raise ValueError(f"{path}: no {STATE_FILE}; it is not a resumable training checkpoint")
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        problem = resume_problem(path)   # damaged or not a training checkpoint: one line naming the file
+        if problem:
+            raise CheckpointError(f"cannot resume from {path}: {problem}")
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         if lora.has_lora(self.model):   # the frozen base is this run's own: only the adapters trained
             lora.load_adapter_weights(path, self.model)
             self.optimizer.load_state_dict(state["optimizer"])
