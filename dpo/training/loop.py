@@ -31,6 +31,7 @@ from fastdpo import runtime
 from fastdpo.models import lora
 from fastdpo.models.checkpoint import load_checkpoint, save_checkpoint
 from fastdpo.models.errors import CheckpointError
+from fastdpo.models.memory import check_training_fits
 from fastdpo.models.recompute import set_gradient_checkpointing
 from fastdpo.runtime import autocast, resolve_device, resolve_precision
 from fastdpo.training import parallel
@@ -150,6 +151,10 @@ class Trainer:
         self.parallel = parallel.parallelize(model, cfg.parallel, self.device) if self.world > 1 else None
         if self.parallel is not None:
             task.bind_policy(self.parallel)
+        if self.world == 1:   # refuse, naming the parts, what cannot fit (before the optimizer state;
+            #                   FSDP's shards are not counted, so only a single process is checked)
+            check_training_fits(model, self.device, cfg.micro_batch_size, max(task.lengths, default=1),
+                                cfg.gradient_checkpointing)
         self.optimizer = make_optimizer(model, cfg, fused=self.parallel is None)
         # the NaN/Inf guard without a host read per step (see _guard)
         self.device_side_guard = self.device.type != "cpu" and bool(self.optimizer.defaults.get("fused"))
