@@ -113,18 +113,16 @@ def resolve_device(device: str) -> torch.device:
     try:
         resolved = local_device(device)   # under torchrun, "cuda" is this process's GPU
     except (RuntimeError, ValueError):
-        raise ConfigError(f"device {str(device)!r} is not a device (use auto, cpu, cuda or cuda:N)",
-                          field="device") from None
+        raise ConfigError(f"device {str(device)!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
     if resolved.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device {str(device)!r} is not supported (use auto, cpu, cuda or cuda:N)",
-                          field="device")
+        raise ConfigError(f"device {str(device)!r} is not supported (use auto, cpu, cuda or cuda:N)")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {str(device)!r}: CUDA is not available on this machine "
-                              f"(use device auto or cpu)", field="device")
+                              f"(use device auto or cpu)")
         if (resolved.index or 0) >= torch.cuda.device_count():
             raise ConfigError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} "
-                              f"CUDA device(s)", field="device")
+                              f"CUDA device(s)")
     return resolved
 
 

@@ -88,6 +88,7 @@ def _close_progress_bars() -> None:
     """A bar the error interrupted would otherwise hold the start of the error's line."""
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.leave = False   # cleared: the error is the last thing on screen
         bar.close()
     sys.stderr.flush()
 

@@ -239,6 +239,8 @@ def load_policy(ckpt: str | Path, tokenizer_path: str | Path | None = None,
 def load_tokenizer(path: str | Path) -> ChatTokenizer:
     """The tokenizer saved inside a checkpoint (or Hugging Face model) directory."""
     file = Path(path) / TOKENIZER
+    if not Path(path).is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
     if not file.is_file():
         raise CheckpointError(f"{file}: missing; pass --tokenizer explicitly")
     return open_tokenizer(path)

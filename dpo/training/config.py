@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 import yaml
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import is_pydantic_dataclass
 
 from fastdpo.errors import ConfigError
@@ -60,6 +61,13 @@ KERNELS = ("auto", "triton", "torch", "oracle")
 REPORT_TO = ("wandb", "tensorboard", "none")
 Beta = Annotated[Float, Field(ge=0, lt=1)]   # an Adam beta
 Threshold = NonNegativeFloat                  # a health alarm's level
+
+
+def _device_name(value: str) -> str:
+    """A device name (whether this machine has it is ``runtime.resolve_device``'s to say)."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+    return value
 
 
 @config_class
@@ -95,7 +103,7 @@ class TrainingConfig:
     lora_save_merged: Bool = False            # final/ also holds the merged model.safetensors
     seed: NonNegativeInt = 1337
     # "auto" | "cpu" | "cuda" | "cuda:1" ... (whether this machine has it is checked at the start)
-    device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")] = "auto"
+    device: Annotated[str, AfterValidator(_device_name)] = "auto"
     kernel: Literal[KERNELS] = "auto"         # auto (Triton on CUDA, else torch) | triton | torch | oracle
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2 shards)
     # Where metrics go besides metrics.jsonl (always written), HF-style: wandb | tensorboard | none.
