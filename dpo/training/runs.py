@@ -182,10 +182,14 @@ def _newest_valid(run_dir: Path, say) -> Path:
     raise CheckpointError(f"--resume: no checkpoint in {run_dir} validates (newest: {damaged[0]})")
 
 
-def is_finished(resume_path: Path | None) -> bool:
-    """Resuming from a run's ``final`` checkpoint: the run is over; training again would only add a
-    duplicate evaluation and overwrite ``final`` with the same weights."""
-    return resume_path is not None and Path(resume_path).name == FINAL
+def is_finished(resume_path: Path | None, train_config: TrainingConfig) -> bool:
+    """Resuming from a run's ``final`` checkpoint with the plan it finished (same ``max_steps``,
+    ``epochs`` and ``batch_size``): the run is over, and training again would only add a duplicate
+    evaluation and rewrite ``final`` with the same weights. A changed plan (more steps) continues."""
+    if resume_path is None or Path(resume_path).name != FINAL:
+        return False
+    saved = read_config(resume_path).get("config", {}).get("train", {})
+    return all(saved.get(k) == getattr(train_config, k) for k in ("max_steps", "epochs", "batch_size"))
 
 
 def train_to_completion(build: Callable[[RunLogger | None], Trainer], train_config: TrainingConfig,
@@ -193,8 +197,8 @@ def train_to_completion(build: Callable[[RunLogger | None], Trainer], train_conf
                         health: HealthMonitor | None = None) -> Path:
     """The run shared by SFT and DPO: open the run's logger (rank 0 only), build the trainer with
     it, attach the health alarms, resume if asked, train, write the final checkpoint, and always
-    close the logger. A finished run (``final`` resumed) is said so and nothing is written."""
-    if is_finished(resume_path):
+    close the logger. A finished run (``is_finished``) is said so and nothing is written."""
+    if is_finished(resume_path, train_config):
         say(f"{train_config.run_dir} is finished: {resume_path} (step {_checkpoint_step(resume_path)}); "
             f"nothing to resume. To train further, start a new run from that checkpoint.", flush=True)
         return Path(resume_path)
