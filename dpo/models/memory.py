@@ -69,12 +69,13 @@ def check_weights_fit(model_cls: type, config, device: torch.device | str = "cpu
 
 def training_bytes(model: torch.nn.Module, tokens_per_micro_batch: int, gradient_checkpointing: bool) -> dict:
     """The estimate's parts, in bytes, for training ``model`` on micro-batches of that many tokens."""
-    cfg = model.config
+    cfg = getattr(model, "config", None)   # a model of no known family: its parameters only
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    layers = 1 if gradient_checkpointing else cfg.n_layer   # checkpointing keeps one block's at a time
-    seq = cfg.block_size
-    per_token = layers * (16 * cfg.n_embd + cfg.n_head * min(seq, tokens_per_micro_batch))
+    per_token = 0
+    if cfg is not None and all(hasattr(cfg, k) for k in ("n_layer", "n_embd", "n_head", "block_size")):
+        layers = 1 if gradient_checkpointing else cfg.n_layer   # checkpointing keeps one block's at a time
+        per_token = layers * (16 * cfg.n_embd + cfg.n_head * min(cfg.block_size, tokens_per_micro_batch))
     return {"weights": params * FLOAT32, "gradients": trainable * FLOAT32,
             "optimizer state": 2 * trainable * FLOAT32,
             "activations": tokens_per_micro_batch * per_token * FLOAT32}
@@ -93,7 +94,7 @@ def check_training_fits(model: torch.nn.Module, device: torch.device | str, micr
     if needed > budget:
         shown = ", ".join(f"{k} {gb(v)}" for k, v in parts.items())
         raise ConfigError(
-            f"training needs about {gb(total)} ({shown}; model {shape_of(model.config)}, "
+            f"training needs about {gb(total)} ({shown}; model {shape_of(getattr(model, 'config', None))}, "
             f"micro_batch_size={micro_batch_size} x {longest} tokens), more than the {gb(budget)} "
             f"available on {torch.device(device)}; lower micro_batch_size or the lengths, or turn on "
             f"gradient_checkpointing / finetuning_type lora")
