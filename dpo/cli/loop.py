@@ -39,7 +39,7 @@ def add_subcommand(sub) -> None:
                    help="...and the mean held-out score fell by at most this")
     g.add_argument("--max-retries", type=int, default=1)
     g.add_argument("--beta-factor", type=float, default=2.0, help="a retry multiplies beta by this")
-    g.add_argument("--steps-factor", type=float, default=0.5, help="a retry multiplies steps (epochs) by this")
+    g.add_argument("--steps-factor", type=float, default=0.5, help="a retry multiplies steps by this")
     g.add_argument("--on-fail", choices=ON_FAIL, default="stop",
                    help="after the last retry: stop, or continue from the unchanged policy")
     m = p.add_argument_group("mining and evaluation")
