@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastdpo.cli.common import DTYPES, add_device_arg, add_judge_args, judge_from_args, parse_floats
+from fastdpo.cli.rubrics import add_rubric_args
 from fastdpo.generation.mining import DEFAULT_TEMPS
 from fastdpo.generation.online_loop import ON_FAIL, REFERENCES, BuiltinEngine, LoopConfig, run_loop
 
@@ -61,6 +62,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="sampling precision (autocast)")
     p.add_argument("--no-progress", action="store_true")
     add_judge_args(p)
+    add_rubric_args(p)
     p.set_defaults(func=_cli)
 
 

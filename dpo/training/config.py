@@ -208,10 +208,18 @@ class DPOConfig(LengthLimits):
     reference_cache_dir: Path | None = None   # default: output_dir / "ref_cache"
     rpo_alpha: float = 0.0                    # weight of the mean per-token NLL on chosen answers
     shared_prompt: bool = True                # one row per pair, the prompt run once for both answers
+    margin_weighting: bool = False            # weight each pair's loss by its preference margin
+    dimension_weights: dict[str, float] | None = None   # rows' "dimensions" in that margin (default: equal)
 
     def __post_init__(self):
         super().__post_init__()
         _choice("loss_type", self.loss_type, LOSS_TYPES)
+        if self.dimension_weights is not None:
+            if not isinstance(self.dimension_weights, dict) or not all(
+                    isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0
+                    for w in self.dimension_weights.values()):
+                raise ValueError(f"DPOConfig.dimension_weights must map dimension names to numbers >= 0, "
+                                 f"got {self.dimension_weights!r}")
         _choice("reference", self.reference, REFERENCE_MODES)
         if self.loss_type in REFERENCE_FREE_LOSSES:
             if self.reference not in ("auto", "none") or self.reference_checkpoint is not None:
