@@ -186,3 +186,24 @@ def test_kills_at_every_step_then_rerun_end_with_the_uninterrupted_artifacts(set
             a, b = ref / name.format(k=k), out / name.format(k=k)
             assert a.read_bytes() == b.read_bytes(), name.format(k=k)
     assert "| 2 | promoted |" in final.stdout
+
+
+def test_demo_rounds_runs_the_loop_and_the_same_budget_ablation(tmp_path):
+    """``fastdpo demo --quick --rounds 2`` (a batch of one pair, so that the barely trained model's
+    few pairs train): both arms ran, with the same pairs budget, and the figures are written."""
+    import yaml
+
+    from fastdpo.demo.config import DEFAULT_CONFIG
+    from fastdpo.demo.pipeline import run_demo
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    cfg["quick"]["arms"][cfg["headline"]]["batch_size"] = 1
+    summary = run_demo(cfg, quick=True, out=tmp_path / "demo", rounds=2, progress=False)
+    r = summary["rounds"]
+    assert r["pairs_budget"] == sum(x["pairs"] for x in r["rounds"]) > 0
+    assert r["one_round"]["pairs"] == r["pairs_budget"]
+    assert r["accuracy_t07_sft"] is not None and r["one_round"]["accuracy_t07"] is not None
+    root = tmp_path / "demo" / "rounds"
+    assert (root / "rounds.png").stat().st_size > 0 and (root / "loop" / "report.md").is_file()
+    assert (root / "one_round" / "round-1" / "final").is_dir()
+    assert "one round with the same" in summary["report"] and {p["phase"] for p in summary["phases"]} >= {
+        "sft", "loop", "one_round"}

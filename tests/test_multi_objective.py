@@ -162,7 +162,8 @@ def test_cli_rubrics_mine_and_evaluate(tmp_path, monkeypatch, capsys):
                  "--max-new-tokens", "12", "--min-gap", "1", "--min-best", "3", "--no-progress", *flags]) == 0
     rows = [json.loads(x) for x in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert rows and all(set(r["dimensions"]) == {"length", "odd"} for r in rows)
-    assert main(["eval", "--a", str(ckpt), "--b", str(ckpt), "--prompts", str(prompts), "--max-new-tokens", "8",
+    assert main(["eval", "--a", str(ckpt), "--b", str(ckpt), "--prompts", str(prompts),
+                 "--max-new-tokens", "8",
                  "--no-progress", *flags]) == 0
     assert "per dimension (win/tie/loss" in capsys.readouterr().out
     assert main(["pairs", "--ckpt", str(ckpt), "--prompts", str(prompts), "--out", "x.jsonl",

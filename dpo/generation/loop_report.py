@@ -7,8 +7,9 @@ from pathlib import Path
 
 from fastdpo.files import atomic_write, write_json
 
-COLUMNS = (("round", "round"), ("status", "status"), ("attempts", "attempts"), ("pairs", "pairs"),
-           ("pairs_per_min", "pairs/min"), ("win_rate_vs_previous", "win rate vs prev"),
+COLUMNS = (("round", "round"), ("status", "status"), ("attempts", "attempts"), ("pairs", "pairs mined"),
+           ("pairs_trained", "trained on"), ("pairs_per_min", "pairs/min"),
+           ("win_rate_vs_previous", "win rate vs prev"),
            ("win_rate_vs_sft", "win rate vs SFT"), ("accuracy", "accuracy"), ("mean_score", "mean score"),
            ("avg_tokens", "avg tokens"), ("seconds", "seconds"))
 
@@ -25,6 +26,7 @@ def round_rows(report: dict) -> list[dict]:
         mining = r["cost"].get("mining") or {}
         rows.append({"round": r["round"], "status": "promoted" if r["promoted"] else "rejected",
                      "attempts": len(r["attempts"]), "pairs": r["pairs"],
+                     "pairs_trained": r.get("pairs_trained"),
                      "pairs_per_min": mining.get("pairs_per_min"),
                      **{k: r.get(k) for k in ("win_rate_vs_previous", "win_rate_vs_sft", "accuracy",
                                               "mean_score", "avg_tokens")},

@@ -316,10 +316,10 @@ def _decide_round(k, rdir, loop, policy, sft, pairs, judge, engine, train_config
     from fastdpo.training.config import PreferenceDatasetConfig
     from fastdpo.training.dpo import run_dpo
     attempts = []
-    n_pairs = _count_lines(pairs)
-    if n_pairs == 0:
-        return {"round": k, "promoted": False, "promoted_attempt": None, "attempts": [],
-                "reasons": ["no pairs this round"]}
+    n_pairs = min(_count_lines(pairs), loop.max_pairs_per_round or math.inf)
+    if n_pairs < (train_config.batch_size or 1):   # not one optimizer step: nothing to train
+        return {"round": k, "promoted": False, "promoted_attempt": None, "attempts": [], "pairs_trained": 0,
+                "reasons": [f"{n_pairs} pairs, fewer than one batch ({train_config.batch_size})"]}
     for j in range(loop.max_retries + 1):
         adir = rdir / f"attempt-{j}"
         tc, dc = attempt_configs(train_config, dpo_config, loop, j)
@@ -351,10 +351,10 @@ def _decide_round(k, rdir, loop, policy, sft, pairs, judge, engine, train_config
                          "vs_sft": eval_summary(vs_sft, loop.correct_score)})
         if g["passed"]:
             return {"round": k, "promoted": True, "promoted_attempt": j, "attempts": attempts,
-                    "reasons": [], **_headline(attempts[-1])}
+                    "pairs_trained": n_pairs, "reasons": [], **_headline(attempts[-1])}
         say(f"round {k} attempt {j}: gate failed ({'; '.join(g['reasons'])})", flush=True)
     return {"round": k, "promoted": False, "promoted_attempt": None, "attempts": attempts,
-            "reasons": attempts[-1]["gate"]["reasons"], **_headline(attempts[-1])}
+            "pairs_trained": n_pairs, "reasons": attempts[-1]["gate"]["reasons"], **_headline(attempts[-1])}
 
 
 def _headline(attempt: dict) -> dict:

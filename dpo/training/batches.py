@@ -24,7 +24,6 @@ from fastdpo.models.tokenizer import ChatTokenizer
 from fastdpo.training.data import DataError, DataStats, PreferenceExample, SFTExample, load_examples
 from fastdpo.training.pair_weights import pair_margin
 
-
 # the row fields a pair's preference margin is read from (fastdpo.training.pair_weights)
 MARGIN_FIELDS = ("weighted_margin", "dimensions", "score_chosen", "score_rejected")
 
