@@ -106,6 +106,21 @@ def test_failed_gate_retries_with_the_adjustment_then_stops(setup, tmp_path):
     assert steps == [3, 2]                                  # the retry really trained fewer steps
 
 
+def test_on_fail_continue_keeps_the_policy_and_mines_the_next_slice(setup, tmp_path):
+    out = tmp_path / "loop"
+    tc, dc = _configs(out)
+    loop = _loop(setup, min_win_rate=1.0, max_retries=0, on_fail="continue", prompts_per_round=8)
+    report = run_loop(setup["ckpt"], out, make_judge("toyjudge:score"), loop, tc, dc, progress=False,
+                      say=lambda *a, **k: None)
+    assert [r["promoted"] for r in report["rounds"]] == [False, False] and report["stopped_at"] is None
+    assert report["policy"] == str(setup["ckpt"])
+    pool = [json.loads(x)["prompt"] for x in setup["prompts"].read_text().splitlines()]
+    mined = [{json.loads(x)["prompt"] for x in (out / f"round-{k}" / "pairs.jsonl").read_text().splitlines()}
+             for k in (1, 2)]
+    assert mined[0] and mined[1]
+    assert mined[0] <= set(pool[:8]) and mined[1] <= set(pool[8:] + pool[:4])   # the pool wraps around
+
+
 def test_rounds_write_their_artifacts_and_report(setup, tmp_path):
     out = tmp_path / "loop"
     tc, dc = _configs(out)
