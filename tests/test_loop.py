@@ -217,6 +217,7 @@ def test_demo_rounds_runs_the_loop_and_the_same_budget_ablation(tmp_path):
     assert r["pairs_budget"] == sum(x["pairs"] for x in r["rounds"]) > 0
     assert r["one_round"]["pairs"] == r["pairs_budget"]
     assert r["accuracy_t07_sft"] is not None and r["one_round"]["accuracy_t07"] is not None
+    assert {"content_t07", "chatty_t07"} <= set(r["rounds"][0]) & set(r["one_round"]) & set(r["sft_rates"])
     root = tmp_path / "demo" / "rounds"
     assert (root / "rounds.png").stat().st_size > 0 and (root / "loop" / "report.md").is_file()
     assert (root / "one_round" / "round-1" / "final").is_dir()

@@ -17,6 +17,7 @@ cost of each round by phase, mining throughput in pairs/min per round).
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -71,11 +72,32 @@ def run_rounds(rounds: int, cfg: dict, out: Path, sft_ckpt: Path, judge, *, trai
                            progress=False, say=quiet)
             row["count"] = 1
     summary = summarize(loop, one, budget)
+    # beside judged accuracy: content accuracy (filler allowed) and the chatty rate, so that a gain
+    # from dropping the habit is not passed off as a gain in content
+    for row, r in zip(summary["rounds"], loop["rounds"]):
+        row.update(answer_rates(root / "loop", r))
+    if loop["rounds"]:
+        summary["sft_rates"] = answer_rates(root / "loop", loop["rounds"][0], side="b")
+    if one and one["rounds"]:
+        summary["one_round"].update(answer_rates(root / "one_round", one["rounds"][0]))
     write_json(root / "rounds.json", summary)
     plot(summary, root / "rounds.png")
     summary["text"] = format_rounds(summary)
     write_json(root / "rounds.json", summary)
     return summary
+
+
+def answer_rates(loop_dir: Path, r: dict, side: str = "a") -> dict:
+    """Content accuracy and chatty rate at T=0.7 of a round's last attempt (``side`` b: the SFT
+    model's answers in the same evaluation)."""
+    if not r["attempts"]:
+        return {}
+    att = loop_dir / f"round-{r['round']}" / f"attempt-{r['attempts'][-1]['attempt']}"
+    path = att / "eval_vs_sft.json" if (att / "eval_vs_sft.json").is_file() else att / "eval_vs_prev.json"
+    items = json.loads(path.read_text())["items"]
+    n = max(1, len(items))
+    return {"content_t07": sum(task_mod.content_correct_score(it[f"score_{side}"] or 0) for it in items) / n,
+            "chatty_t07": sum(task_mod.is_chatty(it[side]) for it in items) / n}
 
 
 def summarize(loop: dict, one: dict | None, budget: int) -> dict:
@@ -111,19 +133,23 @@ def summarize(loop: dict, one: dict | None, budget: int) -> dict:
 def format_rounds(s: dict) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
+    sft = s.get("sft_rates", {})
     lines = ["== rounds: the loop vs one round with the same pair budget (judged accuracy at T=0.7) ==",
-             f"{'round':<7}{'status':<10}{'pairs':>7}{'pairs/min':>11}{'acc T=0.7':>11}{'win vs prev':>13}"
-             f"{'mine s':>8}{'train s':>9}{'eval s':>8}",
-             f"{'SFT':<7}{'':<10}{'':>7}{'':>11}{pct(s['accuracy_t07_sft']):>11}"]
+             f"{'round':<7}{'status':<10}{'pairs':>7}{'pairs/min':>11}{'acc T=0.7':>11}{'content':>9}"
+             f"{'chatty':>8}{'win vs prev':>13}{'mine s':>8}{'train s':>9}{'eval s':>8}",
+             f"{'SFT':<7}{'':<10}{'':>7}{'':>11}{pct(s['accuracy_t07_sft']):>11}"
+             f"{pct(sft.get('content_t07')):>9}{pct(sft.get('chatty_t07')):>8}"]
     for r in s["rounds"]:
         sec = r["seconds"]
         ppm = "-" if r["pairs_per_min"] is None else f"{r['pairs_per_min']:.0f}"
         status = "promoted" if r["promoted"] else "rejected"
-        lines.append(f"{r['round']:<7}{status:<10}{r['pairs']:>7}{ppm:>11}"
-                     f"{pct(r['accuracy_t07']):>11}{pct(r['win_rate_vs_previous']):>13}{sec['mine']:>8.1f}"
+        lines.append(f"{r['round']:<7}{status:<10}{r['pairs']:>7}{ppm:>11}{pct(r['accuracy_t07']):>11}"
+                     f"{pct(r.get('content_t07')):>9}{pct(r.get('chatty_t07')):>8}"
+                     f"{pct(r['win_rate_vs_previous']):>13}{sec['mine']:>8.1f}"
                      f"{sec['train']:>9.1f}{sec['eval']:>8.1f}")
     o = s["one_round"]
-    lines.append(f"{'1 round':<7}{'':<10}{o['pairs']:>7}{'':>11}{pct(o['accuracy_t07']):>11}{'':>13}"
+    lines.append(f"{'1 round':<7}{'':<10}{o['pairs']:>7}{'':>11}{pct(o['accuracy_t07']):>11}"
+                 f"{pct(o.get('content_t07')):>9}{pct(o.get('chatty_t07')):>8}{'':>13}"
                  f"{o['seconds']['mine']:>8.1f}{o['seconds']['train']:>9.1f}{o['seconds']['eval']:>8.1f}")
     gain = s["loop_gain_over_one_round_points"]
     lines.append(f"loop ends at {pct(s['accuracy_t07_loop'])} vs {pct(o['accuracy_t07'])} for one round "
@@ -161,6 +187,8 @@ def plot(s: dict, path: Path) -> Path:
     axes[2].bar([r["round"] for r in rows], [r["pairs_per_min"] or 0 for r in rows])
     axes[2].set_title("mining throughput (pairs/min)")
     axes[2].set_xlabel("round")
+    for ax in axes:
+        ax.set_xticks(xs if ax is axes[0] else xs[1:])
     fig.tight_layout()
 
     def save(tmp: Path) -> None:

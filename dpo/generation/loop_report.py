@@ -67,6 +67,7 @@ def plot_rounds(rows: list[dict], path: Path) -> Path:
                 ax.plot(*zip(*pts), marker="o", label=key.replace("_", " "))
         ax.set_title(title)
         ax.set_xlabel("round (0 = SFT)")
+        ax.set_xticks([r["round"] for r in rows])
         if ax.has_data():
             ax.legend(fontsize=8)
     fig.tight_layout()
