@@ -16,7 +16,7 @@ right to fit, losing its end-of-turn token. Dropped examples and cut answers are
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,7 +33,8 @@ class TokenizedPair:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
-    margin_fields: dict | None = None     # the row's MARGIN_FIELDS, when it has any
+    # the row's MARGIN_FIELDS, when it has any: metadata, not part of what the pair is
+    margin_fields: dict | None = field(default=None, compare=False, repr=False)
 
     @property
     def n_tokens(self) -> int:            # real (unpadded) tokens in the pair's two sequences
