@@ -21,7 +21,7 @@ from fastdpo import __version__  # noqa: E402
 SUBCOMMAND_MODULES: list[str] = [
     "fastdpo.cli.pairs", "fastdpo.cli.eval", "fastdpo.cli.serve", "fastdpo.cli.sft", "fastdpo.cli.train",
     "fastdpo.cli.bench", "fastdpo.cli.demo", "fastdpo.cli.label", "fastdpo.cli.export",
-    "fastdpo.cli.tokenizer", "fastdpo.cli.audit",
+    "fastdpo.cli.tokenizer", "fastdpo.cli.audit", "fastdpo.cli.loop",
 ]
 
 

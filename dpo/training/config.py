@@ -198,6 +198,9 @@ class DPOConfig(LengthLimits):
     reference_cache_dir: Path | None = None   # default: output_dir / "ref_cache"
     rpo_alpha: NonNegativeFloat = 0.0         # weight of the mean per-token NLL on chosen answers
     shared_prompt: Bool = True                # one row per pair, the prompt run once for both answers
+    margin_weighting: Bool = False            # weight each pair's loss by its preference margin
+    dimension_weights: dict[str, NonNegativeFloat] | None = None   # rows' "dimensions" in that margin
+    #                                           (default: equal)
 
     def __post_init__(self):
         super().__post_init__()
