@@ -220,7 +220,7 @@ def test_retries_429_and_5xx_then_succeeds(scripted):
 def test_persistent_5xx_is_a_bounded_error(scripted):
     scripted.script = [(500, "down")] * 10
     j = OpenAIJudge(_url(scripted), "m", max_retries=2, backoff=0.01)
-    with pytest.raises(JudgeError, match="after 3 attempts.*InternalServerError"):
+    with pytest.raises(JudgeError, match="HTTP 500: down .gave up after 3 attempts"):
         j.score("i", "r")
     assert scripted.calls == 3
 
@@ -241,7 +241,7 @@ def test_nothing_listening_fails_fast_with_clear_error():
         port = s.getsockname()[1]
     j = OpenAIJudge(f"http://127.0.0.1:{port}/v1", "m", max_retries=3, backoff=0.2, timeout=5)
     t0 = time.monotonic()
-    expected = rf"127.0.0.1:{port}.*unreachable after 4 attempts.*APIConnectionError"
+    expected = rf"127.0.0.1:{port}/v1: connection: .*refused.*gave up after 4 attempts"
     with pytest.raises(JudgeError, match=expected):
         j.score_many([("i", "r")] * 3)
     assert time.monotonic() - t0 < 10
