@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastdpo.configs import config_path
-from fastdpo.errors import ServiceError
+from fastdpo.errors import ConfigError, ServiceError
 from fastdpo.generation.judge_replies import (  # noqa: F401  (parse_*, load_prompt: public here too)
     completion_text,
     fill_prompt,
@@ -85,17 +85,27 @@ class JudgeStats:
         if len(self.samples) < MAX_SAMPLES:
             self.samples.append(f"{kind}: {(raw or '')[:SAMPLE_CHARS]!r}")
 
-    def summary(self) -> str:
-        """One line: what went wrong, or ``""`` when nothing did."""
-        parts = [f"{k.replace('_', ' ')} {v}" for k, v in (
-            ("invalid", self.invalid), ("refused", self.rejected), ("retries", self.retries),
-            ("timeouts", self.timeouts), ("connection_errors", self.connection_errors),
-            ("http_5xx", self.http_5xx), ("rate_limited", self.rate_limited),
-            ("unparseable", self.unparseable)) if v]
-        return ", ".join(parts)
-
-
 MAX_REASONS, MAX_SAMPLES, SAMPLE_CHARS = 5, 5, 300
+FAILURE_COUNTERS = ("timeouts", "connection_errors", "http_5xx", "rate_limited", "unparseable")
+
+
+def format_judge_stats(stats: dict, indent: str = "") -> list[str]:
+    """What went wrong with a judge (``JudgeStats.as_dict()``, as saved in reports), as lines:
+    unusable and refused replies, failed attempts by kind, the servers' reasons and a few raw
+    replies; no lines when nothing did."""
+    lines = []
+    if stats.get("invalid") or stats.get("rejected"):
+        lines.append(f"judge replies without a verdict: {stats.get('invalid', 0)} (counted as ties / no "
+                     f"score), of which refused by the server: {stats.get('rejected', 0)}")
+    failed = {k: stats.get(k, 0) for k in FAILURE_COUNTERS}
+    if any(failed.values()) or stats.get("retries"):
+        lines.append("judge failures: " + ", ".join(f"{k} {v}" for k, v in failed.items())
+                     + f" (retried {stats.get('retries', 0)})")
+    for reason, n in (stats.get("errors") or {}).items():
+        lines.append(f"  the judge said ({n}x): {reason}")
+    for sample in stats.get("samples") or []:
+        lines.append(f"  unusable reply: {sample}")
+    return [indent + ln for ln in lines]
 
 
 class Judge:
@@ -214,6 +224,9 @@ class OpenAIJudge(Judge):
                 (max_retries is not None and max_retries < 0):
             raise ValueError("OpenAIJudge: concurrency, max_tokens and max_refusals_in_row must be >= 1, "
                              "max_retries >= 0")
+        if not (isinstance(retry_budget, (int, float)) and 0 <= retry_budget < float("inf")):
+            raise ConfigError(f"OpenAIJudge: retry_budget (--judge-retry-budget) must be a finite number of "
+                              f"seconds >= 0, got {retry_budget!r}")
         self.base_url, self.model = base_url.rstrip("/"), model
         self.name = f"openai:{model}"
         self.max_tokens, self.concurrency, self.timeout = max_tokens, concurrency, timeout

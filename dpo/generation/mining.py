@@ -46,8 +46,8 @@ from pathlib import Path
 
 import torch
 
-from fastdpo.files import append_durable
-from fastdpo.generation.judge import Judge
+from fastdpo.files import append_durable, write_json
+from fastdpo.generation.judge import Judge, JudgeError
 from fastdpo.generation.mining_progress import COUNTS, ProgressLog
 
 DEFAULT_TEMPS = (0.7, 0.9, 1.1, 1.3)
@@ -162,7 +162,8 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                min_gap: int = 2, min_best: int = 6, batch_size: int = 16, seed: int = 0,
                max_prompt_tokens: int | None = None, n_prompts: int | None = None,
                dtype: torch.dtype | None = None, progress: bool = True,
-               shard: tuple[int, int] | None = None, truncated_as_rejected: bool = False) -> MiningStats:
+               shard: tuple[int, int] | None = None, truncated_as_rejected: bool = False,
+               must_resume: bool = False) -> MiningStats:
     """Mine preference pairs into ``out_path`` (JSONL, appended as it goes; resumable).
 
     ``prompts`` is a JSONL path (see ``load_prompts``) or a list of instructions. Prompts whose
@@ -177,6 +178,12 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
     ``shard=(rank, world)`` mines only batches ``rank, rank + world, ...`` into ``out_path`` (see
     ``mining_progress.shard_path``, ``merge_shards``): each batch keeps its seed, so the shards hold
     exactly the pairs of the unsharded run, and each shard resumes on its own.
+
+    A judge that fails for good (``JudgeError``: its retry budget spent, a bad key...) stops the
+    run with every finished batch kept; the error says how far it got, and running again (the CLI's
+    ``--resume``; ``must_resume=True`` insists there is a run to continue) carries on from there.
+    ``<out>.report.json`` holds the statistics and the judge's (its failures by kind, the servers'
+    reasons, a few unusable replies), written at the end and when the judge stops the run.
     """
     from fastdpo.generation.sampler import sample
 
@@ -214,6 +221,9 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
         settings = {**settings, "shard": list(shard)}
     out_path = Path(out_path)
     log = ProgressLog(out_path, fingerprint, settings)
+    if must_resume and not log.path.is_file():
+        raise ValueError(f"--resume: {out_path} has no mining run to continue (no {log.path.name}); "
+                         "leave out --resume to start one")
     start_batch, saved = log.resume()
     if saved:
         for k in (*COUNTS, "score_hist"):
@@ -288,6 +298,12 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                 log.commit(b, out.tell(), stats)
                 bar.update(len(idx))
                 bar.set_postfix(kept=stats.pairs_kept)
+    except JudgeError as e:
+        stats.elapsed_s = time.perf_counter() - t_start
+        stopped = (f"{e}; stopped with {stats.prompts_done} prompts done and {stats.pairs_kept} pairs kept "
+                   f"in {out_path}: run the same command with --resume to continue")
+        _write_report(out_path, stats, judge, stopped)
+        raise JudgeError(stopped) from None
     finally:
         stop.set()
         _drain(ready)
@@ -295,7 +311,17 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
         bar.close()
         log.close()
         stats.elapsed_s = time.perf_counter() - t_start
+    _write_report(out_path, stats, judge)
     return stats
+
+
+REPORT_SUFFIX = ".report.json"
+
+
+def _write_report(out_path: Path, stats: MiningStats, judge: Judge, stopped: str | None = None) -> None:
+    write_json(out_path.with_name(out_path.name + REPORT_SUFFIX),
+               {"pairs": str(out_path), "stats": stats.as_dict(), "judge": judge.describe(),
+                "judge_stats": judge.stats.as_dict(), "stopped": stopped})
 
 
 class Sample:
