@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import email.utils
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -236,16 +237,13 @@ def clip(text: str | None, n: int = 300) -> str:
 
 
 def failure_from_openai(e: BaseException) -> Failure | None:
-    """A ``Failure`` for the exceptions of the ``openai`` client (and bare ``httpx`` ones);
-    ``None`` for anything else. 401/403/404 and other 4xx are ``fatal``; 400/413/422 are
-    ``refused`` (this one request was malformed or too long: callers usually count it and go on);
-    408 and 409 are retried like 5xx, as the servers that send them mean."""
-    try:
-        import openai
-    except ImportError:   # pragma: no cover - the judge and the samplers need it anyway
-        openai = None
-    import httpx
-
+    """A ``Failure`` for the exceptions of the ``openai`` client and of ``httpx`` (or a fork with
+    the same exception names); ``None`` for anything else. 401/403/404 and other 4xx are ``fatal``;
+    400/413/422 are ``refused`` (this one request was malformed or too long: callers usually count
+    it and go on); 408 and 409 are retried like 5xx, as the servers that send them mean."""
+    # Neither package is imported here: an exception of theirs means they are loaded already, and
+    # importing inside many failing threads at once is what this must never do.
+    openai = sys.modules.get("openai")
     if openai is not None:
         if isinstance(e, openai.APITimeoutError):
             return Failure("timeout", clip(str(e)))
@@ -254,11 +252,12 @@ def failure_from_openai(e: BaseException) -> Failure | None:
             return Failure("connection", clip(f"{e} ({type(cause).__name__}: {cause})" if cause else str(e)))
         if isinstance(e, openai.APIStatusError):
             return _status_failure(e.status_code, _server_message(e), e.response.headers.get("retry-after"))
-    if isinstance(e, httpx.TimeoutException):
+    names = {c.__name__ for c in type(e).__mro__}
+    if "TimeoutException" in names or isinstance(e, TimeoutError):
         return Failure("timeout", clip(str(e)) or type(e).__name__)
-    if isinstance(e, (httpx.TransportError, ConnectionError)):
+    if "TransportError" in names or isinstance(e, ConnectionError):
         return Failure("connection", clip(str(e)) or type(e).__name__)
-    if isinstance(e, httpx.HTTPStatusError):
+    if "HTTPStatusError" in names and getattr(e, "response", None) is not None:
         return _status_failure(e.response.status_code, clip(e.response.text),
                                e.response.headers.get("retry-after"))
     return None
