@@ -35,7 +35,7 @@ from fastdpo.generation.judge_replies import (  # noqa: F401  (parse_*, load_pro
     parse_score,
     parse_verdict,
 )
-from fastdpo.generation.retry import Failure, GiveUp, Retrier, RetryPolicy, failure_from_openai
+from fastdpo.generation.retry import BadReply, Failure, GiveUp, Retrier, RetryPolicy, failure_from_openai
 
 VERDICTS = ("A", "B", "TIE")
 SCORE_PROMPT = config_path("judge_score.txt")
@@ -83,7 +83,8 @@ class JudgeStats:
 
     def note_sample(self, kind: str, raw: str | None) -> None:
         if len(self.samples) < MAX_SAMPLES:
-            self.samples.append(f"{kind}: {(raw or '')[:SAMPLE_CHARS]!r}")
+            shown = repr(raw[:SAMPLE_CHARS]) if raw is not None else "(no text)"
+            self.samples.append(f"{kind}: {shown}")
 
 MAX_REASONS, MAX_SAMPLES, SAMPLE_CHARS = 5, 5, 300
 FAILURE_COUNTERS = ("timeouts", "connection_errors", "http_5xx", "rate_limited", "unparseable")
@@ -274,7 +275,12 @@ class OpenAIJudge(Judge):
             raw = self._client.chat.completions.with_raw_response.create(
                 model=self.model, temperature=0.0, max_tokens=self.max_tokens,
                 messages=[{"role": "user", "content": content}])
-            return completion_text(raw.text, raw.status_code)
+            try:
+                return completion_text(raw.text, raw.status_code)
+            except BadReply as e:
+                with self._lock:
+                    self.stats.note_sample("not a chat completion", e.raw)
+                raise
 
         try:
             text = self._retrier.call(post)
@@ -304,8 +310,6 @@ class OpenAIJudge(Judge):
                 setattr(st, counter, getattr(st, counter) + 1)
             if failure.status is not None:
                 st.note_error(str(failure))
-            if failure.kind == "unparseable":
-                st.note_sample("not a chat completion", failure.message)
 
     def close(self) -> None:
         self._client.close()
