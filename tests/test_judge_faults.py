@@ -262,8 +262,14 @@ def test_a_short_rate_limit_window_is_waited_out(files, reference, judge_server,
     assert saved["stopped"] is None and saved["judge_stats"]["rate_limited"] >= 1
 
 
-def test_eval_resume_needs_its_progress(files, judge_server, tmp_path, capsys):
+def test_resume_needs_its_own_run(files, judge_server, tmp_path, capsys):
     assert evaluate(files, judge_server, tmp_path / "none.json", "--resume") == 2
     assert "--resume: no evaluation to continue" in capsys.readouterr().err
+    assert evaluate(files, judge_server, tmp_path / "r.json") == 0
+    assert evaluate(files, judge_server, tmp_path / "r.json", "--resume", "--seed", "1") == 2
+    assert "r.json.progress.jsonl: written by a different evaluation" in capsys.readouterr().err
+    calls = judge_server.calls
+    assert evaluate(files, judge_server, tmp_path / "r.json", "--resume") == 0   # finished: nothing to ask
+    assert judge_server.calls == calls
     assert pairs(files, judge_server, tmp_path / "none.jsonl", "--resume") == 2
     assert "--resume: " in capsys.readouterr().err and not (tmp_path / "none.jsonl").exists()

@@ -124,7 +124,7 @@ def test_fatal_failures_open_the_circuit_at_once(failure):
     with pytest.raises(GiveUp, match=f"HTTP {failure.status}: {failure.message} .retrying cannot fix") as e:
         r.call(fn)
     assert e.value.why == "fatal" and fn.calls == 1 and counted == [False]
-    assert r.open is e.value
+    assert r.open.failure is e.value.failure and str(r.open) == str(e.value)
     with pytest.raises(GiveUp):
         r.call(fn)
     assert fn.calls == 1

@@ -171,7 +171,7 @@ class Retrier:
         attempt = 0
         while True:
             if self._open is not None:
-                raise self._open
+                raise self._copy_open()
             try:
                 out = fn()
             except Exception as e:
@@ -188,10 +188,15 @@ class Retrier:
             if wait is None:
                 if failure.kind == "refused":
                     raise GiveUp(failure, "refused", str(failure))
-                raise self._open
+                raise self._copy_open()
             if self._opened.wait(wait):   # another thread opened the circuit meanwhile
-                raise self._open
+                raise self._copy_open()
             attempt += 1
+
+    def _copy_open(self) -> GiveUp:
+        # one exception object per raising thread: tracebacks attach to the object
+        o = self._open
+        return GiveUp(o.failure, o.why, str(o))
 
     def _next_wait(self, failure: Failure, attempt: int) -> float | None:
         """Seconds to wait before retrying, or ``None`` after opening the circuit."""
