@@ -3,8 +3,9 @@
 Line 1 fingerprints the run (both models, the tokenizer, the prompts, the judge and every setting
 that changes answers or verdicts); line 2 holds both sides' answers once they are generated; then
 one line per judged chunk (``phase``: which judging pass, ``lo``: its first item, ``results``:
-verdicts or scores in order), appended and fsynced as each chunk comes back; a run stopped by its
-judge adds a line saying why, with the judge's failure counts, reasons and unusable replies.
+verdicts or scores in order, how many were refused), appended and fsynced as each chunk comes
+back; a run stopped by its judge adds a line saying why, with the judge's failure counts, reasons and
+unusable replies, after a line taking back the chunks whose refusals led to the stop (``void``).
 
 A run stopped by its judge (or killed) resumes from the last whole line: answers are not generated
 again, judged items are not judged again, and the report comes out as an uninterrupted run's. A
@@ -34,6 +35,7 @@ class EvalProgress:
         self.answers: dict | None = None
         self._judged: dict[str, list] = {}
         self.resumed = 0    # verdicts / scores read back instead of asked for
+        self._added: list[tuple[str, int, int]] = []   # this process's chunks: (phase, lo, refused)
         if resume:
             self._load(settings)
         else:
@@ -72,6 +74,9 @@ class EvalProgress:
                 done = self._judged.setdefault(rec["phase"], [])
                 if rec["lo"] == len(done):   # chunks come in order; anything else is ignored
                     done += rec["results"]
+            elif "void" in rec:              # chunks recorded before this line, taken back
+                for phase, lo in rec["void"]:
+                    del self._judged.get(phase, [])[lo:]
         self.resumed = sum(map(len, self._judged.values()))
 
     def save_answers(self, answers: dict) -> None:
@@ -86,9 +91,23 @@ class EvalProgress:
         """The results of ``phase`` already judged, in order (a prefix of the phase's items)."""
         return list(self._judged.get(phase, []))
 
-    def add(self, phase: str, lo: int, results: list) -> None:
+    def add(self, phase: str, lo: int, results: list, refused: int = 0) -> None:
+        """Keep a chunk's results; ``refused`` of them were requests the judge refused."""
         self._judged.setdefault(phase, []).extend(results)
-        self._append({"phase": phase, "lo": lo, "results": results})
+        self._added.append((phase, lo, refused))
+        self._append({"phase": phase, "lo": lo, "results": results, "refused": refused})
+
+    def void_refused_tail(self) -> None:
+        """Take back the last chunks this process kept that hold refused requests: when the judge
+        then stopped for refusing request after request, those refusals were not isolated ones,
+        and a resumed run must ask for them again."""
+        tail = []
+        while self._added and self._added[-1][2] > 0:
+            phase, lo, _ = self._added.pop()
+            del self._judged[phase][lo:]
+            tail.append([phase, lo])
+        if tail:
+            self._append({"void": tail})
 
     def stopped(self, message: str, judge_stats: dict) -> None:
         """Note why the run stopped and what the judge's failures were (read by people, not resume)."""

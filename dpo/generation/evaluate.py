@@ -191,11 +191,13 @@ def _judged(fn, work: list, chunk: int, progress: bool, desc: str, log: EvalProg
     comes back; results ``log`` already holds are not asked for again."""
     from tqdm import tqdm
     out: list = log.judged(desc) if log is not None else []
+    stats = getattr(getattr(fn, "__self__", None), "stats", None)   # fn: a judge's bound method
     step = max(chunk, 1) * 2
     for lo in tqdm(range(len(out), len(work), step), desc=desc, unit="batch", disable=not progress):
+        before = stats.rejected if stats is not None else 0
         results = fn(work[lo: lo + step])
         if log is not None:
-            log.add(desc, lo, results)
+            log.add(desc, lo, results, (stats.rejected - before) if stats is not None else 0)
         out += results
     return out
 
@@ -226,10 +228,12 @@ def judge_stopped(e: JudgeError, log: EvalProgress | None) -> str:
 
 def stop_on_judge_error(e: JudgeError, log: EvalProgress | None, judge: Judge) -> JudgeError:
     """The error to raise when the judge stops an evaluation, noted in its progress log."""
+    if log is not None and e.refusals:
+        log.void_refused_tail()
     message = judge_stopped(e, log)
     if log is not None:
         log.stopped(message, judge.stats.as_dict())
-    return JudgeError(message)
+    return JudgeError(message, refusals=e.refusals)
 
 
 def format_report(r: dict, name_a: str | None = None, name_b: str | None = None) -> str:

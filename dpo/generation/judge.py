@@ -48,7 +48,15 @@ DEFAULT_RETRY_BUDGET = 600.0
 class JudgeError(ServiceError):
     """The judge failed in a way retrying did not fix: unreachable or failing for the whole retry
     budget, a bad key, an unknown model, replies that are not the protocol. One line, naming the
-    judge's URL and its last status in the server's own words."""
+    judge's URL and its last status in the server's own words.
+
+    ``refusals`` is True when the judge stopped because it refused request after request: the
+    refusals just before the stop were not isolated, so callers that kept them as "no score"
+    drop them again (``mine_pairs``, ``evaluate``) and a resumed run asks for them anew."""
+
+    def __init__(self, message: str, refusals: bool = False):
+        super().__init__(message)
+        self.refusals = refusals
 
 
 @dataclass
@@ -286,15 +294,15 @@ class OpenAIJudge(Judge):
             text = self._retrier.call(post)
         except GiveUp as e:
             if e.why != "refused":
-                raise JudgeError(f"judge {self.describe()}: {e}") from None
+                raise JudgeError(f"judge {self.describe()}: {e}", refusals=e.why == REFUSED_IN_ROW) from None
             with self._lock:
                 self.stats.rejected += 1
                 self._refused_in_row += 1
                 refused_all = self._refused_in_row >= self.max_refusals_in_row
             if refused_all:
                 self._retrier.trip(e.failure, f"{e.failure} ({self._refused_in_row} requests in a row "
-                                              "refused: the judge cannot judge these)")
-                raise JudgeError(f"judge {self.describe()}: {self._retrier.open}") from None
+                                              "refused: the judge cannot judge these)", why=REFUSED_IN_ROW)
+                raise JudgeError(f"judge {self.describe()}: {self._retrier.open}", refusals=True) from None
             return REFUSED
         with self._lock:
             self._refused_in_row = 0
@@ -320,6 +328,7 @@ class _Refused:
 
 
 REFUSED = _Refused()
+REFUSED_IN_ROW = "refused_in_row"   # the Retrier's ``why`` when refusals opened the circuit
 
 
 # -- selection by name -----------------------------------------------------------------------

@@ -180,7 +180,9 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
     exactly the pairs of the unsharded run, and each shard resumes on its own.
 
     A judge that fails for good (``JudgeError``: its retry budget spent, a bad key...) stops the
-    run with every finished batch kept; the error says how far it got, and running again (the CLI's
+    run with every finished batch kept (but the last ones whose refused requests led to the stop,
+    when the judge stopped for refusing request after request); the error says how far it got, and
+    running again (the CLI's
     ``--resume``; ``must_resume=True`` insists there is a run to continue) carries on from there.
     ``<out>.report.json`` holds the statistics and the judge's (its failures by kind, the servers'
     reasons, a few unusable replies), written at the end and when the judge stops the run.
@@ -263,6 +265,7 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                unit="prompt", desc="pairs", disable=not progress, dynamic_ncols=True)
     bar.set_postfix(kept=stats.pairs_kept)
     t_start = time.perf_counter()
+    refusals: list[int] = []   # requests refused in each batch this process committed
     worker = threading.Thread(target=produce, name="fastdpo-sampler", daemon=True)
     worker.start()
     try:
@@ -281,7 +284,9 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                 work = [(instructions[i], samples[j * k + r].text)
                         for j, i in enumerate(idx) for r in range(k) if usable[j * k + r]]
                 t0 = time.perf_counter()
+                refused = judge.stats.rejected
                 replies = iter(judge.score_many(work))
+                refused = judge.stats.rejected - refused
                 stats.judge_s += time.perf_counter() - t0
                 scores = [next(replies) if ok else None for ok in usable]
                 _count(stats, samples, usable, scores)
@@ -296,14 +301,22 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                 stats.pairs_kept += len(lines)
                 append_durable(out, "".join(lines).encode())
                 log.commit(b, out.tell(), stats)
+                refusals.append(refused)
                 bar.update(len(idx))
                 bar.set_postfix(kept=stats.pairs_kept)
     except JudgeError as e:
         stats.elapsed_s = time.perf_counter() - t_start
+        if e.refusals:   # the batches whose refusals led to the stop: judged again on --resume
+            k = next((n for n in range(len(refusals)) if refusals[-1 - n] == 0), len(refusals))
+            if k:
+                saved = log.take_back(k)
+                for key in COUNTS:
+                    setattr(stats, key, saved[key] if saved else 0)
+                stats.score_hist = dict(saved["score_hist"]) if saved else {}
         stopped = (f"{e}; stopped with {stats.prompts_done} prompts done and {stats.pairs_kept} pairs kept "
                    f"in {out_path}: run the same command with --resume to continue")
         _write_report(out_path, stats, judge, stopped)
-        raise JudgeError(stopped) from None
+        raise JudgeError(stopped, refusals=e.refusals) from None
     finally:
         stop.set()
         _drain(ready)

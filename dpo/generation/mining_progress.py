@@ -29,6 +29,8 @@ class ProgressLog:
         self.out_path, self.fingerprint, self.settings = out_path, fingerprint, settings
         self.path = out_path.with_name(out_path.name + PROGRESS_SUFFIX)
         self._f = None
+        self._base: tuple[int, dict | None] = (0, None)   # (pairs bytes, stats) resumed from
+        self._trail: list[tuple[int, int, dict]] = []      # this process's records: (offset, bytes, stats)
 
     def resume(self) -> tuple[int, dict | None]:
         """(first batch to do, statistics saved with the last committed batch)."""
@@ -63,6 +65,7 @@ class ProgressLog:
             f.truncate(good)
             os.fsync(f.fileno())
         self._f = open(self.path, "ab")
+        self._base = (out_bytes, last["stats"] if last else None)
         return (last["batch"] + 1 if last else 0), last["stats"] if last else None
 
     def _open_fresh(self) -> None:
@@ -89,7 +92,23 @@ class ProgressLog:
         """Record that ``batch`` is done: the pairs file is ``out_bytes`` long, ``stats`` (a
         ``MiningStats``) the running totals."""
         keys = (*COUNTS, "score_hist")
-        self._append({"batch": batch, "out_bytes": out_bytes, "stats": {k: getattr(stats, k) for k in keys}})
+        rec = {"batch": batch, "out_bytes": out_bytes, "stats": {k: getattr(stats, k) for k in keys}}
+        offset = self._f.tell()
+        self._append(rec)
+        self._trail.append((offset, out_bytes, json.loads(json.dumps(rec["stats"]))))
+
+    def take_back(self, k: int) -> dict | None:
+        """Undo the last ``k`` batches this process committed: both files are cut back to the
+        record before them, so a resumed run does those batches again. Returns the statistics of
+        the record now last (``None``: no batch done)."""
+        offset = self._trail[-k][0]
+        del self._trail[-k:]
+        out_bytes, stats = self._trail[-1][1:] if self._trail else self._base
+        for path, size in ((self.path, offset), (self.out_path, out_bytes)):
+            with open(path, "r+b") as f:
+                f.truncate(size)
+                os.fsync(f.fileno())
+        return stats
 
     def _append(self, rec: dict) -> None:
         append_durable(self._f, (json.dumps(rec, sort_keys=True) + "\n").encode())
