@@ -46,9 +46,9 @@ from pathlib import Path
 
 import torch
 
-from fastdpo.files import append_durable, write_json
+from fastdpo.files import append_durable
 from fastdpo.generation.judge import Judge, JudgeError
-from fastdpo.generation.mining_progress import COUNTS, ProgressLog
+from fastdpo.generation.mining_progress import COUNTS, ProgressLog, write_report
 
 DEFAULT_TEMPS = (0.7, 0.9, 1.1, 1.3)
 
@@ -309,13 +309,10 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
         if e.refusals:   # the batches whose refusals led to the stop: judged again on --resume
             k = next((n for n in range(len(refusals)) if refusals[-1 - n] == 0), len(refusals))
             if k:
-                saved = log.take_back(k)
-                for key in COUNTS:
-                    setattr(stats, key, saved[key] if saved else 0)
-                stats.score_hist = dict(saved["score_hist"]) if saved else {}
+                log.take_back(k, stats)
         stopped = (f"{e}; stopped with {stats.prompts_done} prompts done and {stats.pairs_kept} pairs kept "
                    f"in {out_path}: run the same command with --resume to continue")
-        _write_report(out_path, stats, judge, stopped)
+        write_report(out_path, stats.as_dict(), judge, stopped)
         raise JudgeError(stopped, refusals=e.refusals) from None
     finally:
         stop.set()
@@ -324,17 +321,9 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
         bar.close()
         log.close()
         stats.elapsed_s = time.perf_counter() - t_start
-    _write_report(out_path, stats, judge)
+    write_report(out_path, stats.as_dict(), judge)
     return stats
 
-
-REPORT_SUFFIX = ".report.json"
-
-
-def _write_report(out_path: Path, stats: MiningStats, judge: Judge, stopped: str | None = None) -> None:
-    write_json(out_path.with_name(out_path.name + REPORT_SUFFIX),
-               {"pairs": str(out_path), "stats": stats.as_dict(), "judge": judge.describe(),
-                "judge_stats": judge.stats.as_dict(), "stopped": stopped})
 
 
 class Sample:
