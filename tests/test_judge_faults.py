@@ -6,7 +6,10 @@ already done are kept, and ``--resume`` against the recovered server finishes wi
 uninterrupted run's result without judging anything twice. A short 429 window is waited out."""
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -284,3 +287,23 @@ def test_resume_needs_its_own_run(files, judge_server, tmp_path, capsys):
     assert judge_server.calls == calls
     assert pairs(files, judge_server, tmp_path / "none.jsonl", "--resume") == 2
     assert "--resume: " in capsys.readouterr().err and not (tmp_path / "none.jsonl").exists()
+
+
+def test_the_installed_command_prints_no_traceback(files, reference, judge_server, tmp_path):
+    """The real process (threads, progress bars off): one line on stderr, exit 2, then --resume."""
+    judge_server.reset("close", healthy=reference["batches"][0]["stats"]["samples_judged"])
+    out = tmp_path / "pairs.jsonl"
+    cmd = [sys.executable, "-m", "fastdpo.cli", "pairs", "--ckpt", str(files["ckpt"]), "--prompts",
+           str(files["prompts"]), "--out", str(out), "--batch-size", "3", "--max-new-tokens", "12",
+           "--seed", "5", *judge_flags(judge_server)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("FASTDPO_TRACEBACK", None)
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert run.returncode == 2 and len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert lines[0].startswith(f"fastdpo pairs: error: judge m at {judge_server.url}: connection: ")
+    judge_server.reset()
+    cmd = [c for c in cmd if c not in ("0.5", "0.6", "--judge-timeout", "--judge-retry-budget")]
+    run = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert out.read_bytes() == reference["pairs"]
