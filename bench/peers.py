@@ -12,7 +12,9 @@ own cached-reference mode: no reference model during training) and a second TRL 
 ``use_liger_kernel=True``. Same transformers GPT-2 shape and the same initial weights (fastdpo's
 model exported under transformers' names), the same pairs tokenised the same way (TRL's
 tokenisation: prompt, then prompt + answer + eos, split at the common prefix), the same batch,
-bf16 autocast, no gradient checkpointing, dropout off, pairs in dataset order. Each side runs in a
+bf16 autocast, no gradient checkpointing, dropout off. TRL takes the pairs in dataset order,
+fastdpo shuffles its batches; both cover every pair once, and each side's step tokens/s counts
+the tokens of its own timed steps. Each side runs in a
 fresh subprocess of its own, one after the other (no side inherits the other's allocator state,
 and peak memory is that process's alone):
 - ``step``: tokens/s of the optimizer steps after the first (tokens = each pair's prompt twice plus
@@ -27,7 +29,8 @@ The sides must agree: step-0 loss ln 2 within ``LN2_ATOL`` and the mean referenc
 chosen and rejected answers within ``REF_RTOL`` (same weights, same tokens, bf16).
 
 Installed with ``pip install -e .[peers]``; a missing peer raises ImportError (the caller reports
-"skipped").
+"skipped"). The module is long because each trainer side (setup, timing, memory, the values checked
+across sides) is spelled out in full, both for fastdpo and for TRL.
 
     python -m fastdpo.bench.peers [--preset tiny|gpt2-124m] [--quick] [--device auto] [--json out.json]
 """
@@ -64,6 +67,7 @@ LOSS_RTOL = 1e-3  # loss op: bf16 inputs, float32 log-sum-exp on every side
 LN2_ATOL = 1e-3  # trainers: step-0 loss (policy == reference)
 REF_RTOL = 2e-2  # trainers: mean reference log-prob per answer, bf16 forward on both sides
 SIDES = ("fastdpo", "trl", "trl+liger")
+TRAINER_STEPS = {"tiny": 4, "gpt2-124m": 3}   # timed optimizer steps per side, after one untimed step
 
 
 class PeerMismatch(AssertionError):
@@ -282,6 +286,10 @@ def _sync(dev) -> None:
 
 
 def _fastdpo_side(rows, hf_tok, model, batch, steps, dev) -> dict:
+    # torch.optim imports torch._dynamo on first use (seconds); TRL's side has it imported before its
+    # clock starts (transformers imports it), so import it here too: libraries load outside the timing.
+    import torch._dynamo  # noqa: F401
+
     from fastdpo.training.batches import TokenizedPair
     from fastdpo.training.config import DPOConfig, TrainingConfig
     from fastdpo.training.dpo import prepare_dpo
@@ -356,12 +364,23 @@ def _to_hf(model):
     return hf
 
 
+def _checkpointing_field() -> str:
+    """transformers 5 renamed ``gradient_checkpointing`` to ``activation_checkpointing``."""
+    import dataclasses
+
+    from trl import DPOConfig as TRLDPOConfig
+
+    names = {f.name for f in dataclasses.fields(TRLDPOConfig)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def _trl_side(rows, hf_tok, hf, batch, steps, dev, *, liger: bool) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
+    checkpointing = _checkpointing_field()
     stamps = []
 
     class Clock(TrainerCallback):
@@ -382,7 +401,7 @@ def _trl_side(rows, hf_tok, hf, batch, steps, dev, *, liger: bool) -> dict:
             logging_steps=1,
             save_strategy="no",
             max_length=hf.config.n_positions,
-            gradient_checkpointing=False,
+            **{checkpointing: False},
             learning_rate=1e-6,
             disable_tqdm=True,
             precompute_ref_log_probs=True,
@@ -540,7 +559,7 @@ def run_peer_bench(preset: str = "tiny", quick: bool = False, device: str = "cpu
     errors = []
     for name, fn in (
         ("liger", lambda: liger_rows(preset, rounds=2 if quick else 3, device=device)),
-        ("trl", lambda: trainer_rows(preset, steps=2 if quick else 4, device=device)),
+        ("trl", lambda: trainer_rows(preset, steps=2 if quick else TRAINER_STEPS[preset], device=device)),
     ):
         try:
             rows += fn()
