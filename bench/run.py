@@ -635,39 +635,38 @@ def markdown_table(out: dict, source: Path) -> str:
 
 
 def plot(out: dict, path: Path) -> Path | None:
-    """Left: fastdpo's speed-up over each named baseline. Right: peak memory of the rows that have it."""
+    """Left: fastdpo's speed-up over each named baseline. Right: peak memory of the DPO trainers."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     comps = out["comparisons"]
-    mems = [r for r in out["summary"] if r["peak_MB"] is not None and r["phase"] in ("train", "peers")]
-    fig, (ax1, ax2) = plt.subplots(
-        1,
-        2,
-        figsize=(18, max(4.5, 0.32 * max(len(comps), len(mems)) + 1.5)),
-        gridspec_kw={"width_ratios": [3, 2]},
-    )
-    labels = [f"{c['phase']}: {c['fast'][:45]} over {c['baseline'][:55]} ({c['unit']})" for c in comps]
-    ax1.barh(labels, [c["speedup"] for c in comps], color="tab:blue")
+    mems = [r for r in out["summary"] if r["peak_MB"] is not None and r["unit"] == "tok/s"]
+    rows = max(len(comps), len(mems), 1)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(20, 0.55 * rows + 2), gridspec_kw={"width_ratios": [3, 2]})
+    labels = ["\n".join(textwrap.wrap(f"{c['phase']}: {c['fast']} over {c['baseline']} ({c['unit']})", 90))
+              for c in comps]
+    bars = ax1.barh(range(len(comps)), [c["speedup"] for c in comps], color="tab:blue")
+    ax1.bar_label(bars, labels=[f"x{c['speedup']:.2f}" for c in comps], fontsize=7, padding=2)
+    ax1.set_yticks(range(len(comps)), labels, fontsize=6)
     ax1.axvline(1.0, color="k", lw=0.8)
     ax1.set_xscale("log")
     ax1.invert_yaxis()
-    ax1.tick_params(axis="y", labelsize=7)
-    ax1.set_xlabel("fastdpo speed-up over the named baseline (x, log scale; > 1 = fastdpo faster)")
-    ax1.set_title("fastdpo speed-up over <named baseline>, same work")
-    ax2.barh(
-        [f"{r['phase']}: {r['impl'][:50]}" for r in mems], [r["peak_MB"] for r in mems], color="tab:orange"
-    )
+    ax1.set_xlabel("x, log scale (> 1: fastdpo faster)")
+    ax1.set_title("fastdpo speed-up over <named baseline>, same work", fontsize=10)
+    bars = ax2.barh(range(len(mems)), [r["peak_MB"] for r in mems], color="tab:orange")
+    ax2.bar_label(bars, labels=[f"{r['peak_MB']:,.0f}" for r in mems], fontsize=7, padding=2)
+    names = ["\n".join(textwrap.wrap(f"{r['phase']}: {r['impl']}", 50)) for r in mems]
+    ax2.set_yticks(range(len(mems)), names, fontsize=6)
     ax2.invert_yaxis()
-    ax2.tick_params(axis="y", labelsize=7)
-    ax2.set_xlabel("peak memory, MB (CPU: peak RSS above the start; CUDA: max_memory_allocated)")
-    ax2.set_title("DPO training peak memory")
+    ax2.set_xlabel("MB (CPU: peak RSS above the start; CUDA: max_memory_allocated)")
+    ax2.set_title("DPO training peak memory", fontsize=10)
     m = out["machine"]
-    fig.suptitle(
-        f"fastdpo bench ({out['preset']}, {m['device']}: {m['device_name']}, {m['threads']} threads)"
-    )
+    fig.suptitle(f"fastdpo bench ({out['preset']}, {m['device']}: {m['device_name']}, {m['threads']} "
+                 f"threads, load average {out['load_average']['before']})", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
