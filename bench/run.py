@@ -102,6 +102,7 @@ def bench_sample(ctx, out):
                 "new tok/s",
                 preset=preset,
                 device=r["device"],
+                peak_MB=r["peak_MB"],
                 peak_fraction=2 * n_params * r["tokens_per_s"] / ctx["peaks"][r["dtype"]],
                 dtype=r["dtype"],
                 workload=work,
@@ -317,7 +318,9 @@ _FAST_KERNELS = {"fused", "fused_inplace", "matmul+fused", "linear_fused", "grad
 def bench_kernels(ctx, out):
     from fastdpo.bench.kernels import run_kernel_bench
 
-    rows = run_kernel_bench(quick=ctx["quick"], device=ctx["device"].type, headline=not ctx["full"], aot=True)
+    # the kernel cases have the 124M shape's vocabulary; the tiny preset runs them at small shapes
+    quick = ctx["quick"] or (ctx["preset"] == "tiny" and not ctx["full"])
+    rows = run_kernel_bench(quick=quick, device=ctx["device"].type, headline=not ctx["full"], aot=True)
     out["raw"]["kernels"] = rows
     for r in rows:
         if r["op"] == "aot":

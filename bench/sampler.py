@@ -21,12 +21,12 @@ Two comparisons per dtype:
 from __future__ import annotations
 
 import argparse
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from fastdpo.bench.kernels import measure
 from fastdpo.files import write_json
 from fastdpo.generation.mining import DEFAULT_TEMPS as TEMPS
 from fastdpo.generation.sampler import sample, sample_reforward
@@ -64,18 +64,12 @@ def make_workload(preset: str, n_prompts: int, k: int, prompt_lens: tuple[int, i
     return model, prompts, temps
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device: torch.device, warmup_new: int) -> float:
-    fn(warmup_new)  # untimed warm-up on the same prompts (prefill shapes, first decode steps)
-    _sync(device)
-    t0 = time.perf_counter()
-    fn(None)
-    _sync(device)
-    return time.perf_counter() - t0
+def _timed(fn, device: torch.device, warmup_new: int) -> tuple[float, float | None]:
+    """(seconds, peak extra MB) of the full run, after an untimed warm-up on the same prompts
+    (prefill shapes, first decode steps). Memory as in ``bench.kernels.measure``: CUDA
+    ``max_memory_allocated`` above the start, CPU peak RSS above the start."""
+    fn(warmup_new)
+    return measure(lambda: fn(None), device)
 
 
 def hf_generate(model: torch.nn.Module, prompts, max_new: int, top_k: int, dtype):
@@ -122,14 +116,16 @@ def _compare(preset, name, workload, dtype_name, baseline, device, seed, top_k, 
                                                     dtype=dtype)
     elif hf_ok:
         runs["hf_generate"] = hf_generate(model, prompts, max_new, top_k, dtype)
-    seconds = {impl: _timed(fn, device, min(4, max_new)) for impl, fn in runs.items()}
+    timed = {impl: _timed(fn, device, min(4, max_new)) for impl, fn in runs.items()}
+    seconds = {impl: t for impl, (t, _) in timed.items()}
     n = len(prompts)
     rows = []
     for impl, s in seconds.items():
         row = dict(phase="sample", preset=preset, comparison=name, impl=impl, dtype=dtype_name,
                    device=device.type, prompts=n_prompts, k=k, rows=n, prompt_tokens=list(prompt_lens),
                    max_new_tokens=max_new, new_tokens=n * max_new, seconds=round(s, 4),
-                   tokens_per_s=round(n * max_new / s, 2), method="measured", threads=torch.get_num_threads())
+                   tokens_per_s=round(n * max_new / s, 2), method="measured", threads=torch.get_num_threads(),
+                   peak_MB=timed[impl][1])
         if impl != "fast":
             row["fast_speedup"] = round(s / seconds["fast"], 3)
         rows.append(row)
