@@ -32,7 +32,12 @@ Installed with ``pip install -e .[peers]``; a missing peer raises ImportError (t
 "skipped"). The module is long because each trainer side (setup, timing, memory, the values checked
 across sides) is spelled out in full, both for fastdpo and for TRL.
 
-    python -m fastdpo.bench.peers [--preset tiny|gpt2-124m] [--quick] [--device auto] [--json out.json]
+    python -m fastdpo.bench.peers [--preset tiny|gpt2-124m|llama-tiny|llama-124m] [--quick] [--device auto]
+                                  [--json out.json]
+
+Liger-Kernel has no kernels for GPT-2: on the GPT-2 presets ``use_liger_kernel=True`` changes nothing
+in TRL's run (the row says so, ``liger_applied``); the Llama presets (RMSNorm, RoPE, SwiGLU) are
+where it acts.
 """
 
 from __future__ import annotations
@@ -67,7 +72,18 @@ LOSS_RTOL = 1e-3  # loss op: bf16 inputs, float32 log-sum-exp on every side
 LN2_ATOL = 1e-3  # trainers: step-0 loss (policy == reference)
 REF_RTOL = 2e-2  # trainers: mean reference log-prob per answer, bf16 forward on both sides
 SIDES = ("fastdpo", "trl", "trl+liger")
-TRAINER_STEPS = {"tiny": 4, "gpt2-124m": 3}   # timed optimizer steps per side, after one untimed step
+SHAPES["llama-tiny"], SHAPES["llama-124m"] = SHAPES["tiny"], SHAPES["gpt2-124m"]
+TRAINER_STEPS = {"tiny": 4, "gpt2-124m": 3, "llama-tiny": 4, "llama-124m": 3}   # timed steps, after one
+
+
+def liger_patches(model_type: str) -> bool:
+    """Whether Liger-Kernel has kernels for this transformers model type (``use_liger_kernel=True``
+    does nothing to a model it has none for: GPT-2 among them)."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return False
+    return model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
 class PeerMismatch(AssertionError):
@@ -207,10 +223,10 @@ def _text_pairs(n: int, prompt_words: tuple[int, int], answer_words: tuple[int, 
 
 
 def _workload(preset: str, steps: int):
-    """(rows of text, HF tokenizer, fastdpo GPT of the preset's shape), the same in every process."""
+    """(rows of text, HF tokenizer, fastdpo model of the preset's shape), the same in every process."""
     from transformers import PreTrainedTokenizerFast
 
-    from fastdpo.models.gpt import GPT, config_from_preset
+    from fastdpo.models.families import build_model, config_from_preset
     from fastdpo.models.tokenizer import Tokenizer
 
     s = SHAPES[preset]
@@ -218,9 +234,10 @@ def _workload(preset: str, steps: int):
     tok = Tokenizer.train(corpus, vocab_size=512)
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok._hf, pad_token="<|pad|>", eos_token="<|end|>")
     torch.manual_seed(0)
-    vocab = {"tiny": tok.vocab_size}.get(preset)  # the 124M shape keeps GPT-2's vocabulary size
+    # the tiny shapes take the tokenizer's vocabulary, the 124M shapes keep their own
+    vocab = tok.vocab_size if preset.endswith("tiny") else None
     cfg = config_from_preset(preset, **({"vocab_size": vocab} if vocab else {}))
-    return rows, hf_tok, GPT(cfg)
+    return rows, hf_tok, build_model(cfg)
 
 
 def trl_tokenize(hf_tok, row: dict) -> tuple[list[int], list[int], list[int]]:
@@ -400,7 +417,7 @@ def _trl_side(rows, hf_tok, hf, batch, steps, dev, *, liger: bool) -> dict:
             bf16=True,
             logging_steps=1,
             save_strategy="no",
-            max_length=hf.config.n_positions,
+            max_length=getattr(hf.config, "n_positions", None) or hf.config.max_position_embeddings,
             **{checkpointing: False},
             learning_rate=1e-6,
             disable_tqdm=True,
@@ -426,6 +443,8 @@ def _trl_side(rows, hf_tok, hf, batch, steps, dev, *, liger: bool) -> dict:
         ref_c, ref_r = ds["ref_chosen_logps"], ds["ref_rejected_logps"]
         loss0 = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
     return {
+        "liger_applied": liger and liger_patches(hf.config.model_type),
+        "model_type": hf.config.model_type,
         "step_s": [b - a for a, b in zip(stamps, stamps[1:])],
         "timed_tokens": sum(toks[batch:]),
         "e2e_s": e2e,
@@ -478,7 +497,11 @@ def trainer_rows(preset: str = "tiny", steps: int = 4, device: str = "cpu", side
     dev = resolve_device(device)
     threads = torch.get_num_threads()
     results = {}
+    model_type = "llama" if preset.startswith("llama") else "gpt2"
     for side in sides:
+        if side == "trl+liger" and dev.type == "cpu" and liger_patches(model_type):
+            results[side] = {"skipped": f"Liger-Kernel's {model_type} kernels are Triton: they need a GPU"}
+            continue
         try:
             results[side] = _spawn_side(side, preset, steps, dev.type, threads)
         except ImportError as e:
@@ -513,6 +536,13 @@ def trainer_rows(preset: str = "tiny", steps: int = 4, device: str = "cpu", side
             ref_chosen_mean=r["ref_chosen_mean"],
             ref_rejected_mean=r["ref_rejected_mean"],
         )
+        if side == "trl+liger":
+            common["liger_applied"] = r["liger_applied"]
+            if not r["liger_applied"]:
+                common["liger_note"] = (
+                    f"Liger-Kernel has no kernels for {r['model_type']}: this row runs what the plain TRL "
+                    "row runs (a Llama-family preset, e.g. llama-124m, exercises them)"
+                )
         is_ours = side == "fastdpo"
         out.append(
             dict(

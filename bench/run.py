@@ -599,6 +599,8 @@ def format_table(out: dict) -> str:
     for r in out["summary"]:
         if r["detail"].get("note") and r["phase"] == "judge" and "mining" in r["impl"]:
             lines.append(f"{r['impl']}: {r['detail']['note']}")
+        if r["detail"].get("liger_note") and "step" in r["impl"]:
+            lines.append(f"{r['impl']}: {r['detail']['liger_note']}")
     if m["device"] == "cpu":
         lines.append("GPU figures: not measured (no CUDA device used); the Triton paths run only on CUDA.")
     for phase, err in out["errors"].items():
