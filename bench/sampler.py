@@ -74,17 +74,21 @@ def _timed(fn, device: torch.device, warmup_new: int) -> tuple[float, float | No
 
 def hf_generate(model: torch.nn.Module, prompts, max_new: int, top_k: int, dtype):
     """transformers' own class for the model's family (GPT2LMHeadModel, LlamaForCausalLM), same
-    shape, ``generate`` with its KV cache and left padding. It takes one temperature per call, so it
-    samples every row at 1.0 (the temperature does not change the work)."""
+    shape and weights, ``generate`` with its KV cache and left padding. It takes one temperature
+    per call, so it samples every row at 1.0 (the temperature does not change the work)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fastdpo.models.hf_config import config_to_hf
+    from fastdpo.models.hf_weights import hf_state_dict
 
     device = next(model.parameters()).device
     hf_config = config_to_hf(model.config)
     model_type = hf_config.pop("model_type")
     hf_config.pop("architectures")
-    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf_config)).eval().to(device)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf_config))
+    hf.load_state_dict(hf_state_dict(model), strict=False)   # the same weights (lm_head tied, buffers)
+    hf.tie_weights()
+    hf = hf.eval().to(device)
     width = max(map(len, prompts))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
