@@ -207,7 +207,7 @@ def bench_train(ctx, out):
 
 
 def bench_judge(ctx, out):
-    from fastdpo.bench.judge import run_judge_bench
+    from fastdpo.bench.judge import format_rows, run_judge_bench
 
     # Pairs/min only means something on a policy that can answer: the demo's SFT model if it exists.
     mining_ckpt = out["settings"].get("mining_ckpt")
@@ -224,6 +224,7 @@ def bench_judge(ctx, out):
         device=ctx["device"].type,
     )
     out["raw"]["judge"] = rows
+    print(format_rows(rows), flush=True)
     for r in rows:
         if "concurrency" in r:
             out["summary"].append(
