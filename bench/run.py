@@ -283,6 +283,8 @@ def bench_eval(ctx, out):
         run(2)  # warm-up, untimed
         dt, peak = measure(run, dev)
         res[name] = (n / dt, peak)
+        print(f"  eval {name:<7} {n} prompts x 2 models, {max_new} new tokens: {n / dt:8.2f} prompts/s",
+              flush=True)
     n_params = a.num_params()
     names = {"fast": "fastdpo sampler", "oracle": "oracle sampler (sample_reforward)"}
     for name, (rate, peak) in res.items():
