@@ -573,6 +573,11 @@ def run_bench(
 # --------------------------------------------------------------------------- output
 
 
+def _fmt(rate: float) -> str:
+    """One decimal, or three significant digits for slow rates (a 124M kernel call: 0.0682/s)."""
+    return f"{rate:,.1f}" if rate >= 10 else f"{rate:.3g}"
+
+
 def format_table(out: dict) -> str:
     m, load = out["machine"], out["load_average"]
     peak = m["matmul_peak_flops"]
@@ -585,7 +590,7 @@ def format_table(out: dict) -> str:
         f"{'% peak':>7}",
     ]
     for r in out["summary"]:
-        rate = "n/a" if r["rate"] is None else f"{r['rate']:.1f}"
+        rate = "n/a" if r["rate"] is None else _fmt(r["rate"])
         mem = "" if r["peak_MB"] is None else f"{r['peak_MB']:.0f}"
         pf = "" if r["peak_fraction"] is None else f"{100 * r['peak_fraction']:.2f}%"
         impl = r["impl"] + (
@@ -635,7 +640,7 @@ def markdown_table(out: dict, source: Path) -> str:
         )
         if not keep or r["rate"] is None:
             continue
-        rate = f"{r['rate']:,.1f} {r['unit']}"
+        rate = f"{_fmt(r['rate'])} {r['unit']}"
         if r["detail"].get("tflops") is not None:
             rate += f" ({r['detail']['tflops']:.3f} TFLOP/s)"
         mem = "" if r["peak_MB"] is None else f"{r['peak_MB']:,.0f} MB"
