@@ -20,13 +20,10 @@ GPU_BF16_PEAK = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto``: CUDA when available, else CPU; ``cuda`` without a device is a clear error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    return device
+    """``auto``: CUDA when available, else CPU; a device this machine lacks is a ``ConfigError``."""
+    from fastdpo.runtime import resolve_device as resolve
+
+    return resolve(str(device))
 
 
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, device: str = "cpu",

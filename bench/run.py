@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from fastdpo.bench.peak import matmul_peaks, resolve_device
+from fastdpo.errors import ConfigError
 
 PHASES = ("sample", "judge", "train", "eval", "kernels", "peers")
 DEFAULT_PHASES = PHASES
@@ -520,7 +521,7 @@ def run_bench(
     ``out_dir``."""
     unknown = sorted(set(phases) - set(PHASES))
     if unknown:
-        raise ValueError(f"unknown bench phases {unknown}; choose from {list(PHASES)}")
+        raise ConfigError(f"unknown bench phases {unknown}; choose from {list(PHASES)}")
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)

@@ -68,7 +68,7 @@ def test_unknown_phase_and_missing_cuda_are_clear_errors(tmp_path, capsys):
     assert "unknown bench phases ['nope']" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["bench", "--device", "cuda", "--phases", "eval", "--out", str(tmp_path)]) == 2
-        assert "no CUDA device" in capsys.readouterr().err
+        assert "CUDA is not available" in capsys.readouterr().err
 
 
 def test_sampler_rows_are_measured_on_the_same_work():
