@@ -80,7 +80,7 @@ def run_packing_bench(data: str = "demo", preset: str = "tiny", rounds: int = 3,
                       steps: int = 2, precision: str = "auto", length_bucket: int | None = None,
                       micro_batch_size: int | None = None,
                       variants: tuple[str, ...] = ("padded", "packed"), seed: int = 0,
-                      verbose: bool = True) -> list[dict]:
+                      verbose: bool = True, device: str = "cpu") -> list[dict]:
     """One row per variant: tokens/s, step seconds, peak step memory; every row after the first
     carries ``speedup`` over the first."""
     unknown = [v for v in variants if v not in VARIANTS]
@@ -96,7 +96,7 @@ def run_packing_bench(data: str = "demo", preset: str = "tiny", rounds: int = 3,
     base = build_model(config_from_preset(preset, vocab_size=vocab, block_size=block))
     common = dict(output_dir="/tmp/fastdpo-bench", batch_size=mb, micro_batch_size=mb, learning_rate=1e-6,
                   max_steps=10**6, log_every=0, mixed_precision=precision, wandb="disabled", progress=False,
-                  device="cpu", seed=seed, length_bucket=bucket, report_to="none")
+                  device=device, seed=seed, length_bucket=bucket, report_to="none")
     trainers = {}
     for name in variants:
         shared, packing = VARIANTS[name]
@@ -121,7 +121,7 @@ def run_packing_bench(data: str = "demo", preset: str = "tiny", rounds: int = 3,
     for _ in range(rounds):
         for name, trainer in trainers.items():
             s0 = trainer.state.step
-            dt, peak = measure(lambda trainer=trainer: trainer.train(steps=steps))
+            dt, peak = measure(lambda trainer=trainer: trainer.train(steps=steps), trainer.device)
             times[name].append(dt)
             peaks[name].append(peak)
             tokens[name].append(sum(trainer.task.n_tokens(idx) for s in range(s0, trainer.state.step)
@@ -130,6 +130,7 @@ def run_packing_bench(data: str = "demo", preset: str = "tiny", rounds: int = 3,
     for name, trainer in trainers.items():
         padded_tokens = statistics.mean(_padded_tokens(trainer, b) for b in batches)
         rows.append({"phase": "packing", "data": data, "preset": preset, "variant": name,
+                     "device": trainer.device.type,
                      "precision": trainer.precision, "threads": torch.get_num_threads(),
                      "micro_batch_pairs": mb, "length_bucket": bucket, "rounds": rounds,
                      "steps_per_round": steps, "real_tokens_per_step": statistics.mean(tokens[name]) / steps,
@@ -172,17 +173,23 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def packing_phase(preset: str, quick: bool, out: dict, summary) -> None:
+def packing_phase(ctx: dict, out: dict, row, compare) -> None:
     """The ``packing`` phase of ``fastdpo bench``: padded vs packed on the demo's pairs and on
-    wide-spread pairs (``summary`` makes a table row, as ``bench.run._summary``)."""
-    for data in DATA:   # the layouts' comparison: the tiny shape shows it in seconds
-        rows = run_packing_bench(data, "tiny", rounds=2 if quick else 3, steps=1 if quick else 2)
+    wide-spread pairs, at the tiny shape whatever the preset (the phase compares layouts; the
+    module's ``--preset`` runs larger shapes). ``row`` and ``compare`` are ``bench.run``'s."""
+    quick, device = ctx["quick"], ctx["device"].type
+    for data in DATA:
+        rows = run_packing_bench(data, "tiny", rounds=2 if quick else 3, steps=1 if quick else 2,
+                                 device=device)
         out["raw"].setdefault("packing", []).extend(rows)
+        name = {r["variant"]: f"{r['variant']} ({data} pairs)" for r in rows}
         for r in rows:
-            impl = f"{r['variant']} ({data} pairs)"
-            out["summary"].append(summary("packing", impl, r["tokens_per_s"], "tok/s",
-                                          preset=preset, speedup=r.get("speedup"), peak_MB=r["step_peak_MB"],
-                                          precision=r["precision"], baseline=rows[0]["variant"]))
+            out["summary"].append(row("packing", name[r["variant"]], r["tokens_per_s"], "tok/s",
+                                      preset="tiny", device=r["device"], peak_MB=r["step_peak_MB"],
+                                      precision=r["precision"],
+                                      model_tokens_per_step=r["model_tokens_per_step"]))
+            if "speedup" in r:
+                compare(out, "packing", name[r["variant"]], name[rows[0]["variant"]], r["speedup"], "tok/s")
 
 
 def main(argv=None) -> None:

@@ -134,8 +134,8 @@ def test_multi_process_reference_uses_the_policys_separate_rows(workdir, tok, mo
     layouts = []
     real = train_module.pair_rows
     monkeypatch.setattr(train_module, "pair_rows",
-                        lambda pairs, pad_id, device, shared: layouts.append(shared) or real(
-                            pairs, pad_id, device, shared))
+                        lambda pairs, pad_id, device, shared, *rest: layouts.append(shared) or real(
+                            pairs, pad_id, device, shared, *rest))
     task.loss([0, 1], task.step_norm([[0, 1]]))
     assert layouts == [False]   # one set of rows: the reference's and the policy's
     assert reference_layout_shared(DPOConfig())
