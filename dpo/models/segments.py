@@ -17,9 +17,15 @@ A segment with a prefix is causal "bottom-right aligned": query i of a segment o
 a prefix of p tokens sees the prefix and its own tokens 0..i, i.e. keys 0..p+i of the (p + q)
 keys. That is FlashAttention's convention for q shorter than k, so on CUDA (half precision) the
 whole row is ONE ``torch.nn.attention.varlen.varlen_attn`` call over the segments, with the keys
-of each prefix gathered in front of its segment's. Elsewhere (CPU, float32) each segment is one
-``scaled_dot_product_attention`` call (measured on CPU to be several times faster than one call
-with a dense mask over the row, and FlexAttention has no backward on CPU in torch 2.13).
+of each prefix gathered in front of its segment's. Elsewhere the segments go in a few batches of
+similar key length (``Segments.groups``): each segment's keys (prefix, then itself) are gathered
+into a right-padded slot row whose last slots are its queries, so one plain causal call per batch
+is every segment's bottom-right causal attention and no real query reaches a padding slot.
+
+Measured on CPU (torch 2.13, 2 cores): FlexAttention has no backward on CPU; one SDPA call per
+segment pays ~0.7 ms per call in the CPU flash backward (bf16), which at 64 short segments per
+layer cost more than the padding saved; torch's CPU flash backward in bf16 is also several times
+slower than the plain formula on segments of a few dozen tokens, hence ``causal_attention``.
 """
 from __future__ import annotations
 
@@ -45,8 +51,8 @@ class Segments:
     """The attention structure of a flat row: ``lengths[s]`` tokens per segment (in row order,
     summing to the row's length) and ``prefix[s]`` = (earlier segment j, n) when segment s also
     sees the first n tokens of segment j (None otherwise). Host lists: building the calls never
-    reads the device. ``kv_index`` / ``cu_q`` / ``cu_k`` are the varlen call's device tensors,
-    built on first use per device."""
+    reads the device; the index tensors of both paths (``varlen_tensors``, ``padded_tensors``) are
+    built on first use per device and reused by every layer."""
     lengths: list[int]
     prefix: list[tuple[int, int] | None]
     _varlen: dict = field(default_factory=dict, repr=False, compare=False)
