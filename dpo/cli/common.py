@@ -45,6 +45,48 @@ def judge_from_args(args):
     return make_judge(args.judge, url=args.judge_url, model=args.judge_model, **kw)
 
 
+def add_sampler_args(p: argparse.ArgumentParser) -> None:
+    """--sampler and its settings (``generation.backends.GenerationConfig``)."""
+    g = p.add_argument_group("sampler (what generates the answers)")
+    g.add_argument("--sampler", choices=("builtin", "openai", "vllm"), default="builtin",
+                   help="builtin: fastdpo's KV-cached sampler in this process; openai: an OpenAI-compatible "
+                        "server serving the policy (vllm serve, fastdpo serve) at --sampler-url; vllm: "
+                        "vllm.LLM in this process (needs the [vllm] extra and a CUDA GPU)")
+    g.add_argument("--sampler-url", default=None, help="openai: base URL, e.g. http://localhost:8000/v1")
+    g.add_argument("--sampler-model", default=None,
+                   help="openai: the served model's name (default: the first the server lists)")
+    g.add_argument("--sampler-concurrency", type=int, default=8, help="openai: requests in flight")
+    g.add_argument("--sampler-token-ids", choices=("auto", "token_ids", "logprobs", "text"), default="auto",
+                   help="openai: how the sampled token ids come back (auto: what the server offers; "
+                        "text: re-encode the answers, dropping those that do not round-trip)")
+    g.add_argument("--sampler-hf-dir", default=None,
+                   help="vllm: the exported model directory (default: export the checkpoint to a "
+                        "temporary one)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                   help="vllm: the engine's share of GPU memory")
+
+
+def generation_config_from_args(args):
+    from fastdpo.generation.backends import GenerationConfig
+    return GenerationConfig(backend=args.sampler, url=args.sampler_url, model=args.sampler_model,
+                            concurrency=args.sampler_concurrency, token_ids=args.sampler_token_ids,
+                            hf_dir=args.sampler_hf_dir, gpu_memory_utilization=args.gpu_memory_utilization)
+
+
+def policy_sampler(args, ckpt: str, tokenizer_path: str | None, device, dtype):
+    """``(sampler, tokenizer)`` for the policy ``ckpt``: the built-in sampler on the loaded model, or
+    the backend ``--sampler`` names (which only needs the checkpoint's tokenizer and config)."""
+    from fastdpo.generation.backends import BuiltinSampler, make_backend
+    from fastdpo.models.checkpoint import load_policy, load_tokenizer
+    from fastdpo.models.tokenizer import open_tokenizer
+    config = generation_config_from_args(args)
+    if config.backend == "builtin":
+        model, tok = load_policy(ckpt, tokenizer_path, device)
+        return BuiltinSampler(model, dtype, device), tok
+    tok = open_tokenizer(tokenizer_path) if tokenizer_path else load_tokenizer(ckpt)
+    return make_backend(config, ckpt, tok, device=device, dtype=dtype), tok
+
+
 def parse_floats(flag: str, s: str) -> list[float]:
     try:
         return [float(t) for t in s.split(",") if t.strip()]
