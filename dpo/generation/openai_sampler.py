@@ -9,8 +9,8 @@ the rows' seeds, so a rerun sends the same requests); requests run ``concurrency
 Token ids come back, in order of preference: a choice's ``token_ids`` (vLLM's and fastdpo serve's
 ``return_token_ids``), the log-prob tokens written ``token_id:<id>`` (vLLM's
 ``return_tokens_as_token_ids`` with ``logprobs: 0``), or, from a server offering neither, the
-answer's text re-encoded, kept only if decoding the ids gives the text back (a row that does not
-is ``None``/``"unverified"`` and counted). ``token_ids: auto`` asks for both the first time and
+answer's text re-encoded, kept only if it round-trips (``roundtrips``; a row that does not is
+``None``/``"unverified"`` and counted). ``token_ids: auto`` asks for both the first time and
 keeps what the server answered with. ``finish_reason`` gives ``stop`` or ``length``; a trailing
 end-of-turn token (vLLM keeps it) is removed, as the built-in sampler leaves it out.
 
@@ -53,7 +53,8 @@ class OpenAISampler(SamplerBackend):
     name = "openai"
 
     def __init__(self, config: GenerationConfig, tokenizer, *, block_size: int | None = None,
-                 policy: str | Path | None = None):
+                 policy: str | Path | None = None, transport=None):
+        """``transport``: an ``httpx`` transport to send requests through (tests, proxies)."""
         import httpx
         self.config, self.tokenizer, self.policy = config, tokenizer, policy
         self.url = config.url.rstrip("/")
@@ -61,6 +62,7 @@ class OpenAISampler(SamplerBackend):
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._httpx = httpx
         self._client = httpx.Client(base_url=self.url, headers=headers, timeout=config.timeout,
+                                    transport=transport,
                                     limits=httpx.Limits(max_connections=config.concurrency,
                                                         max_keepalive_connections=config.concurrency))
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="fastdpo-sampler-http")
@@ -154,7 +156,7 @@ class OpenAISampler(SamplerBackend):
         if ids is None:
             text = choice.get("text") or ""
             ids = self.tokenizer.encode(text)
-            ok = self.tokenizer.decode(ids) == text
+            ok = roundtrips(self.tokenizer, text, ids)
             with self._lock:
                 self.counts["reencoded"] += 1
                 self.counts["roundtrip_failures"] += not ok
@@ -247,6 +249,13 @@ class OpenAISampler(SamplerBackend):
             except ServiceError:
                 if time.monotonic() > deadline:
                     raise
+
+
+def roundtrips(tokenizer, text: str, ids: list[int]) -> bool:
+    """Whether ``ids`` (``text`` re-encoded) can stand for what the server sampled: they decode to
+    the text, and the text holds no U+FFFD, which a server writes for sampled bytes that are not
+    whole characters (their tokens are lost, and re-encoding the replacement gives others)."""
+    return "\ufffd" not in text and tokenizer.decode(ids) == text
 
 
 def _logprob_ids(choice: dict) -> list[int] | None:
