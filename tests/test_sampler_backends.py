@@ -332,8 +332,8 @@ def test_pairs_cli_with_the_openai_sampler(env, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     base = [sys.executable, "-m", "fastdpo.cli", "pairs", "--ckpt", str(env["ckpt"]),
-            "--prompts", str(prompts), "--judge", "toyjudge_cli:score", "--no-progress", "--batch-size", "3", "--max-new-tokens", "12",
-            "--seed", "5"]
+            "--prompts", str(prompts), "--judge", "toyjudge_cli:score", "--no-progress",
+            "--batch-size", "3", "--max-new-tokens", "12", "--seed", "5"]
     run_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
                "OMP_NUM_THREADS": "1"}
     out = tmp_path / "cli.jsonl"
