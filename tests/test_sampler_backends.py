@@ -349,3 +349,27 @@ def test_pairs_cli_with_the_openai_sampler(env, tmp_path):
     done = subprocess.run([*base, "--out", str(tmp_path / "v.jsonl"), "--sampler", "vllm"],
                           capture_output=True, text=True, env=run_env, timeout=120)
     assert done.returncode == 2 and "fastdpo[vllm]" in done.stderr
+
+
+# --------------------------------------------------------------------------- eval and label
+def test_eval_and_label_through_servers_answer_as_builtin(env, greedy_env):
+    from fastdpo.generation.evaluate import evaluate
+    from fastdpo.generation.label.answers import Answerer
+    from fastdpo.generation.label.sources import Item
+    judge = ProgrammaticJudge(toy_score, name="toy")
+    kw = dict(mode="score", temperature=0.0, max_new_tokens=7, batch_size=4, progress=False)
+    a, b = _openai(env), _openai(greedy_env)
+    got = evaluate(a, b, env["tok"], PROMPTS, judge, **kw)
+    ref = evaluate(env["model"], greedy_env["model"], env["tok"], PROMPTS, judge, **kw)
+    a.close()
+    b.close()
+    assert got["items"] == ref["items"] and any(it["b"] for it in ref["items"])
+    answers = []
+    for gen, gen_b in ((None, None), (GenerationConfig(backend="openai", url=env["srv"].url),
+                                      GenerationConfig(backend="openai", url=greedy_env["srv"].url))):
+        answerer = Answerer(env["ckpt"], greedy_env["ckpt"], temperature=0.0, max_new_tokens=7,
+                            generation=gen, generation_b=gen_b)
+        item = Item("x", [("user", "a long question " * 30)], ("model-a", "model-b"), "test")
+        answerer.answer(item)          # the prompt is longer than the context: its end is kept
+        answers.append((item.answers, item.truncated))
+    assert answers[0] == answers[1] and answers[0][0][1]

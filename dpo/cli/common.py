@@ -66,20 +66,35 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
                    help="vllm: the engine's share of GPU memory")
 
 
-def generation_config_from_args(args):
+def add_sampler_b_args(p: argparse.ArgumentParser) -> None:
+    """B's server and model, for commands that sample two checkpoints (eval, label)."""
+    p.add_argument("--sampler-url-b", default=None, help="openai: B's server (default: --sampler-url)")
+    p.add_argument("--sampler-model-b", default=None,
+                   help="openai: B's served model name (needed when A and B share a server)")
+
+
+def generation_config_from_args(args, side: str = "a"):
+    """The ``GenerationConfig`` the flags give (``side="b"``: with B's server and model)."""
+    from fastdpo.errors import ConfigError
     from fastdpo.generation.backends import GenerationConfig
-    return GenerationConfig(backend=args.sampler, url=args.sampler_url, model=args.sampler_model,
+    url, model = args.sampler_url, args.sampler_model
+    if side == "b":
+        if args.sampler == "openai" and not args.sampler_model_b and args.sampler_url_b in (None, url):
+            raise ConfigError("--sampler openai: name B's served model with --sampler-model-b "
+                              "(or its server with --sampler-url-b)")
+        url, model = args.sampler_url_b or url, args.sampler_model_b
+    return GenerationConfig(backend=args.sampler, url=url, model=model,
                             concurrency=args.sampler_concurrency, token_ids=args.sampler_token_ids,
                             hf_dir=args.sampler_hf_dir, gpu_memory_utilization=args.gpu_memory_utilization)
 
 
-def policy_sampler(args, ckpt: str, tokenizer_path: str | None, device, dtype):
+def policy_sampler(args, ckpt: str, tokenizer_path: str | None, device, dtype, side: str = "a"):
     """``(sampler, tokenizer)`` for the policy ``ckpt``: the built-in sampler on the loaded model, or
     the backend ``--sampler`` names (which only needs the checkpoint's tokenizer and config)."""
     from fastdpo.generation.backends import BuiltinSampler, make_backend
     from fastdpo.models.checkpoint import load_policy, load_tokenizer
     from fastdpo.models.tokenizer import open_tokenizer
-    config = generation_config_from_args(args)
+    config = generation_config_from_args(args, side)
     if config.backend == "builtin":
         model, tok = load_policy(ckpt, tokenizer_path, device)
         return BuiltinSampler(model, dtype, device), tok
