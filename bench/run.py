@@ -10,6 +10,8 @@ Phases (each a module of its own, callable alone with ``python -m fastdpo.bench.
               forward every step (``fastdpo.bench.train``), plus its scaling with sequence length;
 - ``eval``    position-swapped evaluation, prompts/s, with the fast sampler vs the oracle sampler;
 - ``kernels`` the fused log-prob micro-benchmarks and the sm_89 AOT report (``fastdpo.bench.kernels``);
+- ``mining``  pairs mined per minute per generation backend (built-in sampler, an OpenAI-compatible
+              server, in-process vLLM) at equal prompts, K and lengths (``fastdpo.bench.mining_backends``);
 - ``peers``   TRL ``DPOTrainer`` steps and Liger-Kernel's ``LigerFusedLinearDPOLoss`` on the same
               shapes, when installed (``pip install -e .[peers]``; ``fastdpo.bench.peers``).
 
@@ -31,7 +33,7 @@ import torch
 
 from fastdpo.bench.peak import matmul_peaks
 
-PHASES = ("sample", "judge", "train", "eval", "kernels", "peers")
+PHASES = ("sample", "judge", "train", "eval", "kernels", "peers", "mining")
 DEFAULT_PHASES = ("sample", "judge", "train", "eval", "peers")
 
 
@@ -253,6 +255,22 @@ def bench_eval(preset, quick, peaks, peers, out):
         )
 
 
+def bench_mining_phase(preset, quick, peaks, peers, out):
+    from fastdpo.bench.mining_backends import bench_mining_backends
+
+    s = out["settings"]
+    rows = bench_mining_backends(s.get("mining_ckpt"), sampler_url=s.get("sampler_url"),
+                                 sampler_model=s.get("sampler_model"), n_prompts=32 if quick else 64)
+    out["raw"]["mining"] = rows
+    for r in rows:
+        if "skipped" in r:
+            out["errors"][f"mining {r['backend']}"] = f"skipped: {r['skipped']}"
+            continue
+        out["summary"].append(_summary("mining", r["backend"], r["pairs_per_min"], "pairs/min", preset="tiny",
+                                       speedup=r.get("vs_builtin_prompts"),
+                                       prompts_per_min=r["prompts_per_min"]))
+
+
 def bench_kernels(preset, quick, peaks, peers, out):
     from fastdpo.bench.kernels import run_kernel_bench
 
@@ -303,6 +321,7 @@ RUNNERS = {
     "eval": bench_eval,
     "kernels": bench_kernels,
     "peers": bench_peers,
+    "mining": bench_mining_phase,
 }
 
 
@@ -314,6 +333,8 @@ def run_bench(
     peers: bool = True,
     threads: int | None = None,
     mining_ckpt: str | Path | None = None,
+    sampler_url: str | None = None,
+    sampler_model: str | None = None,
 ) -> dict:
     """Run the phases, print the table, write ``bench.json`` and ``bench.png`` under ``out_dir``."""
     unknown = sorted(set(phases) - set(PHASES))
@@ -343,7 +364,8 @@ def run_bench(
         "scaling": [],
         "raw": {},
         "errors": {},
-        "settings": {"mining_ckpt": None if mining_ckpt is None else str(mining_ckpt)},
+        "settings": {"mining_ckpt": None if mining_ckpt is None else str(mining_ckpt),
+                     "sampler_url": sampler_url, "sampler_model": sampler_model},
     }
     for phase in phases:
         if phase == "peers" and not peers:

@@ -373,3 +373,18 @@ def test_eval_and_label_through_servers_answer_as_builtin(env, greedy_env):
         answerer.answer(item)          # the prompt is longer than the context: its end is kept
         answers.append((item.answers, item.truncated))
     assert answers[0] == answers[1] and answers[0][0][1]
+
+
+def test_bench_mining_rows_per_backend_at_equal_work(env, monkeypatch):
+    from fastdpo.bench.mining_backends import bench_mining_backends, format_rows
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    rows = bench_mining_backends(env["ckpt"], sampler_url=env["srv"].url, n_prompts=6, batch_size=3,
+                                 max_new_tokens=8)
+    got = {r["backend"]: r for r in rows}
+    assert set(got) == {"builtin", "openai", "vllm"} and "fastdpo[vllm]" in got["vllm"]["skipped"]
+    for name in ("builtin", "openai"):
+        r = got[name]
+        assert (r["prompts"], r["k"], r["max_new_tokens"]) == (6, 4, 8) and r["prompts_per_min"] > 0
+    assert got["openai"]["sampler_stats"]["token_ids"] == "token_ids"
+    assert got["builtin"]["vs_builtin_prompts"] == 1.0 and got["openai"]["vs_builtin_prompts"] > 0
+    assert "skipped" in format_rows(rows)

@@ -160,7 +160,10 @@ class ChatServer(Served):
         job = None
         try:
             s = parse_request(await json_body(request), chat, self.tokenizer, self.limits, self._rng)
-            rows = [Row(p, s.temperature, budget, 0, tuple(s.stops), s.stop_ids, s.logprobs, s.stream)
+            # the sampler always stops at the end of turn: listed as a stop token (vLLM clients do, so
+            # that any engine stops there) it would only make every row watched token by token
+            stop_ids = s.stop_ids - {self.tokenizer.eos_id}
+            rows = [Row(p, s.temperature, budget, 0, tuple(s.stops), stop_ids, s.logprobs, s.stream)
                     for p, budget in zip(s.prompts, s.budgets) for _ in range(s.n)]
             for row, seed in zip(rows, s.seeds):
                 row.seed = seed
