@@ -234,7 +234,8 @@ class OpenAISampler(SamplerBackend):
         hf_dir = ""
         if "{hf_dir}" in command:
             from fastdpo.models.hf_export import export_hf
-            hf_dir = str(export_hf(policy_dir, policy_dir.with_name(policy_dir.name + "-hf"), overwrite=True))
+            hf_dir = str(export_hf(policy_dir, policy_dir.with_name(policy_dir.name + "-hf"), overwrite=True,
+                                   merge=True))
         filled = command.replace("{policy}", shlex.quote(str(policy_dir)))
         filled = filled.replace("{hf_dir}", shlex.quote(hf_dir))
         done = subprocess.run(filled, shell=True, capture_output=True, text=True)

@@ -83,7 +83,8 @@ class VLLMSampler(SamplerBackend):
             self._tmp = Path(tempfile.mkdtemp(prefix="fastdpo-vllm-"))
             self.hf_dir = self._tmp / "model"
         self.counts["exports"] += 1
-        return export_hf(self.policy, self.hf_dir, tokenizer=self.tokenizer)
+        # merged: the engine serves the policy itself, not the base its LoRA adapter applies to
+        return export_hf(self.policy, self.hf_dir, tokenizer=self.tokenizer, merge=True)
 
     def engine(self):
         if self._llm is None:
