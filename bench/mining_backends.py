@@ -10,10 +10,11 @@ batch size, seed and judge; only what samples the answers changes:
 - ``vllm``     ``vllm.LLM`` in this process (only with the ``[vllm]`` extra and a CUDA GPU; otherwise
                the row says why it was skipped).
 
-Each backend mines once untimed (warm-up: the server's first batch, connections, the engine) and
-then timed; the ratio to ``builtin`` is the figure to read (on CPU, the HTTP path should keep
->= 80% of the built-in sampler's prompts/min). The judge is a score-spreading stand-in by default so
-a random model still yields pairs: the figures measure the sampling pipeline, not a kept rate.
+Each backend mines once untimed (warm-up: the server's first batch, connections, the engine),
+then the backends take turns mining ``repeats`` times and the median run is reported; the ratio to
+``builtin`` is the figure to read (on CPU, the HTTP path should keep >= 80% of the built-in
+sampler's prompts/min). The judge is a score-spreading stand-in by default so a random model still
+yields pairs: the figures measure the sampling pipeline, not a kept rate.
 
     python -m fastdpo.bench.mining_backends [--ckpt DIR] [--sampler-url URL --sampler-model NAME]
 """
@@ -61,14 +62,16 @@ def bench_mining_backends(ckpt: str | Path | None = None, *, backends=("builtin"
                           sampler_url: str | None = None, sampler_model: str | None = None,
                           n_prompts: int = 64, batch_size: int = 16, max_new_tokens: int = 32,
                           top_k: int = 50, temps=DEFAULT_TEMPS, judge: str = "spread",
-                          dtype: torch.dtype | None = None, concurrency: int = 8,
-                          seed: int = 0) -> list[dict]:
-    """One row per backend (see the module docstring). ``ckpt`` defaults to a random model of the
-    demo's shape (4 layers, 160 wide, block 256) that ends most of its turns."""
+                          dtype: torch.dtype | None = None, concurrency: int = 8, seed: int = 0,
+                          repeats: int = 3) -> list[dict]:
+    """One row per backend (see the module docstring): the median of ``repeats`` timed runs, the
+    backends taking turns within each repeat so a busy neighbour hits them alike. ``ckpt`` defaults
+    to a random model of the demo's shape (4 layers, 160 wide, block 256) that ends most of its turns."""
     settings = dict(temps=list(temps), max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
                     seed=seed, dtype=dtype)
     prompts = _prompts(n_prompts)
-    rows: list[dict] = []
+    rows: dict[str, dict] = {}
+    samplers, procs = {}, []
     with tempfile.TemporaryDirectory() as d:
         if ckpt is None:
             ckpt = make_tiny_checkpoint(Path(d) / "demo-shaped", n_layer=4, n_embd=160, n_head=4,
@@ -76,45 +79,55 @@ def bench_mining_backends(ckpt: str | Path | None = None, *, backends=("builtin"
         model, tok = load_policy(ckpt)
         common = {"phase": "mining", "n_prompts": n_prompts, "k": len(temps),
                   "max_new_tokens": max_new_tokens, "batch_size": batch_size, "judge": judge,
-                  "threads": torch.get_num_threads(),
+                  "threads": torch.get_num_threads(), "repeats": repeats,
                   "model_params": sum(p.numel() for p in model.parameters()), "dtype": str(dtype)}
-        for name in backends:
-            row = {**common, "name": f"mining_{name}", "backend": name}
-            proc = None
-            try:
-                if name == "builtin":
-                    sampler = BuiltinSampler(model, dtype)
-                elif name == "openai":
-                    url = sampler_url
-                    if url is None:       # fastdpo serve on the same checkpoint, same threads
-                        extra = ("--threads", str(torch.get_num_threads()), "--max-batch-rows",
-                                 str(batch_size * len(temps)))
-                        if dtype is not None:
-                            extra += ("--dtype", "bf16")
-                        proc, url, _ = start_server(ckpt, extra_args=extra)
-                        row["server"] = "fastdpo serve (subprocess, same machine)"
-                    sampler = make_backend(GenerationConfig(backend="openai", url=url, model=sampler_model,
-                                                            concurrency=concurrency), ckpt, tok)
-                    row["server"] = row.get("server", url)
-                else:
-                    sampler = make_backend(GenerationConfig(backend="vllm"), ckpt, tok)
-                mine_once(sampler, tok, prompts[:batch_size], _judge(judge), settings)   # warm-up
-                row.update(mine_once(sampler, tok, prompts, _judge(judge), settings))
-                row["sampler_stats"] = sampler.stats
+        try:
+            for name in backends:
+                rows[name] = row = {**common, "name": f"mining_{name}", "backend": name}
+                try:
+                    samplers[name] = _sampler(name, ckpt, model, tok, row, procs, sampler_url, sampler_model,
+                                              concurrency, dtype, batch_size * len(temps))
+                    mine_once(samplers[name], tok, prompts[:batch_size], _judge(judge), settings)   # warm-up
+                except ValueError as e:   # unavailable here (no vllm, no GPU, no server)
+                    row["skipped"] = str(e)
+            runs: dict[str, list[dict]] = {name: [] for name in samplers}
+            for _ in range(repeats):
+                for name, sampler in samplers.items():
+                    runs[name].append(mine_once(sampler, tok, prompts, _judge(judge), settings))
+            for name, sampler in samplers.items():
+                timed = sorted(runs[name], key=lambda r: r["seconds"])
+                rows[name].update(timed[len(timed) // 2])
+                rows[name]["seconds_all"] = [round(r["seconds"], 3) for r in runs[name]]
+                rows[name]["sampler_stats"] = sampler.stats
+        finally:
+            for sampler in samplers.values():
                 sampler.close()
-            except ValueError as e:   # the backend is unavailable here (no vllm, no GPU, no server)
-                row["skipped"] = str(e)
-            finally:
-                if proc is not None:
-                    stop_server(proc)
-            rows.append(row)
-    base = next((r for r in rows if r["backend"] == "builtin" and "skipped" not in r), None)
-    for r in rows:
+            for proc in procs:
+                stop_server(proc)
+    base = rows.get("builtin") if "skipped" not in rows.get("builtin", {"skipped": 1}) else None
+    for r in rows.values():
         if base and "skipped" not in r:
             r["vs_builtin_prompts"] = r["prompts_per_min"] / base["prompts_per_min"]
             r["vs_builtin_pairs"] = (r["pairs_per_min"] / base["pairs_per_min"]
                                      if base["pairs_per_min"] else None)
-    return rows
+    return list(rows.values())
+
+
+def _sampler(name, ckpt, model, tok, row, procs, url, served, concurrency, dtype, rows_per_batch):
+    if name == "builtin":
+        return BuiltinSampler(model, dtype)
+    if name == "vllm":
+        return make_backend(GenerationConfig(backend="vllm"), ckpt, tok)
+    if url is None:       # fastdpo serve on the same checkpoint, same threads, one mining batch a batch
+        extra = ("--threads", str(torch.get_num_threads()), "--max-batch-rows", str(rows_per_batch))
+        if dtype is not None:
+            extra += ("--dtype", "bf16")
+        proc, url, _ = start_server(ckpt, extra_args=extra)
+        procs.append(proc)
+        row["server"] = "fastdpo serve (subprocess, same machine)"
+    row.setdefault("server", url)
+    return make_backend(GenerationConfig(backend="openai", url=url, model=served, concurrency=concurrency),
+                        ckpt, tok)
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -142,13 +155,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--judge", choices=("spread", "task"), default="spread")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per backend (the median is kept)")
     p.add_argument("--json", default=None, help="write the rows here")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     rows = bench_mining_backends(a.ckpt, backends=tuple(a.backends.split(",")), sampler_url=a.sampler_url,
                                  sampler_model=a.sampler_model, n_prompts=a.n_prompts,
-                                 batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, judge=a.judge)
+                                 batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, judge=a.judge,
+                                 repeats=a.repeats)
     print(format_rows(rows))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ class GenerationConfig:
     model: str | None = None                # openai: the served model's name (default: the server's first)
     api_key: str | None = None              # openai: default $FASTDPO_SAMPLER_API_KEY (vLLM ignores it)
     concurrency: int = 8                    # openai: requests in flight
-    prompts_per_request: int = 8            # openai: prompts batched into one /v1/completions request
+    prompts_per_request: int = 16           # openai: prompts in one /v1/completions request (x n <= 64)
     timeout: float = 600.0                  # openai: seconds per request
     max_retries: int = 3                    # openai: retries of a failed request (backoff, jitter)
     token_ids: str = "auto"                 # openai: how token ids come back (auto: what the server offers)

@@ -47,6 +47,7 @@ from fastdpo.generation.backends import (
 
 API_KEY_ENV = "FASTDPO_SAMPLER_API_KEY"
 RETRYABLE = (429, 500, 502, 503, 504)
+MAX_ROWS_PER_REQUEST = 64      # prompts x n: fastdpo serve's default cap per request
 
 
 class OpenAISampler(SamplerBackend):
@@ -101,8 +102,8 @@ class OpenAISampler(SamplerBackend):
         for p, t, rows, n in group_rows(prompts, temperatures):
             by_kind.setdefault((t, n), []).append((p, rows))
         requests = []
-        step = self.config.prompts_per_request
         for (t, n), items in by_kind.items():
+            step = max(1, min(self.config.prompts_per_request, MAX_ROWS_PER_REQUEST // n))
             for lo in range(0, len(items), step):
                 chunk = items[lo:lo + step]
                 requests.append((t, n, chunk, seeds[chunk[0][1][0]]))
