@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -80,6 +81,7 @@ def bench_mining_backends(ckpt: str | Path | None = None, *, backends=("builtin"
         common = {"phase": "mining", "n_prompts": n_prompts, "k": len(temps),
                   "max_new_tokens": max_new_tokens, "batch_size": batch_size, "judge": judge,
                   "threads": torch.get_num_threads(), "repeats": repeats,
+                  "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
                   "model_params": sum(p.numel() for p in model.parameters()), "dtype": str(dtype)}
         try:
             for name in backends:
