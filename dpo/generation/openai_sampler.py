@@ -83,7 +83,8 @@ class OpenAISampler(SamplerBackend):
         return f"{self.model} at {self.url}"
 
     def identity(self) -> str:
-        return f"openai:{self.url}:{self.model}:{Path(self.policy).resolve() if self.policy else ''}"
+        # not the URL: a run resumed against the same model restarted on another port continues
+        return f"openai:{self.model}:{Path(self.policy).resolve() if self.policy else ''}"
 
     @property
     def stats(self) -> dict:
