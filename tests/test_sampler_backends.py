@@ -2,8 +2,6 @@
 and through in-process vLLM (a fake ``vllm`` module with the LLM/SamplingParams surface), compared
 with the built-in sampler on the same checkpoint."""
 import json
-import os
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -326,29 +324,29 @@ def test_vllm_backend_mines_what_builtin_mines_and_reloads(greedy_env, tmp_path,
     assert not exported.exists()     # the temporary export goes with the backend
 
 
-def test_pairs_cli_with_the_openai_sampler(env, tmp_path):
+def test_pairs_cli_with_the_openai_sampler(env, tmp_path, capsys, monkeypatch):
+    from fastdpo.cli import main
     (tmp_path / "toyjudge_cli.py").write_text(
         "def score(instruction, response):\n    return 1 + (len(response) * 7 + len(instruction)) % 10\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    base = [sys.executable, "-m", "fastdpo.cli", "pairs", "--ckpt", str(env["ckpt"]),
-            "--prompts", str(prompts), "--judge", "toyjudge_cli:score", "--no-progress",
-            "--batch-size", "3", "--max-new-tokens", "12", "--seed", "5"]
-    run_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
-               "OMP_NUM_THREADS": "1"}
+    base = ["pairs", "--ckpt", str(env["ckpt"]), "--prompts", str(prompts), "--judge", "toyjudge_cli:score",
+            "--no-progress", "--batch-size", "3", "--max-new-tokens", "12", "--seed", "5"]
     out = tmp_path / "cli.jsonl"
-    done = subprocess.run([*base, "--out", str(out), "--sampler", "openai", "--sampler-url", env["srv"].url],
-                          capture_output=True, text=True, env=run_env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "sampler tiny at" in done.stdout and "'token_ids': 'token_ids'" in done.stdout
+    assert main([*base, "--out", str(out), "--sampler", "openai", "--sampler-url", env["srv"].url]) == 0
+    printed = capsys.readouterr().out
+    assert "sampler tiny at" in printed and "'token_ids': 'token_ids'" in printed
     backend = _openai(env)
     mine_pairs(backend, env["tok"], PROMPTS, ProgrammaticJudge(toy_score, name="toy"), tmp_path / "lib.jsonl",
                progress=False, **SETTINGS)
     backend.close()
     assert out.read_bytes() == (tmp_path / "lib.jsonl").read_bytes() and out.stat().st_size > 0
-    done = subprocess.run([*base, "--out", str(tmp_path / "v.jsonl"), "--sampler", "vllm"],
-                          capture_output=True, text=True, env=run_env, timeout=120)
-    assert done.returncode == 2 and "fastdpo[vllm]" in done.stderr
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    assert main([*base, "--out", str(tmp_path / "v.jsonl"), "--sampler", "vllm"]) == 2
+    assert "fastdpo[vllm]" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "w.jsonl"), "--sampler", "openai"]) == 2
+    assert "--sampler-url" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- eval and label
@@ -388,3 +386,14 @@ def test_bench_mining_rows_per_backend_at_equal_work(env, monkeypatch):
     assert got["openai"]["sampler_stats"]["token_ids"] == "token_ids"
     assert got["builtin"]["vs_builtin_prompts"] == 1.0 and got["openai"]["vs_builtin_prompts"] > 0
     assert "skipped" in format_rows(rows)
+
+
+def test_the_gpu_script_runs_on_the_fake_engine(greedy_env, tmp_path, fake_vllm, capsys):
+    from fastdpo.bench import vllm_gpu
+    out = tmp_path / "gpu.json"
+    assert vllm_gpu.main(["--ckpt", str(greedy_env["ckpt"]), "--sampler-url", greedy_env["srv"].url,
+                          "--n-prompts", "4", "--max-new-tokens", "7", "--repeats", "1",
+                          "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["vllm_greedy"]["identical_fraction"] == got["openai_greedy"]["identical_fraction"] == 1.0
+    assert {r["backend"] for r in got["mining"] if "skipped" not in r} == {"builtin", "openai", "vllm"}
