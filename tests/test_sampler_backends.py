@@ -397,3 +397,29 @@ def test_the_gpu_script_runs_on_the_fake_engine(greedy_env, tmp_path, fake_vllm,
     got = json.loads(out.read_text())
     assert got["vllm_greedy"]["identical_fraction"] == got["openai_greedy"]["identical_fraction"] == 1.0
     assert {r["backend"] for r in got["mining"] if "skipped" not in r} == {"builtin", "openai", "vllm"}
+
+
+def test_a_config_files_generation_section_under_the_flags(tmp_path):
+    import argparse
+
+    from fastdpo.cli.common import add_sampler_args, add_sampler_b_args, generation_config_from_args
+    from fastdpo.training.config import load_config
+    p = argparse.ArgumentParser()
+    add_sampler_args(p, reload=True)
+    add_sampler_b_args(p)
+    cfg = tmp_path / "dpo.yaml"
+    cfg.write_text("generation:\n  backend: openai\n  url: http://a:8000/v1\n  concurrency: 4\n"
+                   "  reload: lora\n")
+    base = load_config(cfg, ["generation.model=sft"], kind="dpo")["generation"]
+    got = generation_config_from_args(p.parse_args(["--sampler-concurrency", "2"]), base=base)
+    assert (got.backend, got.url, got.model, got.concurrency, got.reload) == \
+        ("openai", "http://a:8000/v1", "sft", 2, "lora")
+    assert generation_config_from_args(p.parse_args([])).backend == "builtin"
+    b = generation_config_from_args(p.parse_args(["--sampler-model-b", "dpo"]), side="b", base=base)
+    assert (b.url, b.model) == ("http://a:8000/v1", "dpo")
+    with pytest.raises(ConfigError, match="--sampler-model-b"):
+        generation_config_from_args(p.parse_args([]), side="b", base=base)
+    with pytest.raises(ConfigError, match="generation: unknown key 'urls'"):
+        generation_config_from_args(p.parse_args([]), base={"urls": "x"})
+    with pytest.raises(ConfigError, match="needs generation.url"):
+        generation_config_from_args(p.parse_args(["--sampler", "openai"]))
