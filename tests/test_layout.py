@@ -14,7 +14,7 @@ ALLOWED = {   # room -> prefixes it may import (besides itself)
     "fastdpo.kernels": ("fastdpo.errors",),
     "fastdpo.files": (),
     "fastdpo.errors": (),
-    "fastdpo.runtime": (),
+    "fastdpo.runtime": ("fastdpo.errors",),   # a device the machine lacks is a ConfigError
     "fastdpo.configs": (),
     "fastdpo.models": ("fastdpo.kernels", *BASE),
     "fastdpo.training": ("fastdpo.kernels", "fastdpo.models", *BASE),

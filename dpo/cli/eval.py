@@ -13,6 +13,7 @@ from fastdpo.cli.common import (
     judge_from_args,
     policy_sampler,
 )
+from fastdpo.cli.rubrics import add_rubric_args
 from fastdpo.generation.evaluate import MODES, evaluate, format_report
 from fastdpo.runtime import resolve_device
 
@@ -44,6 +45,7 @@ def add_subcommand(sub) -> None:
     add_judge_args(p)
     add_sampler_args(p)
     add_sampler_b_args(p)
+    add_rubric_args(p)
     p.set_defaults(func=_cli)
 
 

@@ -11,6 +11,7 @@ from fastdpo.cli.common import (
     parse_floats,
     policy_sampler,
 )
+from fastdpo.cli.rubrics import add_rubric_args
 from fastdpo.generation.mining import DEFAULT_TEMPS, combine_stats, format_stats, mine_pairs
 from fastdpo.generation.mining_progress import merge_shards, shard_path
 from fastdpo.runtime import resolve_device
@@ -45,6 +46,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     add_judge_args(p)
     add_sampler_args(p)
+    add_rubric_args(p)
     p.set_defaults(func=_cli)
 
 
