@@ -64,7 +64,7 @@ def bench_mining_backends(ckpt: str | Path | None = None, *, backends=("builtin"
                           n_prompts: int = 64, batch_size: int = 16, max_new_tokens: int = 32,
                           top_k: int = 50, temps=DEFAULT_TEMPS, judge: str = "spread",
                           dtype: torch.dtype | None = None, concurrency: int = 8, seed: int = 0,
-                          repeats: int = 3) -> list[dict]:
+                          repeats: int = 3, device: str = "cpu") -> list[dict]:
     """One row per backend (see the module docstring): the median of ``repeats`` timed runs, the
     backends taking turns within each repeat so a busy neighbour hits them alike. ``ckpt`` defaults
     to a random model of the demo's shape (4 layers, 160 wide, block 256) that ends most of its turns."""
@@ -77,10 +77,10 @@ def bench_mining_backends(ckpt: str | Path | None = None, *, backends=("builtin"
         if ckpt is None:
             ckpt = make_tiny_checkpoint(Path(d) / "demo-shaped", n_layer=4, n_embd=160, n_head=4,
                                         block_size=256, stop_logit=3.0)
-        model, tok = load_policy(ckpt)
+        model, tok = load_policy(ckpt, device=device)   # builtin and fastdpo serve run where users run them
         common = {"phase": "mining", "n_prompts": n_prompts, "k": len(temps),
                   "max_new_tokens": max_new_tokens, "batch_size": batch_size, "judge": judge,
-                  "threads": torch.get_num_threads(), "repeats": repeats,
+                  "threads": torch.get_num_threads(), "repeats": repeats, "device": device,
                   "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
                   "model_params": sum(p.numel() for p in model.parameters()), "dtype": str(dtype)}
         try:
@@ -88,7 +88,7 @@ def bench_mining_backends(ckpt: str | Path | None = None, *, backends=("builtin"
                 rows[name] = row = {**common, "name": f"mining_{name}", "backend": name}
                 try:
                     samplers[name] = _sampler(name, ckpt, model, tok, row, procs, sampler_url, sampler_model,
-                                              concurrency, dtype, batch_size * len(temps))
+                                              concurrency, dtype, batch_size * len(temps), device)
                     mine_once(samplers[name], tok, prompts[:batch_size], _judge(judge), settings)   # warm-up
                 except ValueError as e:   # unavailable here (no vllm, no GPU, no server)
                     row["skipped"] = str(e)
@@ -115,13 +115,14 @@ def bench_mining_backends(ckpt: str | Path | None = None, *, backends=("builtin"
     return list(rows.values())
 
 
-def _sampler(name, ckpt, model, tok, row, procs, url, served, concurrency, dtype, rows_per_batch):
+def _sampler(name, ckpt, model, tok, row, procs, url, served, concurrency, dtype, rows_per_batch, device):
     if name == "builtin":
         return BuiltinSampler(model, dtype)
     if name == "vllm":
         return make_backend(GenerationConfig(backend="vllm"), ckpt, tok)
     if url is None:       # fastdpo serve on the same checkpoint, same threads, one mining batch a batch
-        extra = ("--threads", str(torch.get_num_threads()), "--max-batch-rows", str(rows_per_batch))
+        extra = ("--threads", str(torch.get_num_threads()), "--max-batch-rows", str(rows_per_batch),
+                 "--device", device)
         if dtype is not None:
             extra += ("--dtype", "bf16")
         proc, url, _ = start_server(ckpt, extra_args=extra)

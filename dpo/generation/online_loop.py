@@ -372,7 +372,9 @@ def _eval(engine, a, b, path: Path, prompts, judge: Judge, settings, progress, n
     before = dataclasses.asdict(judge.stats)
     report = engine.evaluate(a, b, prompts, judge, settings=settings, progress=progress, names=names)
     after = dataclasses.asdict(judge.stats)
-    report["judge_stats"] = {key: after[key] - before[key] for key in after}
+    # the counters' differences (the judge's failure kinds and sample replies are not counters)
+    report["judge_stats"] = {key: after[key] - before[key] for key in after
+                             if isinstance(after[key], (int, float))}
     write_json(path, report)
     return report
 

@@ -14,8 +14,10 @@ answer's text re-encoded, kept only if it round-trips (``roundtrips``; a row tha
 keeps what the server answered with. ``finish_reason`` gives ``stop`` or ``length``; a trailing
 end-of-turn token (vLLM keeps it) is removed, as the built-in sampler leaves it out.
 
-Connection errors, timeouts, 429 and 5xx are retried with exponential backoff and jitter, then raise
-``ServiceError``; any other refusal raises at once (every later request would fail the same way).
+Connection errors, timeouts, 429 and 5xx are retried under the judge's policy
+(``generation.retry``: exponential backoff with jitter, ``Retry-After`` honoured, at most
+``max_retries`` retries within ``timeout`` seconds of failing), then raise ``ServiceError``; any
+other refusal raises at once (every later request would fail the same way).
 
 ``reload(policy_dir)``: ``reload: lora`` loads the directory (a fastdpo LoRA adapter checkpoint is
 in PEFT format) through vLLM's ``/v1/load_lora_adapter`` and samples from it by its new name
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shlex
 import subprocess
 import threading
@@ -44,9 +45,9 @@ from fastdpo.generation.backends import (
     row_seeds,
     strip_end,
 )
+from fastdpo.generation.retry import BadReply, GiveUp, Retrier, RetryPolicy, failure_from_openai
 
 API_KEY_ENV = "FASTDPO_SAMPLER_API_KEY"
-RETRYABLE = (429, 500, 502, 503, 504)
 MAX_ROWS_PER_REQUEST = 64      # prompts x n: fastdpo serve's default cap per request
 
 
@@ -67,6 +68,9 @@ class OpenAISampler(SamplerBackend):
                                     limits=httpx.Limits(max_connections=config.concurrency,
                                                         max_keepalive_connections=config.concurrency))
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="fastdpo-sampler-http")
+        # the judge's policy: backoff with jitter and Retry-After, within max_retries and a time budget
+        self._retrier = Retrier(RetryPolicy(budget_s=config.timeout, max_attempts=config.max_retries + 1),
+                                failure_from_openai, on_failure=self._on_failure)
         self._lock = threading.Lock()
         self.mode = config.token_ids          # "auto" until the first answer says what the server offers
         self.counts = {"requests": 0, "retries": 0, "reencoded": 0, "roundtrip_failures": 0, "reloads": 0}
@@ -171,30 +175,29 @@ class OpenAISampler(SamplerBackend):
         return self._request("POST", route, body)
 
     def _request(self, method: str, route: str, body: dict | None = None) -> dict:
-        httpx = self._httpx
-        err = ""
-        for attempt in range(self.config.max_retries + 1):
+        def attempt():
             with self._lock:
                 self.counts["requests"] += 1
+            r = self._client.request(method, route, json=body)
+            if r.status_code >= 400:
+                r.raise_for_status()              # classified by failure_from_openai: 429/5xx retried
+            if not r.content:
+                return {}
             try:
-                r = self._client.request(method, route, json=body)
-            except httpx.TransportError as e:     # connection refused or reset, timeouts
-                err = f"{type(e).__name__}: {e}"
-            else:
-                if r.status_code < 400:
-                    try:
-                        return r.json() if r.content else {}
-                    except json.JSONDecodeError:
-                        return {"text": r.text}
-                err = f"HTTP {r.status_code}: {_brief(r)}"
-                if r.status_code not in RETRYABLE:
-                    raise ServiceError(f"sampler {self.url}{route}: {err}")
-            if attempt < self.config.max_retries:
-                with self._lock:
-                    self.counts["retries"] += 1
-                time.sleep(0.5 * 2 ** attempt * (0.5 + random.random() / 2))
-        raise ServiceError(f"sampler {self.url}{route} failed after {self.config.max_retries + 1} "
-                           f"attempts: {err}")
+                return r.json()
+            except json.JSONDecodeError:
+                if "json" in r.headers.get("content-type", ""):
+                    raise BadReply("the reply is not JSON", r.text[:300], r.status_code) from None
+                return {"text": r.text}           # vLLM's adapter routes answer in plain text
+        try:
+            return self._retrier.call(attempt)
+        except GiveUp as e:
+            raise ServiceError(f"sampler {self.url}{route}: {e}") from None
+
+    def _on_failure(self, failure, retrying: bool) -> None:
+        if retrying:
+            with self._lock:
+                self.counts["retries"] += 1
 
     def _served_model(self, name: str | None) -> dict:
         data = self._request("GET", "/models").get("data") or []
@@ -246,6 +249,7 @@ class OpenAISampler(SamplerBackend):
                                f"{(done.stderr or done.stdout).strip()[-300:]}")
         deadline = time.monotonic() + self.config.timeout
         while True:                           # a restarted server takes a while to load the model
+            self._retrier.reset()             # its refusals while down must not keep the circuit open
             try:
                 self.model = self._served_model(self.config.model)["id"]
                 return
@@ -274,13 +278,4 @@ def _logprob_ids(choice: dict) -> list[int] | None:
         return [int(t[len("token_id:"):]) for t in tokens]
     except ValueError:
         return None
-
-
-def _brief(r) -> str:
-    try:
-        msg = r.json().get("error", {})
-        msg = msg.get("message") if isinstance(msg, dict) else msg
-    except (ValueError, AttributeError):
-        msg = None
-    return str(msg or r.text)[:300]
 
