@@ -251,6 +251,10 @@ def test_eval_stops_in_one_line_keeps_verdicts_and_resumes(files, reference, jud
     assert sum(map(len, kept.values())) == int(m.group(1))
     if fault == "400":   # B|A's first chunk held refusals that led to the stop: taken back
         assert any("void" in r for r in records)
+    if fault in ("500", "401", "400"):   # the server's own words are saved with the stop
+        assert any(fault in reason for reason in records[-1]["judge_stats"]["errors"])
+    if fault == "nonjson":
+        assert "502 Bad Gateway" in records[-1]["judge_stats"]["samples"][0]
 
     judge_server.reset()
     assert evaluate(files, judge_server, report, "--resume") == 0
