@@ -44,8 +44,13 @@ def judge_from_args(args):
     """The judge the flags name; a ``module:fn`` judge is importable from the working directory, as
     with ``python -m`` (the installed ``fastdpo`` script's own path does not hold it)."""
     from fastdpo.generation.judge import make_judge
-    if args.judge and ":" in args.judge and os.getcwd() not in sys.path and "" not in sys.path:
+    module_judge = (args.judge and ":" in args.judge) or getattr(args, "rubric", None)
+    if module_judge and os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    from fastdpo.cli.rubrics import rubric_judge_from_args
+    rubrics = rubric_judge_from_args(args, lambda spec: make_judge(spec))
+    if rubrics is not None:
+        return rubrics
     kw = {}
     if (args.judge or "openai") == "openai":
         kw = dict(concurrency=args.judge_concurrency, timeout=args.judge_timeout,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from fastdpo.cli.common import DTYPES, add_device_arg, add_judge_args, judge_from_args
+from fastdpo.cli.rubrics import add_rubric_args
 from fastdpo.generation.evaluate import MODES, evaluate, format_report
 from fastdpo.models.checkpoint import load_policy
 from fastdpo.runtime import resolve_device
@@ -39,6 +40,7 @@ def add_subcommand(sub) -> None:
                         "no answer generated or verdict asked for twice, the same report in the end")
     p.add_argument("--no-progress", action="store_true")
     add_judge_args(p)
+    add_rubric_args(p)
     p.set_defaults(func=_cli)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from fastdpo import runtime
 from fastdpo.cli.common import DTYPES, add_device_arg, add_judge_args, judge_from_args, parse_floats
+from fastdpo.cli.rubrics import add_rubric_args
 from fastdpo.generation.judge import format_judge_stats
 from fastdpo.generation.mining import DEFAULT_TEMPS, combine_stats, format_stats, mine_pairs
 from fastdpo.generation.mining_progress import merge_shards, shard_path
@@ -43,6 +44,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="sampling precision (autocast)")
     p.add_argument("--no-progress", action="store_true")
     add_judge_args(p)
+    add_rubric_args(p)
     p.set_defaults(func=_cli)
 
 

@@ -23,6 +23,7 @@ from fastdpo.files import write_json
 from fastdpo.generation.eval_progress import EvalProgress, progress_path
 from fastdpo.generation.judge import Judge, JudgeError, format_judge_stats
 from fastdpo.generation.mining import batch_seed, load_prompts, model_fingerprint
+from fastdpo.generation.multi_objective import RubricJudge, dimension_win_rates
 from fastdpo.generation.win_rates import (
     answer_summary,
     compare_summary,
@@ -78,7 +79,8 @@ def evaluate(model_a, model_b, tokenizer, prompts: str | Path | Sequence[str], j
     (prompts too long for either model), ``settings``,
     ``judge``, ``judge_stats``, ``length`` (average chars and tokens per side), ``compare``
     (win/tie/loss counts and rates, ``win_rate_decided``, ``order_agreement``,
-    ``first_position_rate``), ``score`` (``mean_a``, ``mean_b``, histograms, invalid counts) and
+    ``first_position_rate``), ``dimensions`` (with a ``RubricJudge``: the same per rubric),
+    ``score`` (``mean_a``, ``mean_b``, histograms, invalid counts) and
     ``items`` (per prompt: answers, verdicts, outcome, scores).
 
     With a ``report_path``, answers and verdicts are kept as they come in
@@ -170,6 +172,8 @@ def _evaluate_prompts(model_a, model_b, tokenizer, judge: Judge, instructions: l
             outcomes, [len(a) for a in ans_a], [len(b) for b in ans_b])
         for it, v1, v2, o in zip(items, first, second, outcomes):
             it.update(verdicts=[v1, v2], outcome=o)
+        if isinstance(judge, RubricJudge):   # each rubric's own position-swapped verdicts
+            report["dimensions"] = dimension_win_rates(judge, instructions, ans_a, ans_b)
 
     if mode in ("score", "both"):
         work = [(p, a) for p, a in zip(instructions, ans_a)] + [(p, b) for p, b in zip(instructions, ans_b)]
@@ -251,6 +255,10 @@ def format_report(r: dict, name_a: str | None = None, name_b: str | None = None)
         lines.append(f"  win rate among decided: {_pct(c['win_rate_decided'])}; both orders agree on "
                      f"{c['order_agreement']:.1%}; first-shown answer picked in "
                      f"{_pct(c['first_position_rate'])} of decisive verdicts")
+    dims = r.get("dimensions")
+    if dims:
+        lines.append("  per dimension (win/tie/loss, win rate among decided): " + "; ".join(
+            f"{d} {v['win']}/{v['tie']}/{v['loss']} {_pct(v['win_rate_decided'])}" for d, v in dims.items()))
     s = r.get("score")
     if s:
         lines.append(f"  mean score: {name_a} {_num(s['mean_a'])} | {name_b} {_num(s['mean_b'])} "

@@ -32,6 +32,10 @@ Resuming. Output is byte-identical whether or not a run was killed and restarted
   partial line or a batch whose record never made it) and mining continues with the next batch.
   The record's first line fingerprints the run (prompts, model, tokenizer, judge and every
   setting); a different configuration refuses to resume instead of mixing two runs in one file.
+
+The module is long because the mining loop keeps sampling, judging, pair selection, their counters
+and the stop-on-judge-failure path in one place that reads top to bottom; the on-disk state lives in
+``mining_progress`` and multi-rubric scoring in ``multi_objective``.
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ import torch
 from fastdpo.files import append_durable
 from fastdpo.generation.judge import Judge, JudgeError
 from fastdpo.generation.mining_progress import COUNTS, ProgressLog, write_report
+from fastdpo.generation.multi_objective import RubricJudge, dimension_record, select_pair_dimensions
 
 DEFAULT_TEMPS = (0.7, 0.9, 1.1, 1.3)
 
@@ -233,6 +238,7 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
     stats.resumed_at, stats.resumed_pairs = stats.prompts_done, stats.pairs_kept
     k = len(temps)
     eos = tokenizer.eos_id
+    rubrics = isinstance(judge, RubricJudge)
 
     def batch_prompts(b: int) -> list[int]:
         return keep[b * batch_size:(b + 1) * batch_size]
@@ -284,18 +290,31 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                 work = [(instructions[i], samples[j * k + r].text)
                         for j, i in enumerate(idx) for r in range(k) if usable[j * k + r]]
                 t0 = time.perf_counter()
-                refused = judge.stats.rejected
-                replies = iter(judge.score_many(work))
-                refused = judge.stats.rejected - refused
+                refused = _rejected(judge)
+                dims = None
+                if rubrics:   # several rubrics: a weighted score, per-dimension gap rules
+                    details = iter(judge.score_dimensions_many(work))
+                    dims = [next(details) if ok else None for ok in usable]
+                    scores = [judge.weighted(d) if d is not None else None for d in dims]
+                else:
+                    replies = iter(judge.score_many(work))
+                    scores = [next(replies) if ok else None for ok in usable]
+                refused = _rejected(judge) - refused
                 stats.judge_s += time.perf_counter() - t0
-                scores = [next(replies) if ok else None for ok in usable]
                 _count(stats, samples, usable, scores)
                 lines = []
                 for j, i in enumerate(idx):
                     group, s = samples[j * k:(j + 1) * k], scores[j * k:(j + 1) * k]
-                    pick = select_pair(s, min_gap, min_best, [x.kind == "ok" for x in group])
+                    choosable = [x.kind == "ok" for x in group]
+                    if rubrics:
+                        g = dims[j * k:(j + 1) * k]
+                        pick = select_pair_dimensions(s, g, judge, min_gap, min_best, choosable)
+                        extra = None if pick is None else dimension_record(judge, g[pick[0]], g[pick[1]])
+                    else:
+                        pick, extra = select_pair(s, min_gap, min_best, choosable), None
                     if pick is not None:
-                        lines.append(pair_line(instructions[i], rendered[i], group, s, *pick, tokenizer.hash))
+                        lines.append(pair_line(instructions[i], rendered[i], group, s, *pick, tokenizer.hash,
+                                               extra))
                         stats.rejected_truncated += group[pick[1]].kind == "truncated"
                 stats.prompts_done += len(idx)
                 stats.pairs_kept += len(lines)
@@ -338,9 +357,10 @@ class Sample:
 
 
 def pair_line(instruction: str, prompt_ids: list[int], group: Sequence[Sample], scores: list,
-              hi: int, lo: int, tokenizer_hash: str) -> str:
-    """One pairs-file line (see ``mine_pairs``)."""
-    return json.dumps({
+              hi: int, lo: int, tokenizer_hash: str, extra: dict | None = None) -> str:
+    """One pairs-file line (see ``mine_pairs``); ``extra``: a multi-rubric pair's ``dimensions`` and
+    ``weighted_margin``."""
+    return json.dumps({**(extra or {}),
         "prompt": instruction, "chosen": group[hi].text, "rejected": group[lo].text,
         "score_chosen": scores[hi], "score_rejected": scores[lo], "scores": scores,
         "chosen_finish": group[hi].finish, "rejected_finish": group[lo].finish,
@@ -357,7 +377,8 @@ def _count(stats: MiningStats, samples: Sequence[Sample], judged: Sequence[bool]
             if v is None:
                 stats.invalid_scores += 1
             else:
-                stats.score_hist[str(v)] = stats.score_hist.get(str(v), 0) + 1
+                key = str(round(v))   # a weighted score (several rubrics) goes to its nearest bin
+                stats.score_hist[key] = stats.score_hist.get(key, 0) + 1
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> None:
@@ -413,3 +434,10 @@ def format_stats(stats: MiningStats, out_path: str | Path | None = None) -> str:
                      f"{stats.pairs_per_min:.1f} pairs/min (sampling {stats.sample_s:.1f}s, "
                      f"judging {stats.judge_s:.1f}s, wall {stats.elapsed_s:.1f}s; they overlap)")
     return "\n".join(lines)
+
+
+def _rejected(judge: Judge) -> int:
+    """Requests the judge (each rubric's, for a ``RubricJudge``) refused as malformed so far."""
+    if isinstance(judge, RubricJudge):
+        return sum(j.stats.rejected for j in judge.rubrics.values())
+    return judge.stats.rejected
