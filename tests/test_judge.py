@@ -311,5 +311,16 @@ def test_judge_base_class_concurrency_keeps_order():
     assert Slow().score_many([("i", str(k)) for k in range(1, 11)]) == list(range(1, 11))
 
 
+def test_stats_since_an_earlier_snapshot(scripted):
+    scripted.script = [(400, "too long"), (200, "what?"), (400, "too long"), (200, "huh")]
+    j = OpenAIJudge(_url(scripted), "m", concurrency=1, backoff=0.01)
+    j.score("i", "r"), j.score("i", "r")
+    before = j.stats.as_dict()
+    j.score("i", "r"), j.score("i", "r")
+    since = j.stats.since(before)
+    assert since["requests"] == 2 and since["rejected"] == 1 and since["invalid"] == 2
+    assert since["errors"] == {"HTTP 400: too long": 1} and since["samples"] == ["no verdict: 'huh'"]
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
