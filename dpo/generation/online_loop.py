@@ -369,12 +369,9 @@ def _eval(engine, a, b, path: Path, prompts, judge: Judge, settings, progress, n
     evaluation's own, so the file is the same whether or not the run was resumed."""
     if path.is_file():
         return json.loads(path.read_text())
-    before = dataclasses.asdict(judge.stats)
+    before = judge.stats.as_dict()
     report = engine.evaluate(a, b, prompts, judge, settings=settings, progress=progress, names=names)
-    after = dataclasses.asdict(judge.stats)
-    # the counters' differences (the judge's failure kinds and sample replies are not counters)
-    report["judge_stats"] = {key: after[key] - before[key] for key in after
-                             if isinstance(after[key], (int, float))}
+    report["judge_stats"] = judge.stats.since(before)
     write_json(path, report)
     return report
 
