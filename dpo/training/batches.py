@@ -85,6 +85,9 @@ def tokenize_pairs(examples: Sequence[PreferenceExample], tok: ChatTokenizer, ma
             stats.dropped_long_prompt += 1
             continue
         if len(chosen) > room or len(rejected) > room:
+            if chosen[:room] == rejected[:room]:   # no preference left to learn: a wasted gradient
+                stats.identical_after_cut += 1
+                continue
             stats.truncated += 1
         fields = {k: ex.meta[k] for k in MARGIN_FIELDS if k in ex.meta}
         if fields:   # a malformed margin field fails here, where the row's file and line are known
