@@ -13,7 +13,7 @@ import pytest
 from fastdpo.bench.judge import make_tiny_checkpoint
 from fastdpo.errors import ConfigError
 from fastdpo.generation.judge import make_judge
-from fastdpo.generation.online_loop import LoopConfig, attempt_configs, gate, run_loop
+from fastdpo.generation.online_loop import LoopConfig, attempt_configs, gate, run_loop, stats_delta
 from fastdpo.training.config import DPOConfig, TrainingConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,6 +71,13 @@ def test_gate_rules():
     assert not gate(report(0, 0, 7.0, 7.0), loop)["passed"]     # all ties: no evidence
     open_gate = LoopConfig(prompts=Path("p"), eval_prompts=Path("e"), min_win_rate=0.0)
     assert gate(report(0, 0, 7.0, 7.0), open_gate)["passed"]
+
+
+def test_judge_stats_delta():
+    before = {"requests": 4, "errors": {"timeout": 1}, "samples": ["x"]}
+    after = {"requests": 10, "errors": {"timeout": 3, "HTTP 500": 1}, "samples": ["x", "y"]}
+    assert stats_delta(before, after) == {"requests": 6, "errors": {"timeout": 2, "HTTP 500": 1},
+                                          "samples": ["y"]}
 
 
 def test_retry_adjustment_and_settings_errors(tmp_path):

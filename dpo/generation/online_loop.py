@@ -372,9 +372,25 @@ def _eval(engine, a, b, path: Path, prompts, judge: Judge, settings, progress, n
     before = dataclasses.asdict(judge.stats)
     report = engine.evaluate(a, b, prompts, judge, settings=settings, progress=progress, names=names)
     after = dataclasses.asdict(judge.stats)
-    report["judge_stats"] = {key: after[key] - before[key] for key in after}
+    report["judge_stats"] = stats_delta(before, after)
     write_json(path, report)
     return report
+
+
+def stats_delta(before: dict, after: dict) -> dict:
+    """What a judge's counters gained between two ``JudgeStats`` snapshots: numbers subtract,
+    count tables (error reasons) subtract per key, lists (sample replies) keep the new entries."""
+    out = {}
+    for key, value in after.items():
+        old = before.get(key)
+        if isinstance(value, dict):
+            old = old or {}
+            out[key] = {k: v - old.get(k, 0) for k, v in value.items() if v != old.get(k, 0)}
+        elif isinstance(value, list):
+            out[key] = value[len(old or []):]
+        else:
+            out[key] = value - (old or 0)
+    return out
 
 
 def _count_lines(path: Path) -> int:
