@@ -54,6 +54,8 @@ setup(
         # reads the exported directories (4.51: the first with Qwen3)
         "hf": ["transformers>=4.51"],
         "judge": ["vllm"],
+        # --sampler vllm: the policy's answers from vllm.LLM in the same process (CUDA only)
+        "vllm": ["vllm"],
         "peers": ["transformers", "trl", "liger-kernel"],
     },
     entry_points={

@@ -12,6 +12,9 @@ Phases (each a module of its own, callable alone with ``python -m fastdpo.bench.
 - ``eval``    position-swapped evaluation, prompts/s, with the fast sampler vs the oracle sampler;
 - ``kernels`` the fused log-prob ops vs the oracle and torch's ``linear_cross_entropy``, TFLOP/s and
               % of the device's bf16 peak, and the sm_80/89/90 AOT report (``fastdpo.bench.kernels``);
+- ``mining``  pairs/min per generation backend (the built-in sampler, an OpenAI-compatible server:
+              ``fastdpo serve`` here or ``--sampler-url``, in-process vLLM) at equal prompts, K and
+              lengths, the backends taking turns (``fastdpo.bench.mining_backends``);
 - ``peers``   TRL ``DPOTrainer`` (``precompute_ref_log_probs``, with and without Liger) and Liger's
               fused DPO loss (compiled and not) on the same work (``fastdpo.bench.peers``).
 - ``packing`` padded vs padding-free packed DPO steps (``train.packing``) on the same pairs and
@@ -43,7 +46,7 @@ import torch
 from fastdpo.bench.peak import matmul_peaks, resolve_device
 from fastdpo.errors import ConfigError
 
-PHASES = ("sample", "judge", "train", "eval", "kernels", "peers", "packing")
+PHASES = ("sample", "judge", "train", "eval", "kernels", "peers", "mining", "packing")
 DEFAULT_PHASES = PHASES
 
 
@@ -321,6 +324,26 @@ def bench_eval(ctx, out):
 _FAST_KERNELS = {"fused", "fused_inplace", "matmul+fused", "linear_fused", "grad_in_forward"}
 
 
+def bench_mining_phase(ctx, out):
+    from fastdpo.bench.mining_backends import bench_mining_backends, format_rows
+
+    s = out["settings"]
+    device = ctx["device"].type
+    rows = bench_mining_backends(s.get("mining_ckpt"), sampler_url=s.get("sampler_url"),
+                                 sampler_model=s.get("sampler_model"), n_prompts=32 if ctx["quick"] else 64,
+                                 device=device)
+    out["raw"]["mining"] = rows
+    print(format_rows(rows), flush=True)
+    for r in rows:
+        if "skipped" in r:
+            out["errors"][f"mining {r['backend']}"] = f"skipped: {r['skipped']}"
+            continue
+        out["summary"].append(_row("mining", f"{r['backend']} sampler", r["pairs_per_min"], "pairs/min",
+                                   preset="tiny", device=device, prompts_per_min=r["prompts_per_min"],
+                                   vs_builtin=r.get("vs_builtin_prompts"),
+                                   note="equal prompts, K, lengths and judge; median of interleaved runs"))
+
+
 def bench_kernels(ctx, out):
     from fastdpo.bench.kernels import run_kernel_bench
 
@@ -442,6 +465,7 @@ RUNNERS = {
     "eval": bench_eval,
     "kernels": bench_kernels,
     "peers": bench_peers,
+    "mining": bench_mining_phase,
     "packing": bench_packing,
 }
 
@@ -522,6 +546,8 @@ def run_bench(
     peers: bool = True,
     threads: int | None = None,
     mining_ckpt: str | Path | None = None,
+    sampler_url: str | None = None,
+    sampler_model: str | None = None,
     device: str = "auto",
     full: bool = False,
     argv: list[str] | None = None,
@@ -556,7 +582,8 @@ def run_bench(
         "scaling": [],
         "raw": {},
         "errors": {},
-        "settings": {"mining_ckpt": None if mining_ckpt is None else str(mining_ckpt)},
+        "settings": {"mining_ckpt": None if mining_ckpt is None else str(mining_ckpt),
+                     "sampler_url": sampler_url, "sampler_model": sampler_model},
     }
     ctx = {"preset": preset, "quick": quick, "full": full, "device": dev, "peaks": peaks, "peers": peers}
     for phase in phases:

@@ -171,7 +171,7 @@ class _Scripted(BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
         with self.server.lock:
-            status, content = self.server.script.pop(0) if self.server.script else (200, "5")
+            status, content, *headers = self.server.script.pop(0) if self.server.script else (200, "5")
             self.server.calls += 1
         if isinstance(content, bytes):   # a raw body, as a broken server or a proxy sends it
             data = content
@@ -186,6 +186,8 @@ class _Scripted(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers[0] if headers else {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
 
@@ -220,6 +222,17 @@ def test_retries_429_and_5xx_then_succeeds(scripted):
     j = OpenAIJudge(_url(scripted), "m", max_retries=3, backoff=0.01)
     assert j.score("i", "r") == 6
     assert j.stats.retries == 3 and scripted.calls == 4
+
+
+def test_retry_after_as_an_http_date_is_honoured(scripted):
+    import email.utils
+    when = email.utils.formatdate(time.time() + 2, usegmt=True)   # whole seconds: 1-2 s from now
+    scripted.script = [(503, "warming up", {"Retry-After": when}), (200, "6")]
+    j = OpenAIJudge(_url(scripted), "m", backoff=0.01, retry_budget=30)
+    t0 = time.monotonic()
+    assert j.score("i", "r") == 6
+    assert time.monotonic() - t0 >= 0.9 and j.stats.http_5xx == 1 and j.stats.retries == 1
+    assert j.stats.errors == {"HTTP 503: warming up": 1}
 
 
 def test_persistent_5xx_is_a_bounded_error(scripted):
@@ -296,6 +309,17 @@ def test_judge_base_class_concurrency_keeps_order():
             return int(response)
 
     assert Slow().score_many([("i", str(k)) for k in range(1, 11)]) == list(range(1, 11))
+
+
+def test_stats_since_an_earlier_snapshot(scripted):
+    scripted.script = [(400, "too long"), (200, "what?"), (400, "too long"), (200, "huh")]
+    j = OpenAIJudge(_url(scripted), "m", concurrency=1, backoff=0.01)
+    j.score("i", "r"), j.score("i", "r")
+    before = j.stats.as_dict()
+    j.score("i", "r"), j.score("i", "r")
+    since = j.stats.since(before)
+    assert since["requests"] == 2 and since["rejected"] == 1 and since["invalid"] == 2
+    assert since["errors"] == {"HTTP 400: too long": 1} and since["samples"] == ["no verdict: 'huh'"]
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 
 from fastdpo.bench.judge import make_tiny_checkpoint
 from fastdpo.errors import ConfigError
-from fastdpo.generation.judge import make_judge
+from fastdpo.generation.judge import JudgeStats, make_judge
 from fastdpo.generation.online_loop import LoopConfig, attempt_configs, gate, run_loop
 from fastdpo.training.config import DPOConfig, TrainingConfig
 
@@ -71,6 +71,14 @@ def test_gate_rules():
     assert not gate(report(0, 0, 7.0, 7.0), loop)["passed"]     # all ties: no evidence
     open_gate = LoopConfig(prompts=Path("p"), eval_prompts=Path("e"), min_win_rate=0.0)
     assert gate(report(0, 0, 7.0, 7.0), open_gate)["passed"]
+
+
+def test_judge_stats_since_an_evaluation_began():
+    stats = JudgeStats(requests=4, errors={"timeout": 1}, samples=["x"])
+    before = stats.as_dict()
+    stats.requests, stats.errors, stats.samples = 10, {"timeout": 3, "HTTP 500": 1}, ["x", "y"]
+    since = stats.since(before)
+    assert (since["requests"], since["errors"], since["samples"]) == (6, {"timeout": 2, "HTTP 500": 1}, ["y"])
 
 
 def test_retry_adjustment_and_settings_errors(tmp_path):

@@ -91,7 +91,7 @@ def test_budget_in_time_not_a_count():
         r.call(fn)
     elapsed = time.monotonic() - t0
     assert e.value.why == "budget" and e.value.failure.status == 503
-    assert 0.3 <= elapsed < 3 and fn.calls > 5   # many retries, bounded by time
+    assert 0.4 <= elapsed < 3 and fn.calls > 5   # many retries, for the whole budget and no longer
     calls = fn.calls
     with pytest.raises(GiveUp):   # the circuit is open: later calls fail at once, without a request
         r.call(fn)

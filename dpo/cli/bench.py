@@ -28,11 +28,16 @@ def add_subcommand(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--mining-ckpt", default=None,
                    help="SFT checkpoint mined from in the judge phase (default: runs/demo/sft/final if any)")
+    p.add_argument("--sampler-url", default=None,
+                   help="mining phase: the openai backend's server, e.g. a vLLM server of the exported "
+                        "--mining-ckpt (default: fastdpo serve on it, started here)")
+    p.add_argument("--sampler-model", default=None, help="mining phase: the served model's name")
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> int:
     phases = PHASES if args.phases == "all" else tuple(p.strip() for p in args.phases.split(",") if p.strip())
     run_bench(args.preset, phases, quick=args.quick, out_dir=args.out, peers=not args.no_peers,
-              threads=args.threads, mining_ckpt=args.mining_ckpt, device=args.device, full=args.full)
+              threads=args.threads, mining_ckpt=args.mining_ckpt, device=args.device, full=args.full,
+              sampler_url=args.sampler_url, sampler_model=args.sampler_model)
     return 0

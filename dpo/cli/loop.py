@@ -3,7 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastdpo.cli.common import DTYPES, add_device_arg, add_judge_args, judge_from_args, parse_floats
+from fastdpo.cli.common import (
+    DTYPES,
+    add_device_arg,
+    add_judge_args,
+    add_sampler_args,
+    generation_config_from_args,
+    judge_from_args,
+    parse_floats,
+)
 from fastdpo.cli.rubrics import add_rubric_args
 from fastdpo.generation.mining import DEFAULT_TEMPS
 from fastdpo.generation.online_loop import ON_FAIL, REFERENCES, BuiltinEngine, LoopConfig, run_loop
@@ -63,6 +71,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     add_judge_args(p)
     add_rubric_args(p)
+    add_sampler_args(p, reload=True)
     p.set_defaults(func=_cli)
 
 
@@ -80,15 +89,34 @@ def _cli(args) -> int:
                       top_k=args.top_k or None, min_gap=args.min_gap, min_best=args.min_best,
                       mine_batch_size=args.batch_size, eval_temperature=args.eval_temperature,
                       eval_batch_size=args.eval_batch_size, seed=args.seed)
+    generation = generation_config_from_args(args, base=cfg.get("generation"),
+                                             where=f"{args.config or '--set'}: generation")
     judge = judge_from_args(args)
-    engine = BuiltinEngine(args.device, DTYPES[args.dtype], args.tokenizer)
+    engine = _engine(generation, args)
     cfg["train"].progress = not args.no_progress
     try:
         report = run_loop(args.sft_checkpoint, args.out, judge, loop, cfg["train"], cfg["dpo"],
                           tokenizer=args.tokenizer, engine=engine, progress=not args.no_progress)
     finally:
         judge.close()
+        if hasattr(engine, "close"):
+            engine.close()
     from fastdpo.generation.loop_report import format_table
     print(format_table(report["table"]))
     print(f"policy: {report['policy']}; report: {args.out / 'report.md'}, {args.out / 'report.png'}")
     return 0
+
+
+def _engine(generation, args):
+    """The built-in sampler, or mining through the backend ``generation`` names (reloaded with
+    each promoted policy; evaluation stays in this process)."""
+    if generation.backend == "builtin":
+        return BuiltinEngine(args.device, DTYPES[args.dtype], args.tokenizer)
+    from fastdpo.generation.backend_engine import BackendEngine
+    from fastdpo.generation.backends import make_backend
+    from fastdpo.models.checkpoint import load_tokenizer
+    from fastdpo.models.tokenizer import open_tokenizer
+    tok = open_tokenizer(args.tokenizer) if args.tokenizer else load_tokenizer(args.sft_checkpoint)
+    backend = make_backend(generation, args.sft_checkpoint, tok, device=args.device, dtype=DTYPES[args.dtype])
+    return BackendEngine(backend, tok, args.sft_checkpoint, device=args.device, dtype=DTYPES[args.dtype],
+                         tokenizer_path=args.tokenizer)

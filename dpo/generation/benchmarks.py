@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fastdpo.files import write_json
+from fastdpo.generation.backends import block_size_of
 from fastdpo.generation.evaluate import (
     MODES,
     _judged,
@@ -126,7 +127,7 @@ def evaluate_benchmark(model_a, model_b, tokenizer, path: str | Path, judge: Jud
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     fmt, questions = load_benchmark(path, n_prompts)
-    block = min(model_a.config.block_size, model_b.config.block_size)
+    block = min(block_size_of(model_a), block_size_of(model_b))
     if max_new_tokens >= block:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be below the models' block_size ({block})")
     limit = min(block - max_new_tokens, max_prompt_tokens or block)

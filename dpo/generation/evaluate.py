@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fastdpo.files import write_json
+from fastdpo.generation.backends import SamplerBackend, block_size_of
 from fastdpo.generation.eval_progress import EvalProgress, progress_path
 from fastdpo.generation.judge import Judge, JudgeError, format_judge_stats
 from fastdpo.generation.mining import batch_seed, load_prompts, model_fingerprint
@@ -40,13 +41,23 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], *, temperature:
              desc: str = "generate", sampler=None) -> list[list[int]]:
     """New token ids for every rendered prompt. Row i's seed depends only on (seed, i), so two
     models answering the same prompt list use the same random numbers. ``sampler`` defaults to
-    the KV-cached ``fastdpo.generation.sampler.sample``; the bench passes the re-forward oracle."""
+    the KV-cached ``fastdpo.generation.sampler.sample``; the bench passes the re-forward oracle.
+    ``model`` may be a generation backend (``generation.backends``: a server, in-process vLLM);
+    an answer whose token ids it could not verify is empty (``unverified`` in its stats)."""
     from tqdm import tqdm
 
     from fastdpo.generation.sampler import sample
-    sampler = sampler or sample
     out: list[list[int]] = []
     seeds = [batch_seed(seed, i) for i in range(len(prompts))]
+    if isinstance(model, SamplerBackend):
+        for lo in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
+            hi = lo + batch_size
+            new, _ = model.sample(prompts[lo:hi], temperature, max_new_tokens, top_k, tokenizer.eos_id,
+                                  seeds[lo:hi])
+            out += [x if x is not None else [] for x in new]
+        model.release()   # the other side's engine may need the memory
+        return out
+    sampler = sampler or sample
     with torch.inference_mode():
         for lo in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
             hi = lo + batch_size
@@ -105,7 +116,7 @@ def evaluate(model_a, model_b, tokenizer, prompts: str | Path | Sequence[str], j
             return report
     instructions = load_prompts(prompts, n_prompts) if isinstance(prompts, (str, Path)) \
         else list(prompts)[:n_prompts]
-    block = min(model_a.config.block_size, model_b.config.block_size)
+    block = min(block_size_of(model_a), block_size_of(model_b))
     if max_new_tokens >= block:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be below the models' block_size ({block})")
     limit = block - max_new_tokens
@@ -206,6 +217,11 @@ def _judged(fn, work: list, chunk: int, progress: bool, desc: str, log: EvalProg
     return out
 
 
+def _identity(model) -> str:
+    """What a resumed evaluation must sample from: the weights, or a backend's policy."""
+    return model.identity() if isinstance(model, SamplerBackend) else model_fingerprint(model)
+
+
 def open_progress(report_path: str | Path | None, resume: bool, model_a, model_b, tokenizer, judge: Judge,
                   settings: dict) -> EvalProgress | None:
     """The progress log next to ``report_path`` (``None`` without one), fresh or resumed."""
@@ -216,7 +232,7 @@ def open_progress(report_path: str | Path | None, resume: bool, model_a, model_b
         return None
     fingerprint = hashlib.sha256(json.dumps({
         "settings": settings, "judge": judge.name, "tokenizer": tokenizer.hash,
-        "a": model_fingerprint(model_a), "b": model_fingerprint(model_b)}, sort_keys=True, default=str
+        "a": _identity(model_a), "b": _identity(model_b)}, sort_keys=True, default=str
     ).encode()).hexdigest()[:16]
     shown = {k: v for k, v in settings.items() if k != "prompts"} | {"judge": judge.name}
     return EvalProgress(progress_path(report_path), fingerprint, shown, resume)

@@ -81,6 +81,21 @@ class JudgeStats:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def since(self, before: dict) -> dict:
+        """What happened after ``before`` (an earlier ``as_dict()``): counters as differences,
+        the reasons counted since, the raw replies kept since."""
+        out = {}
+        for key, now in self.as_dict().items():
+            then = before.get(key)
+            if isinstance(now, dict):
+                diff = {k: n - (then or {}).get(k, 0) for k, n in now.items()}
+                out[key] = {k: n for k, n in diff.items() if n}
+            elif isinstance(now, list):
+                out[key] = now[len(then or []):]
+            else:
+                out[key] = now - (then or 0)
+        return out
+
     @property
     def failures(self) -> int:
         return self.timeouts + self.connection_errors + self.http_5xx + self.rate_limited + self.unparseable

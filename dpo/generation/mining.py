@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from fastdpo.files import append_durable
+from fastdpo.generation.backends import UNVERIFIED, as_backend, model_fingerprint  # noqa: F401 (re-export)
 from fastdpo.generation.judge import Judge, JudgeError
 from fastdpo.generation.mining_progress import COUNTS, ProgressLog, write_report
 from fastdpo.generation.multi_objective import RubricJudge, dimension_record, select_pair_dimensions
@@ -67,6 +68,7 @@ class MiningStats:
     invalid_scores: int = 0         # judge replies without a usable score
     samples_truncated: int = 0      # ran out of max_new_tokens (finish "length"): never chosen
     samples_malformed: int = 0      # held a special token other than end-of-turn: never used
+    samples_unverified: int = 0     # a server's text that did not re-encode to itself: never used
     pairs_kept: int = 0
     rejected_truncated: int = 0     # kept pairs whose rejected answer is a truncated sample
     score_hist: dict[str, int] = field(default_factory=dict)   # "1".."10" -> count
@@ -156,12 +158,6 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return int.from_bytes(h[:7], "little")
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    # Per-tensor sums: cheap (no 500 MB hash for 124M) and different for any trained change.
-    sums = [f"{n}:{p.detach().double().sum().item():.17g}" for n, p in model.named_parameters()]
-    return hashlib.sha256("\n".join(sums).encode()).hexdigest()[:16]
-
-
 def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Judge, out_path: str | Path, *,
                temps: Sequence[float] = DEFAULT_TEMPS, max_new_tokens: int = 128, top_k: int = 50,
                min_gap: int = 2, min_best: int = 6, batch_size: int = 16, seed: int = 0,
@@ -171,6 +167,10 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                must_resume: bool = False) -> MiningStats:
     """Mine preference pairs into ``out_path`` (JSONL, appended as it goes; resumable).
 
+    ``model`` is the policy (sampled with the built-in sampler) or a generation backend
+    (``generation.backends``: an OpenAI-compatible server, in-process vLLM); either way the
+    prompts are rendered here with ``tokenizer``'s chat template and the answers come back as
+    token ids with their finish reasons, so the pairs are the same kind of record.
     ``prompts`` is a JSONL path (see ``load_prompts``) or a list of instructions. Prompts whose
     rendered chat prompt is longer than ``max_prompt_tokens`` (default: block_size minus
     ``max_new_tokens``) are dropped and counted. Each output line holds ``prompt``, ``chosen``,
@@ -192,14 +192,13 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
     ``<out>.report.json`` holds the statistics and the judge's (its failures by kind, the servers'
     reasons, a few unusable replies), written at the end and when the judge stops the run.
     """
-    from fastdpo.generation.sampler import sample
-
     temps = [float(t) for t in temps]
     if len(temps) < 2:
         raise ValueError("mining needs at least two temperatures (K >= 2 samples per prompt)")
     if batch_size < 1 or max_new_tokens < 1 or min_gap < 0:
         raise ValueError("batch_size and max_new_tokens must be >= 1, min_gap >= 0")
-    block = model.config.block_size
+    backend = as_backend(model, dtype)
+    block = backend.block_size
     if max_new_tokens >= block:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be below the model's block_size ({block})")
     limit = block - max_new_tokens
@@ -218,7 +217,7 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                     dtype=str(dtype), truncated_as_rejected=truncated_as_rejected)
     fingerprint = hashlib.sha256(json.dumps({
         "settings": settings, "judge": judge.name, "tokenizer": tokenizer.hash,
-        "model": model_fingerprint(model),
+        "model": backend.identity(),
         "prompts": hashlib.sha256(json.dumps(instructions).encode()).hexdigest()}, sort_keys=True).encode()
     ).hexdigest()[:16]
 
@@ -234,7 +233,7 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
     start_batch, saved = log.resume()
     if saved:
         for k in (*COUNTS, "score_hist"):
-            setattr(stats, k, saved[k])
+            setattr(stats, k, saved.get(k, 0))   # counts added later start at 0
     stats.resumed_at, stats.resumed_pairs = stats.prompts_done, stats.pairs_kept
     k = len(temps)
     eos = tokenizer.eos_id
@@ -249,19 +248,18 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
 
     def produce():
         try:
-            with torch.inference_mode():
-                for b in my_batches:
-                    if b < start_batch:
-                        continue
-                    if stop.is_set():
-                        return
-                    idx = batch_prompts(b)
-                    t0 = time.perf_counter()
-                    rows = [rendered[i] for i in idx for _ in range(k)]
-                    new, finish = sample(model, rows, temps * len(idx), max_new_tokens, top_k, eos,
-                                         batch_seed(seed, b), dtype=dtype, return_finish=True)
-                    samples = [Sample(tokenizer, ids, f, eos) for ids, f in zip(new, finish)]
-                    _put(ready, (b, samples, time.perf_counter() - t0), stop)
+            for b in my_batches:
+                if b < start_batch:
+                    continue
+                if stop.is_set():
+                    return
+                idx = batch_prompts(b)
+                t0 = time.perf_counter()
+                rows = [rendered[i] for i in idx for _ in range(k)]
+                new, finish = backend.sample(rows, temps * len(idx), max_new_tokens, top_k, eos,
+                                             batch_seed(seed, b))
+                samples = [Sample(tokenizer, ids, f, eos) for ids, f in zip(new, finish)]
+                _put(ready, (b, samples, time.perf_counter() - t0), stop)
             _put(ready, None, stop)
         except BaseException as e:  # handed to the consumer, which re-raises it
             _put(ready, e, stop)
@@ -347,10 +345,14 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
 
 class Sample:
     """One sampled answer: its ids (with the end-of-turn token when the model emitted it), text
-    (special tokens skipped) and kind (``sample_kind``)."""
+    (special tokens skipped) and kind (``sample_kind``, or ``"unverified"``: a backend could not
+    say which tokens it sampled)."""
     __slots__ = ("ids", "text", "kind", "finish")
 
-    def __init__(self, tokenizer, ids: list[int], finish: str, eos_id: int):
+    def __init__(self, tokenizer, ids: list[int] | None, finish: str, eos_id: int):
+        if ids is None:
+            self.kind, self.finish, self.text, self.ids = UNVERIFIED, finish, "", []
+            return
         self.kind, self.finish = sample_kind(tokenizer, ids, finish), finish
         self.text = tokenizer.decode(ids, skip_special=True)
         self.ids = ids + [eos_id] if finish == "stop" else ids
@@ -372,6 +374,7 @@ def _count(stats: MiningStats, samples: Sequence[Sample], judged: Sequence[bool]
     for x, ok, v in zip(samples, judged, scores):
         stats.samples_truncated += x.kind == "truncated"
         stats.samples_malformed += x.kind == "malformed"
+        stats.samples_unverified += x.kind == UNVERIFIED
         if ok:
             stats.samples_judged += 1
             if v is None:
@@ -424,7 +427,9 @@ def format_stats(stats: MiningStats, out_path: str | Path | None = None) -> str:
              f"samples judged: {stats.samples_judged}, invalid judge replies: {stats.invalid_scores}",
              f"samples never chosen: {stats.samples_truncated} truncated (ran out of max_new_tokens"
              + ("; judged, may be rejected" if stats.rejected_truncated else "") + f"), "
-             f"{stats.samples_malformed} malformed (a special token inside the answer)",
+             f"{stats.samples_malformed} malformed (a special token inside the answer)"
+             + (f", {stats.samples_unverified} unverified (the server's text did not re-encode to "
+                f"itself)" if stats.samples_unverified else ""),
              "score histogram:"]
     for s in range(1, 11):
         n = hist.get(str(s), 0)

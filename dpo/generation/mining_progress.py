@@ -21,7 +21,7 @@ REPORT_SUFFIX = ".report.json"
 PROGRESS_VERSION = 2
 # running statistics carried from record to record (with the score histogram)
 COUNTS = ("prompts_done", "samples_judged", "invalid_scores", "samples_truncated", "samples_malformed",
-          "pairs_kept", "rejected_truncated")
+          "pairs_kept", "rejected_truncated", "samples_unverified")
 
 
 class ProgressLog:
@@ -164,7 +164,7 @@ def merge_shards(out_path: str | Path, world: int) -> dict:
         base = base or (fp, {k: v for k, v in records[0]["settings"].items() if k != "shard"})
         data, end, prev = path.read_bytes(), 0, {k: 0 for k in COUNTS} | {"score_hist": {}}
         for rec in records[1:]:
-            delta = {k: rec["stats"][k] - prev[k] for k in COUNTS}
+            delta = {k: rec["stats"].get(k, 0) - prev.get(k, 0) for k in COUNTS}
             hist = rec["stats"]["score_hist"]
             delta["score_hist"] = {s: n - prev["score_hist"].get(s, 0) for s, n in hist.items()}
             parts.append((rec["batch"], data[end:rec["out_bytes"]], delta))

@@ -84,10 +84,11 @@ class BadReply(Exception):
 @dataclass
 class RetryPolicy:
     """``budget_s``: how long a service may fail without a success before giving up (0: never
-    retry). Backoff before retry n (0-based) is ``min(max_delay_s, base_s * 2**n)`` scaled by a
-    random factor in [0.5, 1) (jitter keeps many threads from retrying in lockstep); a
-    ``Retry-After`` replaces it (plus up to 10% jitter, at most one second). ``max_attempts``
-    optionally caps the tries per call as well (None: the budget alone decides)."""
+    retry; the last retry comes when the budget ends, unless a ``Retry-After`` asks for later).
+    Backoff before retry n (0-based) is ``min(max_delay_s, base_s * 2**n)`` scaled by a random
+    factor in [0.5, 1) (jitter keeps many threads from retrying in lockstep); a ``Retry-After``
+    replaces it (plus up to 10% jitter, at most one second). ``max_attempts`` optionally caps the
+    tries per call as well (None: the budget alone decides)."""
     budget_s: float = 600.0
     base_s: float = 0.5
     max_delay_s: float = 30.0
@@ -219,13 +220,14 @@ class Retrier:
         if p.max_attempts is not None and attempt + 1 >= p.max_attempts:
             self.trip(failure, f"{failure} (gave up after {attempt + 1} attempts)", why="budget")
             return None
-        if failing + wait > p.budget_s:
-            late = failure.retry_after is not None and failure.retry_after > p.budget_s - failing
+        remaining = p.budget_s - failing
+        if wait > remaining and (remaining <= 0 or failure.retry_after is not None):
+            late = failure.retry_after is not None and failure.retry_after > remaining
             asked = f"; it asked to retry after {failure.retry_after:.0f}s" if late else ""
             self.trip(failure, f"{failure} (still failing after {failing:.1f}s of retries, retry budget "
                                f"{p.budget_s:g}s{asked})", why="budget")
             return None
-        return wait
+        return min(wait, remaining)   # the last try comes when the budget ends
 
 
 def _bad_reply_failure(e: BaseException) -> Failure | None:

@@ -319,7 +319,10 @@ SECTIONS = {
     "sft": {"train": TrainingConfig, "sft": SFTConfig, "data": SFTDatasetConfig,
             "health": HealthConfig},
 }
-TOP_LEVEL = {"dpo": ("sft_checkpoint", "tokenizer"), "sft": ("init_checkpoint", "model", "tokenizer")}
+# generation: a mapping passed through as is, for the commands that sample from the policy while
+# they train (fastdpo loop); fastdpo.generation.backends.GenerationConfig checks it there
+TOP_LEVEL = {"dpo": ("sft_checkpoint", "tokenizer", "generation"),
+             "sft": ("init_checkpoint", "model", "tokenizer")}
 
 
 # LLaMA-Factory's names -> fastdpo's "section.field" (or a top-level key). "{task}" is the dpo or
