@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from fastdpo.generation.judge import DEFAULT_RETRY_BUDGET
+
 # Sampling precision flags -> autocast dtype (None: the weights' own float32).
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -17,7 +19,8 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_judge_args(p: argparse.ArgumentParser) -> None:
-    """--judge / --judge-url / --judge-model / --judge-concurrency / --judge-timeout."""
+    """--judge / --judge-url / --judge-model / --judge-concurrency / --judge-timeout /
+    --judge-retry-budget."""
     g = p.add_argument_group("judge")
     g.add_argument("--judge", default=None,
                    help="judge by name: 'openai' (with --judge-url/--judge-model), 'task' (the demo "
@@ -31,6 +34,10 @@ def add_judge_args(p: argparse.ArgumentParser) -> None:
                    help="model name served there, e.g. Qwen/Qwen2.5-7B-Instruct")
     g.add_argument("--judge-concurrency", type=int, default=16, help="requests in flight (openai judge)")
     g.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per request (openai judge)")
+    g.add_argument("--judge-retry-budget", type=float, default=DEFAULT_RETRY_BUDGET, metavar="SECONDS",
+                   help="how long the judge may keep failing (timeouts, refused connections, 429, 5xx; "
+                        "retried with backoff, honouring Retry-After) without one success before the "
+                        "run stops, keeping what is done (openai judge; default %(default)g)")
 
 
 def judge_from_args(args):
@@ -46,7 +53,8 @@ def judge_from_args(args):
         return rubrics
     kw = {}
     if (args.judge or "openai") == "openai":
-        kw = dict(concurrency=args.judge_concurrency, timeout=args.judge_timeout)
+        kw = dict(concurrency=args.judge_concurrency, timeout=args.judge_timeout,
+                  retry_budget=args.judge_retry_budget)
     return make_judge(args.judge, url=args.judge_url, model=args.judge_model, **kw)
 
 

@@ -32,7 +32,12 @@ def add_subcommand(sub) -> None:
                    help="tokenizer.json or tokenizer directory (default: A's checkpoint's)")
     add_device_arg(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--report", default=None, help="write the JSON report here")
+    p.add_argument("--report", default=None,
+                   help="write the JSON report here; answers and verdicts are kept as they come in "
+                        "REPORT.progress.jsonl")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the evaluation kept next to --report (after a judge failure or a kill): "
+                        "no answer generated or verdict asked for twice, the same report in the end")
     p.add_argument("--no-progress", action="store_true")
     add_judge_args(p)
     add_rubric_args(p)
@@ -56,7 +61,8 @@ def _cli(args) -> int:
                           temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
                           seed=args.seed, batch_size=args.batch_size, n_prompts=args.n_prompts,
                           dtype=DTYPES[args.dtype], report_path=args.report, progress=not args.no_progress,
-                          names=checkpoint_names(args.a, args.b, args.name_a, args.name_b))
+                          names=checkpoint_names(args.a, args.b, args.name_a, args.name_b),
+                          resume=args.resume)
     finally:
         judge.close()
     print(format_report(report))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from fastdpo import runtime
 from fastdpo.cli.common import DTYPES, add_device_arg, add_judge_args, judge_from_args, parse_floats
 from fastdpo.cli.rubrics import add_rubric_args
+from fastdpo.generation.judge import format_judge_stats
 from fastdpo.generation.mining import DEFAULT_TEMPS, combine_stats, format_stats, mine_pairs
 from fastdpo.generation.mining_progress import merge_shards, shard_path
 from fastdpo.models.checkpoint import load_policy
@@ -18,7 +19,12 @@ def add_subcommand(sub) -> None:
     p.add_argument("--prompts", required=True,
                    help="JSONL with a 'prompt' field per line, or a 'fastdpo serve --log-interactions' file "
                         "(its distinct chat prompts; --n-prompts samples N)")
-    p.add_argument("--out", required=True, help="pairs JSONL (appended; rerun the same command to resume)")
+    p.add_argument("--out", required=True,
+                   help="pairs JSONL, appended as batches finish (rerunning the same command resumes); "
+                        "statistics and judge failures go to OUT.report.json")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the mining run in --out (after a judge failure or a kill); an error if "
+                        "there is none. Without it a run in --out with the same settings is continued too")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json or tokenizer directory (default: the checkpoint's)")
     p.add_argument("--temps", default=",".join(map(str, DEFAULT_TEMPS)), help="one sample per temperature")
@@ -59,7 +65,7 @@ def _cli(args) -> int:
                            max_prompt_tokens=args.max_prompt_tokens, n_prompts=args.n_prompts,
                            dtype=DTYPES[args.dtype], progress=not args.no_progress and runtime.is_main(),
                            shard=(rank, world) if sharded else None,
-                           truncated_as_rejected=args.truncated_as_rejected)
+                           truncated_as_rejected=args.truncated_as_rejected, must_resume=args.resume)
     finally:
         judge.close()
     if sharded:
@@ -71,7 +77,7 @@ def _cli(args) -> int:
             return 0
         stats = combine_stats(every)
     print(format_stats(stats, args.out))
-    if judge.stats.rejected or judge.stats.retries:
-        print(f"judge: {judge.stats.as_dict()}")
+    for line in format_judge_stats(judge.stats.as_dict()):
+        print(line)
     return 0
 

@@ -32,6 +32,10 @@ Resuming. Output is byte-identical whether or not a run was killed and restarted
   partial line or a batch whose record never made it) and mining continues with the next batch.
   The record's first line fingerprints the run (prompts, model, tokenizer, judge and every
   setting); a different configuration refuses to resume instead of mixing two runs in one file.
+
+The module is long because the mining loop keeps sampling, judging, pair selection, their counters
+and the stop-on-judge-failure path in one place that reads top to bottom; the on-disk state lives in
+``mining_progress`` and multi-rubric scoring in ``multi_objective``.
 """
 from __future__ import annotations
 
@@ -47,8 +51,8 @@ from pathlib import Path
 import torch
 
 from fastdpo.files import append_durable
-from fastdpo.generation.judge import Judge
-from fastdpo.generation.mining_progress import COUNTS, ProgressLog
+from fastdpo.generation.judge import Judge, JudgeError
+from fastdpo.generation.mining_progress import COUNTS, ProgressLog, write_report
 from fastdpo.generation.multi_objective import RubricJudge, dimension_record, select_pair_dimensions
 
 DEFAULT_TEMPS = (0.7, 0.9, 1.1, 1.3)
@@ -163,7 +167,8 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                min_gap: int = 2, min_best: int = 6, batch_size: int = 16, seed: int = 0,
                max_prompt_tokens: int | None = None, n_prompts: int | None = None,
                dtype: torch.dtype | None = None, progress: bool = True,
-               shard: tuple[int, int] | None = None, truncated_as_rejected: bool = False) -> MiningStats:
+               shard: tuple[int, int] | None = None, truncated_as_rejected: bool = False,
+               must_resume: bool = False) -> MiningStats:
     """Mine preference pairs into ``out_path`` (JSONL, appended as it goes; resumable).
 
     ``prompts`` is a JSONL path (see ``load_prompts``) or a list of instructions. Prompts whose
@@ -178,6 +183,14 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
     ``shard=(rank, world)`` mines only batches ``rank, rank + world, ...`` into ``out_path`` (see
     ``mining_progress.shard_path``, ``merge_shards``): each batch keeps its seed, so the shards hold
     exactly the pairs of the unsharded run, and each shard resumes on its own.
+
+    A judge that fails for good (``JudgeError``: its retry budget spent, a bad key...) stops the
+    run with every finished batch kept (but the last ones whose refused requests led to the stop,
+    when the judge stopped for refusing request after request); the error says how far it got, and
+    running again (the CLI's
+    ``--resume``; ``must_resume=True`` insists there is a run to continue) carries on from there.
+    ``<out>.report.json`` holds the statistics and the judge's (its failures by kind, the servers'
+    reasons, a few unusable replies), written at the end and when the judge stops the run.
     """
     from fastdpo.generation.sampler import sample
 
@@ -215,6 +228,9 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
         settings = {**settings, "shard": list(shard)}
     out_path = Path(out_path)
     log = ProgressLog(out_path, fingerprint, settings)
+    if must_resume and not log.path.is_file():
+        raise ValueError(f"--resume: {out_path} has no mining run to continue (no {log.path.name}); "
+                         "leave out --resume to start one")
     start_batch, saved = log.resume()
     if saved:
         for k in (*COUNTS, "score_hist"):
@@ -255,6 +271,7 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                unit="prompt", desc="pairs", disable=not progress, dynamic_ncols=True)
     bar.set_postfix(kept=stats.pairs_kept)
     t_start = time.perf_counter()
+    refusals: list[int] = []   # requests refused in each batch this process committed
     worker = threading.Thread(target=produce, name="fastdpo-sampler", daemon=True)
     worker.start()
     try:
@@ -273,6 +290,7 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                 work = [(instructions[i], samples[j * k + r].text)
                         for j, i in enumerate(idx) for r in range(k) if usable[j * k + r]]
                 t0 = time.perf_counter()
+                refused = _rejected(judge)
                 dims = None
                 if rubrics:   # several rubrics: a weighted score, per-dimension gap rules
                     details = iter(judge.score_dimensions_many(work))
@@ -281,6 +299,7 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                 else:
                     replies = iter(judge.score_many(work))
                     scores = [next(replies) if ok else None for ok in usable]
+                refused = _rejected(judge) - refused
                 stats.judge_s += time.perf_counter() - t0
                 _count(stats, samples, usable, scores)
                 lines = []
@@ -301,8 +320,19 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                 stats.pairs_kept += len(lines)
                 append_durable(out, "".join(lines).encode())
                 log.commit(b, out.tell(), stats)
+                refusals.append(refused)
                 bar.update(len(idx))
                 bar.set_postfix(kept=stats.pairs_kept)
+    except JudgeError as e:
+        stats.elapsed_s = time.perf_counter() - t_start
+        if e.refusals:   # the batches whose refusals led to the stop: judged again on --resume
+            k = next((n for n in range(len(refusals)) if refusals[-1 - n] == 0), len(refusals))
+            if k:
+                log.take_back(k, stats)
+        stopped = (f"{e}; stopped with {stats.prompts_done} prompts done and {stats.pairs_kept} pairs kept "
+                   f"in {out_path}: run the same command with --resume to continue")
+        write_report(out_path, stats.as_dict(), judge, stopped)
+        raise JudgeError(stopped, refusals=e.refusals) from None
     finally:
         stop.set()
         _drain(ready)
@@ -310,7 +340,9 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
         bar.close()
         log.close()
         stats.elapsed_s = time.perf_counter() - t_start
+    write_report(out_path, stats.as_dict(), judge)
     return stats
+
 
 
 class Sample:
@@ -402,3 +434,10 @@ def format_stats(stats: MiningStats, out_path: str | Path | None = None) -> str:
                      f"{stats.pairs_per_min:.1f} pairs/min (sampling {stats.sample_s:.1f}s, "
                      f"judging {stats.judge_s:.1f}s, wall {stats.elapsed_s:.1f}s; they overlap)")
     return "\n".join(lines)
+
+
+def _rejected(judge: Judge) -> int:
+    """Requests the judge (each rubric's, for a ``RubricJudge``) refused as malformed so far."""
+    if isinstance(judge, RubricJudge):
+        return sum(j.stats.rejected for j in judge.rubrics.values())
+    return judge.stats.rejected

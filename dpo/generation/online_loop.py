@@ -369,10 +369,9 @@ def _eval(engine, a, b, path: Path, prompts, judge: Judge, settings, progress, n
     evaluation's own, so the file is the same whether or not the run was resumed."""
     if path.is_file():
         return json.loads(path.read_text())
-    before = dataclasses.asdict(judge.stats)
+    before = judge.stats.as_dict()
     report = engine.evaluate(a, b, prompts, judge, settings=settings, progress=progress, names=names)
-    after = dataclasses.asdict(judge.stats)
-    report["judge_stats"] = {key: after[key] - before[key] for key in after}
+    report["judge_stats"] = judge.stats.since(before)
     write_json(path, report)
     return report
 
