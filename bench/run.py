@@ -570,6 +570,7 @@ def run_bench(
         "machine": machine(dev, peaks),
         "versions": _versions(),
         "command": shlex.join(argv) if argv is not None else shlex.join(sys.argv),
+        "argv": sys.argv,
         "git": _git(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
         "load_average": {"before": load_before},

@@ -39,7 +39,8 @@ def test_bench_quick_eval_and_train_phases_write_traceable_json(tmp_path, monkey
     m = out["machine"]
     assert m["device"] == "cpu" and m["cpu"] and m["threads"] >= 1 and m["matmul_peak_flops"]["float32"] > 0
     assert out["versions"]["python"] and out["versions"]["torch"] and "trl" in out["versions"]
-    assert "bench" in out["command"]
+    assert out["command"] == (f"fastdpo bench --preset tiny --phases eval,train --device auto "
+                              f"--out {tmp_path} --quick --no-peers")
     assert len(out["load_average"]["before"]) == 3 and len(out["load_average"]["after"]) == 3
     assert out["git"]["revision"] is None or len(out["git"]["revision"]) == 40
     documented = {"phase", "impl", "preset", "device", "rate", "unit", "peak_MB", "peak_fraction", "detail"}

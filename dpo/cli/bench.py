@@ -39,5 +39,23 @@ def _cli(args) -> int:
     phases = PHASES if args.phases == "all" else tuple(p.strip() for p in args.phases.split(",") if p.strip())
     run_bench(args.preset, phases, quick=args.quick, out_dir=args.out, peers=not args.no_peers,
               threads=args.threads, mining_ckpt=args.mining_ckpt, device=args.device, full=args.full,
-              sampler_url=args.sampler_url, sampler_model=args.sampler_model)
+              sampler_url=args.sampler_url, sampler_model=args.sampler_model, argv=_command(args))
     return 0
+
+
+def _command(args) -> list[str]:
+    """The command with every setting spelled out (defaults included), for bench.json."""
+    cmd = ["fastdpo", "bench", "--preset", args.preset, "--phases", args.phases, "--device", args.device,
+           "--out", str(args.out)]
+    for flag, on in (("--quick", args.quick), ("--full", args.full), ("--no-peers", args.no_peers)):
+        if on:
+            cmd.append(flag)
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.mining_ckpt:
+        cmd += ["--mining-ckpt", str(args.mining_ckpt)]
+    if args.sampler_url:
+        cmd += ["--sampler-url", args.sampler_url]
+    if args.sampler_model:
+        cmd += ["--sampler-model", args.sampler_model]
+    return cmd
