@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastdpo.models.decode_cache import DecodeCache
+
 
 class KVCache:
     """One layer's keys and values, preallocated as (rows, kv_heads, max_len, head_dim).
@@ -39,7 +41,7 @@ class KVCache:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-           kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
+           kv_cache: KVCache | DecodeCache | None = None, attn_mask: torch.Tensor | None = None,
            dropout_p: float = 0.0) -> torch.Tensor:
     """Scaled dot-product attention of ``q`` (B, H, T, D) over ``k``, ``v`` (B, H_kv, T, D).
 
@@ -47,7 +49,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
     ``kv_cache`` the keys/values are also written into it at ``pos`` (B, T); then ``attn_mask``
     (B, 1, T, L) bool, if given, selects which of the first L cached slots each query sees (a
     decode step); without it the call is a prefill from position 0. Without a cache,
-    ``attn_mask`` (B, 1, T, T) replaces the causal mask (the packed shared-prompt layout)."""
+    ``attn_mask`` (B, 1, T, T) replaces the causal mask (the packed shared-prompt layout).
+    A ``DecodeCache`` (the sampler's decode steps) does its own attention, positions included."""
+    if isinstance(kv_cache, DecodeCache):
+        return kv_cache.attend(q, k, v)
     B, _, T, _ = q.shape
     if kv_cache is not None:
         k_all, v_all = kv_cache.update(pos.expand(B, T), k, v)
