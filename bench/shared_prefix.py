@@ -27,12 +27,16 @@ import time
 import types
 from pathlib import Path
 
-import torch
+# libgomp's spinning barriers stall 2-thread torch on a busy machine (see bench/kernels.py); the
+# policy must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from fastdpo.files import write_json
-from fastdpo.generation.mining import DEFAULT_TEMPS as TEMPS
-from fastdpo.generation.sampler import sample
-from fastdpo.models.families import PRESETS, build_model, config_from_preset
+import torch  # noqa: E402
+
+from fastdpo.files import write_json  # noqa: E402
+from fastdpo.generation.mining import DEFAULT_TEMPS as TEMPS  # noqa: E402
+from fastdpo.generation.sampler import sample  # noqa: E402
+from fastdpo.models.families import PRESETS, build_model, config_from_preset  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 REPO = Path(__file__).resolve().parent.parent
@@ -173,7 +177,8 @@ def main(argv=None) -> None:
     print(format_table(rows))
     out = a.out or Path("runs/bench") / f"shared-prefix-{a.preset}-{a.dtype}.json"
     meta = dict(command=" ".join(sys.argv), machine=platform.machine(), processor=platform.processor(),
-                torch=torch.__version__, load_average=os.getloadavg(), git=_git_rev())
+                torch=torch.__version__, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+                load_average=os.getloadavg(), git=_git_rev())
     write_json(out, {"results": rows, "meta": meta}, indent=1)
     print(f"wrote {out}")
 

@@ -11,6 +11,8 @@
 - The decode step's device part traces into one graph (``torch.compile(fullgraph=True)``): no host
   reads and no data-dependent Python branches, as CUDA graphs need.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,13 +113,16 @@ def test_a_prompt_is_read_once_per_group(family, monkeypatch):
     m = tiny(family, seed=1)
     prompts, _ = grouped_prompts(seed=1)
     shapes = []
-    real = decode_cache.partial_attention
 
-    def spy(q, k, v, invalid):
-        shapes.append((q.shape[0], q.shape[2], k.shape[2]))
-        return real(q, k, v, invalid)
+    def spy(real):
+        def attention(q, k, v, *args, **kwargs):
+            shapes.append((q.shape[0], q.shape[2], k.shape[2]))
+            return real(q, k, v, *args, **kwargs)
+        return attention
 
-    monkeypatch.setattr(decode_cache, "partial_attention", spy)
+    monkeypatch.setattr(decode_cache, "partial_attention", spy(partial_attention))   # both kernels the
+    monkeypatch.setattr(decode_cache, "F", SimpleNamespace(                          # decode cache calls
+        scaled_dot_product_attention=spy(F.scaled_dot_product_attention)))
     outs = []
     for cascade in (True, False):
         shapes.clear()
