@@ -81,7 +81,8 @@ def hf_generate(model: torch.nn.Module, prompts, max_new: int, top_k: int, dtype
     model_type = hf_config.pop("model_type")
     hf_config.pop("architectures")
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf_config)).eval()
-    hf.load_state_dict(hf_state_dict(model), strict=False)   # tied heads: no lm_head copy
+    loaded = hf.load_state_dict(hf_state_dict(model), strict=False)
+    assert not loaded.unexpected_keys and set(loaded.missing_keys) <= {"lm_head.weight"}, loaded  # tied head
     width = max(map(len, prompts))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -96,6 +97,7 @@ def hf_generate(model: torch.nn.Module, prompts, max_new: int, top_k: int, dtype
                               temperature=1.0, max_new_tokens=n_new, min_new_tokens=n_new,
                               pad_token_id=0, eos_token_id=None)
         assert out.shape[1] == width + n_new
+        return None   # its own random draws: not comparable token for token
     return run
 
 
@@ -128,18 +130,22 @@ def run_shared_prefix_bench(preset: str = "gpt2-124m", n_prompts: int = 16, k: i
     for fn in sides.values():
         fn(4)   # warm-up: allocator, autocast weight casts, first-call overheads
     best = {name: float("inf") for name in sides}
+    tokens = {}
     for _ in range(repeats):
         for name, fn in sides.items():
             t0 = time.perf_counter()
-            fn(max_new)
+            tokens[name] = fn(max_new)
             best[name] = min(best[name], time.perf_counter() - t0)
             if verbose:
                 print(f"  {name:18s} {best[name]:9.2f} s", flush=True)
     n_rows, new_tokens = len(prompts), len(prompts) * max_new
+    # The sampler sides draw from the same per-row random streams: equal logits give equal tokens
+    # (in float32 they are equal; bf16 rounding may let a sample drift).
     return [dict(phase="sample", impl=name, preset=preset, dtype=dtype, prompts=n_prompts, k=k,
                  prompt_len=prompt_len, rows=n_rows, max_new_tokens=max_new, new_tokens=new_tokens,
                  seconds=round(secs, 3), tokens_per_s=round(new_tokens / secs, 2),
                  cascade_speedup=round(secs / best["cascade"], 3), threads=torch.get_num_threads(),
+                 same_tokens_as_cascade=None if tokens[name] is None else tokens[name] == tokens["cascade"],
                  method="measured end to end")
             for name, secs in best.items()]
 

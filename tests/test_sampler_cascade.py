@@ -214,3 +214,20 @@ def test_a_decode_cache_takes_one_token_per_row():
     with pytest.raises(ValueError, match="one token per row"):
         m(torch.tensor([[4, 5]]), pos=torch.tensor([[3, 4]]), kv_caches=batch.caches)
 
+
+
+def test_the_shared_prefix_bench_times_every_side_on_the_same_work():
+    from fastdpo.bench.shared_prefix import REPO, run_shared_prefix_bench
+
+    in_git = (REPO / ".git").exists()
+    threads = torch.get_num_threads()
+    try:
+        rows = run_shared_prefix_bench("tiny", n_prompts=2, k=3, prompt_len=20, max_new=5, dtype="float32",
+                                       hf=False, baseline_rev="HEAD" if in_git else None, verbose=False)
+    finally:
+        torch.set_num_threads(threads)
+    by_impl = {r["impl"]: r for r in rows}
+    assert set(by_impl) == {"cascade", "flat"} | ({"sampler@HEAD"} if in_git else set())
+    assert all(r["rows"] == 6 and r["new_tokens"] == 30 and r["seconds"] > 0 for r in rows)
+    assert by_impl["cascade"]["cascade_speedup"] == 1.0
+    assert all(r["same_tokens_as_cascade"] is True for r in rows)   # float32: the very same tokens
