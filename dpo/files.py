@@ -12,8 +12,12 @@ from pathlib import Path
 
 
 def fsync_path(path: str | Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    """Flush a file, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def temp_sibling(path: Path, kind: str = "tmp") -> Path:

@@ -327,3 +327,35 @@ def tiny_copy(model):
     with lora.adapters_disabled(model):
         plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".lora_" not in k})
     return plain
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_export_writes_the_base_and_the_peft_adapter_or_merged_weights(workdir, tok, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from fastdpo.cli import main
+
+    model, _ = load_checkpoint(workdir / "base", tokenizer=tok)
+    lora.apply_lora(model, ["all"], rank=4, alpha=8)
+    randomize_adapters(model, seed=5)
+    save_checkpoint(tmp_path / "lora", model, tokenizer=tok, meta={"base_checkpoint": str(workdir / "base")})
+    assert not (tmp_path / "lora" / "model.safetensors").exists()     # the adapter alone
+    ids = torch.randint(1, tok.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = model.eval()(ids)
+
+    assert main(["export", "--hf", str(tmp_path / "split"), str(tmp_path / "lora")]) == 0
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "split").eval()
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "split" / "adapter").eval()
+    config = json.loads((tmp_path / "split" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "split").resolve())
+    with torch.no_grad():
+        assert torch.allclose(adapted(ids).logits, ours, atol=1e-5)
+        with adapted.disable_adapter():
+            assert not torch.allclose(adapted(ids).logits, ours, atol=1e-3)   # the base really is the base
+
+    assert main(["export", "--hf", str(tmp_path / "merged"), str(tmp_path / "lora"), "--merge"]) == 0
+    assert not (tmp_path / "merged" / "adapter").exists()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, ours, atol=1e-5)

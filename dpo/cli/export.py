@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastdpo.models.hf_export import DTYPES, export_hf
+from fastdpo.models.hf_export import ADAPTER_DIR, DTYPES, export_hf
 
 
 def add_subcommand(sub) -> None:
@@ -17,10 +17,20 @@ def add_subcommand(sub) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer to export (default: the checkpoint's own)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights' dtype on disk")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--merge", action="store_true",
+                   help="for a LoRA checkpoint: merge the adapter into the weights (default: the base model "
+                        "in OUT and the PEFT adapter in OUT/adapter)")
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> int:
-    out = export_hf(args.ckpt, args.hf, tokenizer=args.tokenizer, dtype=args.dtype, overwrite=args.overwrite)
-    print(f"exported {args.ckpt} -> {out}")
+    out = export_hf(args.ckpt, args.hf, tokenizer=args.tokenizer, dtype=args.dtype, overwrite=args.overwrite,
+                    merge=args.merge)
+    if (out / ADAPTER_DIR).is_dir():
+        adapter = out / ADAPTER_DIR
+        print(f"exported the base model of {args.ckpt} -> {out} and its LoRA adapter -> {adapter} "
+              f"(peft: PeftModel.from_pretrained; vLLM: --enable-lora --lora-modules NAME={adapter}); "
+              f"--merge writes merged weights instead")
+    else:
+        print(f"exported {args.ckpt} -> {out}")
     return 0

@@ -50,7 +50,7 @@ def write_directory(path: str | Path, fill: Callable[[Path], None]) -> Path:
     tmp.mkdir()
     try:
         fill(tmp)
-        for f in tmp.iterdir():
+        for f in sorted(tmp.rglob("*"), reverse=True):   # files before the directories holding them
             fsync_path(f)
         _swap_into_place(tmp, path)
     except BaseException:
