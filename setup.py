@@ -30,6 +30,7 @@ setup(
         "jinja2>=3.1.6",   # Hugging Face chat templates (sandboxed; older versions have known escapes)
         "safetensors>=0.4",
         "pyyaml>=6",
+        "pydantic>=2",   # config schemas (fastdpo.models.schema)
         "openai>=1.30",
         "wandb>=0.17",
         "tqdm>=4.66",
@@ -53,6 +54,8 @@ setup(
         # reads the exported directories (4.51: the first with Qwen3)
         "hf": ["transformers>=4.51"],
         "judge": ["vllm"],
+        # --sampler vllm: the policy's answers from vllm.LLM in the same process (CUDA only)
+        "vllm": ["vllm"],
         "peers": ["transformers", "trl", "liger-kernel"],
     },
     entry_points={

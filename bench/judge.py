@@ -113,7 +113,8 @@ def _task_prompts(n: int) -> list[str] | None:
 
 
 def bench_mining(ckpt: str | Path, n_prompts: int = 64, batch_size: int = 16, max_new_tokens: int = 32,
-                 judge: str = "task", dtype: torch.dtype | None = None) -> dict:
+                 judge: str = "task", dtype: torch.dtype | None = None, device: str = "cpu",
+                 trained: bool = True) -> dict:
     """Pairs/min end to end (sample K=4 -> judge -> filter -> write, overlapped) on task prompts.
 
     ``judge="task"`` scores with the demo task's checker (real kept rate for a trained demo model);
@@ -121,7 +122,7 @@ def bench_mining(ckpt: str | Path, n_prompts: int = 64, batch_size: int = 16, ma
     pairs: it measures the pipeline's capacity, not a kept rate."""
     from fastdpo.generation.mining import mine_pairs
     from fastdpo.models.checkpoint import load_policy
-    model, tok = load_policy(ckpt)
+    model, tok = load_policy(ckpt, device=device)
     prompts = _task_prompts(n_prompts) or [f"Reverse the words: {' '.join(_WORDS[i % 20: i % 20 + 3])}"
                                            for i in range(n_prompts)]
     if judge == "task":
@@ -137,19 +138,40 @@ def bench_mining(ckpt: str | Path, n_prompts: int = 64, batch_size: int = 16, ma
             "pairs_per_min": stats.pairs_per_min, "prompts_per_s": stats.prompts_per_s, "unit": "pairs/s",
             "kept_pct": stats.kept_pct, "sample_s": stats.sample_s, "judge_s": stats.judge_s,
             "samples_per_s": stats.samples_judged / stats.elapsed_s if stats.elapsed_s else 0.0,
-            "model_params": sum(p.numel() for p in model.parameters()), "dtype": str(dtype)}
+            "model_params": sum(p.numel() for p in model.parameters()), "dtype": str(dtype),
+            "backend": "builtin", "device": str(device), "ckpt": str(ckpt), "trained_model": trained,
+            "note": _mining_note(judge, trained, stats.pairs_kept)}
+
+
+def _mining_note(judge: str, trained: bool, pairs: int) -> str:
+    if judge == "spread":
+        return ("stand-in judge spreading scores over 1-10: the pipeline's capacity (sample, judge, filter, "
+                "write), not a kept rate")
+    if not trained:
+        return ("random-weight model of the demo's shape (no trained checkpoint given): its answers almost "
+                "never pass the task's checker, so pairs/min is ~0 by construction; pass --mining-ckpt "
+                "(e.g. runs/demo/sft/final) to measure a trained model")
+    return f"trained model with the task's own judge: {pairs} pairs kept"
+
+
+# Sampler backends mined from in the judge phase: name -> function(ckpt, **bench_mining kwargs) -> row.
+# Another backend (a vLLM server, an OpenAI-compatible sampler) adds its entry here and gets its
+# own mining row in `fastdpo bench`.
+MINING_BACKENDS = {"builtin": bench_mining}
 
 
 def run_judge_bench(ckpt: str | Path | None = None, *, concurrencies=(1, 8, 32), n_requests: int = 64,
                     mining_ckpt: str | Path | None = None, n_prompts: int = 64,
-                    dtype: torch.dtype | None = None, server_threads: int | None = None) -> list[dict]:
+                    dtype: torch.dtype | None = None, server_threads: int | None = None,
+                    device: str = "cpu", backends: tuple[str, ...] = ("builtin",)) -> list[dict]:
     """Rows for ``fastdpo bench``: judge req/s at each concurrency, then pairs/min.
 
     ``ckpt`` is served for the judge figures (default: a 2-layer, 32-wide random model, so the
     figures measure client, HTTP and batching rather than the model). ``mining_ckpt`` is the policy
     mined from: pass the demo's SFT checkpoint; by default a random model of the demo's shape
     (preset 'tiny': 4 layers, 160 wide) is mined with both the task judge and the score-spreading
-    stand-in (a random model's answers rarely make task pairs)."""
+    stand-in (a random model's answers rarely make task pairs; each row's ``note`` says which it
+    is). One mining row per (judge, sampler backend in ``backends``, see ``MINING_BACKENDS``)."""
     with tempfile.TemporaryDirectory() as d:
         if ckpt is None:
             ckpt = make_tiny_checkpoint(Path(d) / "tiny")
@@ -162,13 +184,16 @@ def run_judge_bench(ckpt: str | Path | None = None, *, concurrencies=(1, 8, 32),
         finally:
             stop_server(proc)
         judges = ("task",) if mining_ckpt else ("task", "spread")
+        trained = mining_ckpt is not None
         if mining_ckpt is None:
             mining_ckpt = make_tiny_checkpoint(Path(d) / "demo-shaped", n_layer=4, n_embd=160, n_head=4,
                                                block_size=256, stop_logit=3.0)
         if _task_prompts(1) is None:
             judges = ("spread",)
-        for j in judges:
-            rows.append(bench_mining(mining_ckpt, n_prompts=n_prompts, judge=j, dtype=dtype))
+        for backend in backends:
+            for j in judges:
+                rows.append(MINING_BACKENDS[backend](mining_ckpt, n_prompts=n_prompts, judge=j, dtype=dtype,
+                                                     device=device, trained=trained))
     return rows
 
 
@@ -180,7 +205,7 @@ def format_rows(rows: list[dict]) -> str:
                        f"{r['invalid']} non-verdict replies")
         else:
             out.append(f"{r['name']:<28} {r['pairs_per_min']:>6.1f} pairs/min  {r['prompts']} prompts, "
-                       f"{r['kept_pct']:.0f}% kept, {r['prompts_per_s']:.1f} prompts/s")
+                       f"{r['kept_pct']:.0f}% kept, {r['prompts_per_s']:.1f} prompts/s ({r['note']})")
     return "\n".join(out)
 
 

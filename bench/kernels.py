@@ -64,12 +64,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fastdpo import kernels  # noqa: E402
-from fastdpo.bench.peak import measure_matmul_peak  # noqa: E402
+from fastdpo.bench.peak import datasheet_bf16_peak, device_name, measure_matmul_peak, resolve_device  # noqa: E402,F401
 from fastdpo.kernels import reference  # noqa: E402
 
 _M_MMAP_THRESHOLD = -3
-# Implementations timed in the first round only: torch's chunked linear cross-entropy with
-# reduction="none" takes tens of seconds per call at the full shapes on a small CPU.
+# Implementations timed in the first round only (after their warm-up call): torch's chunked
+# linear cross-entropy with reduction="none" takes seconds per call at the full shapes on a small CPU.
 ONE_ROUND = {"torch_lce"}
 
 
@@ -100,14 +100,6 @@ def _status_kb(key: str) -> int | None:
     except OSError:
         return None
     return None
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    return torch.device(device)
 
 
 def measure(fn, device: torch.device | str = "cpu") -> tuple[float, float | None]:
@@ -203,11 +195,18 @@ def _linear_impls(B, T, V, C, dtype, device="cpu"):
     def matmul_fused():
         return kernels.sequence_logprobs(hidden @ weight.t(), ids, mask, inplace_backward=True)
 
+    # torch's linear cross-entropy on the same active rows the fused path computes: the positions
+    # whose next token is a response token, selected once outside the timed call (as the fused
+    # ops' row compaction is part of theirs, this gives torch the smaller share of the work).
+    active = mask[:, 1:].reshape(-1).nonzero().squeeze(1)
+    row_of = torch.arange(B, device=active.device).repeat_interleave(T - 1)[active]
+    targets = ids[:, 1:].reshape(-1)[active]
+
     def torch_lce():
-        # per-token -log p(next) of every position, then the same masked per-sequence sum
-        nll = F.linear_cross_entropy(hidden[:, :-1].reshape(-1, C), weight, ids[:, 1:].reshape(-1),
-                                     reduction="none", options=torch.nn.LinearCrossEntropyOptions())
-        return -(nll.view(B, T - 1).float() * mask[:, 1:]).sum(-1)
+        h = hidden[:, :-1].reshape(-1, C).index_select(0, active)
+        nll = F.linear_cross_entropy(h, weight, targets, reduction="none",
+                                     options=torch.nn.LinearCrossEntropyOptions())
+        return -torch.zeros(B, device=nll.device).index_add(0, row_of, nll.float())
 
     impls = {"oracle": run(lambda: reference.linear_sequence_logprobs(hidden, weight, ids, mask)),
              "matmul+fused": run(matmul_fused),
@@ -278,7 +277,16 @@ def _pair_impls(B, T, V, C, layout, device="cpu"):
     return {"recompute": recompute, "grad_in_forward": grad_in_forward}, None, info
 
 
-def cases(quick: bool, device="cpu"):
+# The cases `fastdpo bench` runs by default: the README's kernel rows (all cases: --full).
+HEADLINE = {("sequence_logprobs", (8, 512, 32768), torch.float32),
+            ("linear_sequence_logprobs", (8, 1024, 50304, 768), torch.bfloat16),
+            ("linear_pair_loss", (8, 1024, 50304, 768), torch.bfloat16)}
+
+
+def cases(quick: bool, device="cpu", headline: bool = False):
+    if headline and not quick:
+        yield from (c for c in cases(quick, device) if c[:3] in HEADLINE)
+        return
     if quick:
         shapes, C = [(2, 128, 4099)], 128
     else:
@@ -297,22 +305,14 @@ def cases(quick: bool, device="cpu"):
                lambda layout=layout: _pair_impls(B, T, V, C, layout, device))
 
 
-# Dense bf16 tensor-core peaks with float32 accumulation (TFLOP/s, vendor datasheets), matched
-# against torch.cuda.get_device_name in this order; other GPUs use their measured cuBLAS peak.
-GPU_BF16_PEAK = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0),
-                 ("RTX 4090", 165.2), ("L40S", 362.1), ("L4", 121.0), ("A10", 125.0), ("RTX 3090", 71.0))
-
-
 def device_peak(device: torch.device, quick: bool, C: int = 768, V: int = 50304) -> dict:
     """The device's name and bf16 peak (FLOP/s) for the TFLOP/s columns: the datasheet figure of
     a known GPU, else the best measured bf16 GEMM: a square 2048^3 one, or on CPU also one shaped
     like these ops' lm_head GEMMs (1024 x C x V), which oneDNN runs faster than the square one."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_BF16_PEAK:
-            if key in name:
-                return {"device_name": name, "bf16_peak_flops": tflops * 1e12, "peak_source": "datasheet"}
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = device_name(device)
+    sheet = datasheet_bf16_peak(name) if device.type == "cuda" else None
+    if sheet:
+        return {"device_name": name, "bf16_peak_flops": sheet, "peak_source": "datasheet"}
     n, t = (1024, 0.2) if quick else (2048, 0.5)
     best = measure_matmul_peak(torch.bfloat16, n, device.type, t)
     if device.type == "cpu":
@@ -326,13 +326,15 @@ def device_peak(device: torch.device, quick: bool, C: int = 768, V: int = 50304)
 
 
 def run_kernel_bench(quick: bool = False, reps: int | None = None, aot: bool = True,
-                     only: str | None = None, device: str = "auto") -> list[dict]:
-    """One dict per (op, shape, dtype, implementation) plus one per AOT-compiled kernel."""
+                     only: str | None = None, device: str = "auto", headline: bool = False) -> list[dict]:
+    """One dict per (op, shape, dtype, implementation) plus one per AOT-compiled kernel.
+    ``headline``: only the cases in ``HEADLINE``. Every implementation is called once untimed
+    before the timed rounds (warm-up: allocator, oneDNN primitives, Triton compilation)."""
     results = []
     dev = resolve_device(device)
     threads = torch.get_num_threads()
     peak_info = None
-    for op, shape, dtype, build in cases(quick, dev):
+    for op, shape, dtype, build in cases(quick, dev, headline):
         if only and only not in op:
             continue
         if op.startswith("linear") and peak_info is None:
@@ -344,6 +346,10 @@ def run_kernel_bench(quick: bool = False, reps: int | None = None, aot: bool = T
         cpu = {k: [] for k in impls}
         peaks = {k: [] for k in impls}
         names = list(impls)
+        for name in names:
+            impls[name]()
+            if name.endswith("inplace") and restore is not None:
+                restore()
         for i in range(n):
             for name in names:
                 if i and name in ONE_ROUND:

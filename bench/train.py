@@ -1,6 +1,7 @@
-"""DPO training-step throughput and memory: the fast path vs the naive reference path, on CPU.
+"""DPO training-step throughput and memory: the fast path vs the naive reference path.
 
-    python -m fastdpo.bench.train [--preset tiny|gpt2-124m|all] [--rounds N] [--steps K] [--json out.json]
+    python -m fastdpo.bench.train [--preset tiny|gpt2-124m|all] [--device auto|cpu|cuda] [--rounds N]
+                                  [--steps K] [--json out.json]
 
 - fast:  one packed row per pair (the prompt computed once for both answers), policy log-probs
          through ``kernels.linear_sequence_logprobs`` (no (2B, T, V) logits), and reference
@@ -20,8 +21,11 @@ Each variant first runs its timed batches once untimed (warm caches, as in a lon
 ``step_peak_MB`` is the peak extra resident memory of the timed steps (VmHWM reset before each,
 see ``bench.kernels.measure``); ``resident_MB`` is what the variant keeps besides the policy
 and its optimizer: the frozen reference model (naive) or the cached log-probs (fast). The ratio is
-on their sum. The one-off cost of precomputing the reference log-probs is reported separately
-(a β sweep pays it once for all its runs).
+on their sum. On CUDA memory is ``torch.cuda.max_memory_allocated`` above the allocation before.
+
+End to end (``e2e_*``): the trainer's setup (for ``fast`` this includes the reference pass that
+fills its cache of reference log-probs, computed in a fresh directory: never a cache hit) plus the
+first, cold pass over all the timed steps; tokens/s over the same tokens for every variant.
 
 Memory-saving variants of the fast path (``--variants fast,checkpointing,lora``), each compared
 with ``fast`` on the whole training footprint ``train_peak_MB`` = parameters + optimizer state +
@@ -38,6 +42,7 @@ import copy
 import json
 import os
 import statistics
+import tempfile
 import time
 
 # libgomp's spinning barriers stall 2-thread torch on a busy machine (see bench/kernels.py); the
@@ -47,6 +52,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from fastdpo.bench.kernels import measure  # noqa: E402
+from fastdpo.bench.peak import resolve_device  # noqa: E402
 from fastdpo.models.gpt import GPT, config_from_preset
 from fastdpo.training.batches import TokenizedPair
 from fastdpo.training.config import DPOConfig, TrainingConfig
@@ -70,6 +76,11 @@ def synthetic_pairs(n: int, vocab_size: int, prompt: tuple[int, int], answer: tu
     return [TokenizedPair(seq(*prompt), seq(*answer), seq(*answer)) for _ in range(n)]
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _mb(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
@@ -88,7 +99,7 @@ VARIANTS = {
 def run_train_bench(preset: str = "tiny", rounds: int = 3, steps: int = 2, precision: str = "auto",
                     micro_batch_size: int | None = None, prompt: tuple[int, int] | None = None,
                     answer: tuple[int, int] | None = None, seed: int = 0, verbose: bool = True,
-                    variants: tuple[str, ...] = ("fast", "naive")) -> list[dict]:
+                    variants: tuple[str, ...] = ("fast", "naive"), device: str = "cpu") -> list[dict]:
     """One row per variant with tokens/s and memory; the fast row carries the ratios vs naive, the
     memory-saving variants theirs vs fast. ``prompt``/``answer`` override the preset's (min, max)
     token lengths of the synthetic pairs."""
@@ -106,17 +117,33 @@ def run_train_bench(preset: str = "tiny", rounds: int = 3, steps: int = 2, preci
     base = GPT(config_from_preset(preset, vocab_size=shape["vocab_size"]))
     # length_bucket=1: batches drawn independently of lengths, so both variants train on exactly
     # the same pairs at every step (bucketing sorts by each layout's own row length).
-    common = dict(output_dir="/tmp/fastdpo-bench", batch_size=mb, micro_batch_size=mb, learning_rate=1e-6,
+    dev = resolve_device(device)
+    common = dict(batch_size=mb, micro_batch_size=mb, learning_rate=1e-6,
                   max_steps=10**6, log_every=0, mixed_precision=precision, wandb="disabled", progress=False,
-                  device="cpu", seed=seed, length_bucket=1)
+                  device=dev.type, seed=seed, length_bucket=1)
     trainers, info = {}, {}
+    # Process warm-up, untimed: imports, lazy initialisation and first-call costs would otherwise
+    # all be charged to whichever variant's end-to-end time comes first.
     for name in variants:
         kernel, reference, extra = VARIANTS[name]
-        tc = TrainingConfig(run_name=f"bench-{name}", kernel=kernel, **common, **extra)
-        t0 = time.perf_counter()
+        tc = TrainingConfig(run_name="warm-up", kernel=kernel, output_dir=tempfile.mkdtemp(), **common,
+                            **extra)
+        warm = prepare_dpo(copy.deepcopy(base), pairs[:mb], [], tc,
+                           DPOConfig(reference=reference, shared_prompt=name != "naive"), pad_id=0,
+                           tokenizer_hash="synthetic", device=dev, say=lambda *a, **k: None)
+        warm.train(steps=1)
+        del warm
+    for name in variants:
+        kernel, reference, extra = VARIANTS[name]
+        tc = TrainingConfig(run_name=f"bench-{name}", kernel=kernel, output_dir=tempfile.mkdtemp(), **common,
+                            **extra)
         # naive = the seed's recipe: chosen and rejected as separate rows (prompt run twice)
         dc = DPOConfig(reference=reference, shared_prompt=name != "naive")
-        trainer = prepare_dpo(copy.deepcopy(base), pairs, [], tc, dc, pad_id=0, tokenizer_hash="synthetic")
+        policy = copy.deepcopy(base)
+        _sync(dev)
+        t0 = time.perf_counter()
+        trainer = prepare_dpo(policy, pairs, [], tc, dc, pad_id=0, tokenizer_hash="synthetic", device=dev)
+        _sync(dev)
         setup = time.perf_counter() - t0
         task = trainer.task
         own = task.ref_model is None or task.ref_model is trainer.model   # LoRA: the policy's base view
@@ -131,10 +158,9 @@ def run_train_bench(preset: str = "tiny", rounds: int = 3, steps: int = 2, preci
         # run: every batch shape has been seen once and oneDNN's primitive cache and the allocator
         # no longer grow. Measured cold, the first pass in a fresh process reported ~2x the step
         # memory of every later pass at the tiny shape.
-        trainer.train(steps=1)
-        start = trainer.state.step
-        trainer.train(steps=rounds * steps)
-        trainer.state.step = start
+        first_pass, _ = measure(lambda trainer=trainer: trainer.train(steps=1 + rounds * steps), dev)
+        info[name]["e2e_s"] = setup + first_pass
+        trainer.state.step = 1
         info[name]["optimizer_MB"] = _mb(t for st in trainer.optimizer.state.values() for t in st.values()
                                          if isinstance(t, torch.Tensor))
         trainers[name] = trainer
@@ -146,17 +172,20 @@ def run_train_bench(preset: str = "tiny", rounds: int = 3, steps: int = 2, preci
     for _ in range(rounds):
         for name, trainer in trainers.items():
             first = trainer.state.step
-            dt, peak = measure(lambda trainer=trainer: trainer.train(steps=steps))
+            dt, peak = measure(lambda trainer=trainer: trainer.train(steps=steps), dev)
             n_tok = sum(trainer.task.n_tokens(idx) for s in range(first, trainer.state.step)
                         for idx in trainer.micro_batches(s))
             times[name].append(dt)
             peaks[name].append(peak)
             tokens[name].append(n_tok)
+    e2e_tokens = sum(trainers[next(iter(trainers))].task.n_tokens(idx) for s in range(1 + rounds * steps)
+                     for idx in trainers[next(iter(trainers))].micro_batches(s))
     rows = []
     for name in trainers:
         tps = statistics.median(t / s for t, s in zip(tokens[name], times[name]))
         peak = max(peaks[name]) if peaks[name][0] is not None else None
-        rows.append({"phase": "train", "preset": preset, "variant": name, "threads": torch.get_num_threads(),
+        rows.append({"phase": "train", "preset": preset, "variant": name, "device": dev.type,
+                     "threads": torch.get_num_threads(),
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                      "precision": info[name]["precision"],
                      "micro_batch_pairs": mb, "tokens_per_step": tokens_per_step, "rounds": rounds,
@@ -166,7 +195,8 @@ def run_train_bench(preset: str = "tiny", rounds: int = 3, steps: int = 2, preci
                      "step_s": statistics.median(times[name]) / steps, "step_peak_MB": peak,
                      "resident_MB": info[name]["resident_MB"],
                      "peak_MB": None if peak is None else peak + info[name]["resident_MB"],
-                     "setup_s": info[name]["setup_s"],
+                     "setup_s": info[name]["setup_s"], "e2e_s": info[name]["e2e_s"],
+                     "e2e_steps": 1 + rounds * steps, "e2e_tokens_per_s": e2e_tokens / info[name]["e2e_s"],
                      "gradient_checkpointing": trainers[name].cfg.gradient_checkpointing,
                      "finetuning_type": trainers[name].cfg.finetuning_type,
                      "trainable_params": info[name]["trainable_params"],
@@ -178,6 +208,7 @@ def run_train_bench(preset: str = "tiny", rounds: int = 3, steps: int = 2, preci
     fast, naive = by.get("fast"), by.get("naive")
     if fast and naive:
         fast["speedup_vs_naive"] = fast["tokens_per_s"] / naive["tokens_per_s"]
+        fast["e2e_speedup_vs_naive"] = naive["e2e_s"] / fast["e2e_s"]
         if fast["peak_MB"] is not None:
             fast["memory_vs_naive"] = fast["peak_MB"] / naive["peak_MB"]
     for r in rows:
@@ -197,7 +228,7 @@ def format_rows(rows: list[dict]) -> str:
                 f"{r['tokens_per_s']:9.0f} tok/s  "
                 f"step {r['step_s']:7.3f}s  peak {r['peak_MB'] or float('nan'):8.1f} MB "
                 f"(step +{r['step_peak_MB'] or float('nan'):.1f}, resident {r['resident_MB']:.1f})  "
-                f"setup {r['setup_s']:.2f}s")
+                f"setup {r['setup_s']:.2f}s, end to end {r['e2e_s']:.2f}s")
         if "speedup_vs_naive" in r:
             mem = r.get("memory_vs_naive", float("nan"))
             line += f"  x{r['speedup_vs_naive']:.2f} tok/s, x{mem:.2f} memory"
@@ -224,6 +255,7 @@ def main(argv=None) -> None:
                     help="pairs per step (default: the preset's; a larger batch makes activations matter)")
     ap.add_argument("--variants", default="fast,naive",
                     help=f"comma-separated, from {','.join(VARIANTS)} (memory: fast,checkpointing,lora)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
     if args.threads:
@@ -233,7 +265,8 @@ def main(argv=None) -> None:
         steps = args.steps or (4 if preset == "tiny" else 1)
         rows += run_train_bench(preset, rounds=args.rounds, steps=steps, precision=args.precision,
                                 micro_batch_size=args.micro_batch_size,
-                                variants=tuple(v.strip() for v in args.variants.split(",")))
+                                variants=tuple(v.strip() for v in args.variants.split(",")),
+                                device=args.device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -42,6 +42,8 @@ _API = {
     "mine_pairs": "fastdpo.generation.mining",
     "evaluate": "fastdpo.generation.evaluate",
     "HeldoutProbe": "fastdpo.generation.heldout",
+    "run_loop": "fastdpo.generation.online_loop",
+    "LoopConfig": "fastdpo.generation.online_loop",
     "run_demo": "fastdpo.demo.pipeline",
 }
 

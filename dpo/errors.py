@@ -7,8 +7,16 @@ from __future__ import annotations
 class FastdpoError(ValueError):
     """An anticipated failure of input, configuration, environment or a remote service.
 
-    A ``ValueError`` so that callers that already handle bad values keep working.
+    A ``ValueError`` so that callers that already handle bad values keep working. Given where it
+    happened, the message reads ``<what> (<file>[:<line>][ <field>])``; the parts stay readable as
+    attributes for callers that report them otherwise.
     """
+
+    def __init__(self, what: str = "", *, file=None, line: int | None = None, field: str | None = None):
+        self.what, self.file, self.line, self.field = what, file, line, field
+        where = " ".join(p for p in (f"{file}{'' if line is None else f':{line}'}" if file else "",
+                                     field or "") if p)
+        super().__init__(f"{what} ({where})" if where else what)
 
 
 class ConfigError(FastdpoError):

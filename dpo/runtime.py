@@ -105,9 +105,25 @@ def local_device(device: torch.device | str) -> torch.device:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; a device this machine does not have is a
+    ``ConfigError`` here, before anything is loaded onto it."""
+    from fastdpo.errors import ConfigError
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return local_device(device)   # under torchrun, "cuda" is this process's GPU
+    try:
+        resolved = local_device(device)   # under torchrun, "cuda" is this process's GPU
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device {str(device)!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {str(device)!r} is not supported (use auto, cpu, cuda or cuda:N)")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(device)!r}: CUDA is not available on this machine "
+                              f"(use device auto or cpu)")
+        if (resolved.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} "
+                              f"CUDA device(s)")
+    return resolved
 
 
 def resolve_precision(mixed_precision: str, device: torch.device) -> str:

@@ -11,7 +11,7 @@ from fastdpo.bench.judge import make_tiny_checkpoint
 from fastdpo.cli import main
 from fastdpo.generation import benchmarks
 from fastdpo.generation.evaluate import evaluate
-from fastdpo.generation.judge import ProgrammaticJudge
+from fastdpo.generation.judge import JudgeError, ProgrammaticJudge
 from fastdpo.generation.win_rates import length_controlled_win_rate
 from fastdpo.models.checkpoint import load_policy, save_checkpoint
 
@@ -165,3 +165,43 @@ def test_bad_benchmark_records_name_file_and_line(setup):
     with pytest.raises(ValueError, match=r"other.jsonl:1: not a prompts record"):
         benchmarks.load_benchmark(other)
     assert benchmarks.load_benchmark(d / "mt_bench.jsonl", limit=2)[1][1].turns == MTBENCH[1]["turns"]
+
+
+def test_mtbench_eval_stopped_by_its_judge_resumes_to_the_same_report(setup, tmp_path, monkeypatch):
+    """The judge fails for good partway: the answers and verdicts so far are kept next to the report,
+    and resume=True ends with the uninterrupted report, generating nothing and judging nothing twice."""
+    d, a, b = setup
+    model_a, tok = load_policy(a)
+    model_b, _ = load_policy(b)
+    kw = dict(mode="both", max_new_tokens=12, batch_size=2, progress=False)
+
+    class Flaky(ProgrammaticJudge):
+        def __init__(self, fail_after=None):
+            super().__init__(longer, name="longer")
+            self.calls, self.fail_after = 0, fail_after
+
+        def _score(self, instruction, response):
+            self.calls += 1
+            if self.fail_after is not None and self.calls > self.fail_after:
+                raise JudgeError("judge longer at http://judge.invalid/v1: HTTP 503: down (still failing)")
+            return super()._score(instruction, response)
+
+    mt = d / "mt_bench.jsonl"
+    whole = Flaky()
+    ref = evaluate(model_a, model_b, tok, mt, whole, report_path=tmp_path / "ref.json", **kw)
+    report = tmp_path / "mt.json"
+    expected = (r"HTTP 503: down .*; 7 verdicts kept in .*mt.json.progress.jsonl: "
+                r"run the same command with --resume")
+    with pytest.raises(JudgeError, match=expected):   # 7 turns compared A|B; B|A fails
+        evaluate(model_a, model_b, tok, mt, Flaky(fail_after=20), report_path=report, **kw)
+    assert not report.exists()
+    generated = []
+    monkeypatch.setattr(benchmarks, "generate", lambda *a, **k: generated.append(1))
+    judge = Flaky()
+    out = evaluate(model_a, model_b, tok, mt, judge, report_path=report, resume=True, **kw)
+    assert not generated and out["resumed"]["verdicts"] == 7
+    assert judge.calls == whole.calls - 7 * 2   # a compare verdict is two scores here
+    strip = ("judge_stats", "resumed")
+    assert {k: v for k, v in out.items() if k not in strip} == {k: v for k, v in ref.items()
+                                                                 if k not in strip}
+    assert json.loads(report.read_text())["items"] == ref["items"]

@@ -10,7 +10,7 @@ from fastdpo.cli import main
 
 # the documented contract
 SUBCOMMANDS = ["demo", "sft", "pairs", "train", "eval", "bench", "serve", "label", "export", "tokenizer",
-               "audit"]
+               "audit", "loop"]
 
 
 def test_help_and_version(capsys):

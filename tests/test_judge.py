@@ -1,6 +1,7 @@
 """Judges: reply parsing, the programmatic judge, selection by name, and OpenAIJudge against a real
 ``fastdpo serve`` process, a scripted fake server (retries, refusals) and a port nobody listens on."""
 import json
+import re
 import socket
 import sys
 import threading
@@ -19,6 +20,7 @@ from fastdpo.generation.judge import (
     ProgrammaticJudge,
     available_judges,
     fill_prompt,
+    format_judge_stats,
     load_prompt,
     make_judge,
     parse_score,
@@ -169,18 +171,23 @@ class _Scripted(BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
         with self.server.lock:
-            status, content = self.server.script.pop(0) if self.server.script else (200, "5")
+            status, content, *headers = self.server.script.pop(0) if self.server.script else (200, "5")
             self.server.calls += 1
-        if status == 200:
+        if isinstance(content, bytes):   # a raw body, as a broken server or a proxy sends it
+            data = content
+        elif status == 200:
             body = {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
                     "choices": [{"index": 0, "finish_reason": "stop",
                                  "message": {"role": "assistant", "content": content}}]}
         else:
             body = {"error": {"message": content, "type": "x"}}
-        data = json.dumps(body).encode()
+        if not isinstance(content, bytes):
+            data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers[0] if headers else {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
 
@@ -217,10 +224,21 @@ def test_retries_429_and_5xx_then_succeeds(scripted):
     assert j.stats.retries == 3 and scripted.calls == 4
 
 
+def test_retry_after_as_an_http_date_is_honoured(scripted):
+    import email.utils
+    when = email.utils.formatdate(time.time() + 2, usegmt=True)   # whole seconds: 1-2 s from now
+    scripted.script = [(503, "warming up", {"Retry-After": when}), (200, "6")]
+    j = OpenAIJudge(_url(scripted), "m", backoff=0.01, retry_budget=30)
+    t0 = time.monotonic()
+    assert j.score("i", "r") == 6
+    assert time.monotonic() - t0 >= 0.9 and j.stats.http_5xx == 1 and j.stats.retries == 1
+    assert j.stats.errors == {"HTTP 503: warming up": 1}
+
+
 def test_persistent_5xx_is_a_bounded_error(scripted):
     scripted.script = [(500, "down")] * 10
     j = OpenAIJudge(_url(scripted), "m", max_retries=2, backoff=0.01)
-    with pytest.raises(JudgeError, match="after 3 attempts.*InternalServerError"):
+    with pytest.raises(JudgeError, match="HTTP 500: down .gave up after 3 attempts"):
         j.score("i", "r")
     assert scripted.calls == 3
 
@@ -235,13 +253,47 @@ def test_refused_request_is_none_but_auth_error_raises(scripted):
     assert scripted.calls == 2
 
 
+def test_unusable_replies_and_refusal_reasons_are_kept(scripted):
+    """A report can show why judgements failed: the server's reasons and the raw replies."""
+    scripted.script = [(200, "I cannot decide."), (400, "messages is 454 tokens; context is 256"),
+                       (400, "messages is 454 tokens; context is 256"), (200, "7"),
+                       (200, b'{"choices": []}')]
+    j = make_judge("openai", url=_url(scripted), model="m", concurrency=1, retry_budget=5)
+    assert [j.score("i", "r") for _ in range(5)] == [None, None, None, 7, None]
+    st = j.stats
+    assert st.invalid == 4 and st.rejected == 2
+    assert st.errors == {"HTTP 400: messages is 454 tokens; context is 256": 2}
+    assert st.samples == ["no verdict: 'I cannot decide.'", "no verdict: (no text)"]
+    text = "\n".join(format_judge_stats(st.as_dict()))
+    assert "replies without a verdict: 4" in text and "refused by the server: 2" in text
+    assert "the judge said (2x): HTTP 400: messages is 454 tokens" in text
+    assert "unusable reply: no verdict: 'I cannot decide.'" in text
+
+
+@pytest.mark.parametrize("body,why", [(b"<html>502 Bad Gateway</html>", "not JSON: '<html>502 Bad Gateway"),
+                                      (b'{"object": "list", "data": []}', "not a chat completion"),
+                                      (b'{"choices": [{"index": 0}]}', "its first choice has no 'message'")])
+def test_a_reply_that_is_not_a_chat_completion_says_the_judge_failed(scripted, body, why):
+    scripted.script = [(200, body)] * 3
+    j = OpenAIJudge(_url(scripted), "m", backoff=0.01)
+    with pytest.raises(JudgeError, match=f"judge m at .*: HTTP 200, unparseable reply: {re.escape(why)}"):
+        j.score("i", "r")
+    assert scripted.calls == 1 and j.stats.unparseable == 1   # not retried
+    assert j.stats.samples == [f"not a chat completion: {body.decode()!r}"]   # the reply as sent
+
+
+def test_retry_budget_is_validated():
+    with pytest.raises(ValueError, match="retry_budget .--judge-retry-budget. must be a finite number"):
+        OpenAIJudge("http://127.0.0.1:1/v1", "m", retry_budget=-1)
+
+
 def test_nothing_listening_fails_fast_with_clear_error():
     with socket.socket() as s:  # a port that was free a moment ago and has no listener now
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     j = OpenAIJudge(f"http://127.0.0.1:{port}/v1", "m", max_retries=3, backoff=0.2, timeout=5)
     t0 = time.monotonic()
-    expected = rf"127.0.0.1:{port}.*unreachable after 4 attempts.*APIConnectionError"
+    expected = rf"127.0.0.1:{port}/v1: connection: .*refused.*gave up after 4 attempts"
     with pytest.raises(JudgeError, match=expected):
         j.score_many([("i", "r")] * 3)
     assert time.monotonic() - t0 < 10
@@ -257,6 +309,17 @@ def test_judge_base_class_concurrency_keeps_order():
             return int(response)
 
     assert Slow().score_many([("i", str(k)) for k in range(1, 11)]) == list(range(1, 11))
+
+
+def test_stats_since_an_earlier_snapshot(scripted):
+    scripted.script = [(400, "too long"), (200, "what?"), (400, "too long"), (200, "huh")]
+    j = OpenAIJudge(_url(scripted), "m", concurrency=1, backoff=0.01)
+    j.score("i", "r"), j.score("i", "r")
+    before = j.stats.as_dict()
+    j.score("i", "r"), j.score("i", "r")
+    since = j.stats.since(before)
+    assert since["requests"] == 2 and since["rejected"] == 1 and since["invalid"] == 2
+    assert since["errors"] == {"HTTP 400: too long": 1} and since["samples"] == ["no verdict: 'huh'"]
 
 
 if __name__ == "__main__":

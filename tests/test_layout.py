@@ -9,12 +9,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 FOLDERS = {"dpo": "fastdpo", "kernels": "fastdpo.kernels", "bench": "fastdpo.bench",
            "configs": "fastdpo.configs"}
-BASE = ("fastdpo.files", "fastdpo.configs", "fastdpo.runtime", "fastdpo.errors")   # leaf helpers any room may use
+# leaf helpers any room may use
+BASE = ("fastdpo.files", "fastdpo.configs", "fastdpo.runtime", "fastdpo.errors")
 ALLOWED = {   # room -> prefixes it may import (besides itself)
     "fastdpo.kernels": ("fastdpo.errors",),
     "fastdpo.files": (),
     "fastdpo.errors": (),
-    "fastdpo.runtime": (),
+    "fastdpo.runtime": ("fastdpo.errors",),   # a device the machine lacks is a ConfigError
     "fastdpo.configs": (),
     "fastdpo.models": ("fastdpo.kernels", *BASE),
     "fastdpo.training": ("fastdpo.kernels", "fastdpo.models", *BASE),

@@ -354,7 +354,9 @@ def launches(monkeypatch):
             seen.append((name, tuple(grid), {k: v for k, v in kw.items() if k in ("STATS", "OUT")}))
             return real(*args, grid=grid, warmup=warmup, **kw)
 
-        monkeypatch.setattr(kernel, "run", spy)
+        # in the instance's __dict__, so that undo deletes it again (setattr's undo would leave the
+        # bound method there, hiding class-level spies of later tests)
+        monkeypatch.setitem(vars(kernel), "run", spy)
     return seen
 
 

@@ -280,3 +280,24 @@ def test_generation_timeout_is_a_503(ckpt, monkeypatch):
         assert srv.batcher._pending == 0      # the arrival was not left counted
     finally:
         srv.stop()
+
+
+def test_after_a_batch_of_several_requests_the_next_waits_its_window_for_stragglers(fake_sample):
+    """A mining client sends one request per temperature: once its bursts are seen, a burst's
+    late request joins its batch instead of costing a second one."""
+    batcher = Batcher(None, _Tok, window_s=0.3)
+
+    def request():
+        batcher.arrive()                       # as the server does when a request comes in
+        return batcher.submit(_job())
+
+    batcher.arrive()                           # two requests arrive together: one batch
+    first = [request(), batcher.submit(_job())]
+    [f.result(timeout=5) for f in first]
+    assert batcher.batches == 1
+    early = request()
+    time.sleep(0.05)                           # the straggler comes after the batch would have started
+    late = request()
+    early.result(timeout=5), late.result(timeout=5)
+    assert batcher.batches == 2                # one batch for both
+    batcher.close()

@@ -76,7 +76,7 @@ def assert_events_equal_metrics(run_dir):
 
 def test_dpo_event_files_hold_the_metrics_jsonl_scalars(setup):
     d, tok = setup
-    run_dpo(d / "sft", train_cfg(d, "dpo"), DPOConfig(max_length=16, max_prompt_length=24),
+    run_dpo(d / "sft", train_cfg(d, "dpo"), DPOConfig(max_length=24, max_prompt_length=24),
             PreferenceDatasetConfig(path=d / "pairs.jsonl", val_size=8), tok,
             health=HealthConfig(max_margin=0.0))     # an alarm as soon as the margin is positive
     tags = assert_events_equal_metrics(d / "runs" / "dpo")
@@ -112,7 +112,7 @@ def test_report_to_is_validated_and_the_wandb_key_still_works(tmp_path, monkeypa
     assert TrainingConfig().report_to == ["wandb"]
     cfg = load_config(None, ["train.report_to=[wandb,tensorboard]"])["train"]
     assert cfg.report_to == ["wandb", "tensorboard"]
-    with pytest.raises(ValueError, match="report_to entries must be one of"):
+    with pytest.raises(ValueError, match=r"report_to\[0\] must be one of"):
         TrainingConfig(report_to=["mlflow"])
     with pytest.raises(ValueError, match="'none' cannot be combined"):
         TrainingConfig(report_to=["none", "wandb"])

@@ -21,7 +21,7 @@ from fastdpo import __version__  # noqa: E402
 SUBCOMMAND_MODULES: list[str] = [
     "fastdpo.cli.pairs", "fastdpo.cli.eval", "fastdpo.cli.serve", "fastdpo.cli.sft", "fastdpo.cli.train",
     "fastdpo.cli.bench", "fastdpo.cli.demo", "fastdpo.cli.label", "fastdpo.cli.export",
-    "fastdpo.cli.tokenizer", "fastdpo.cli.audit",
+    "fastdpo.cli.tokenizer", "fastdpo.cli.audit", "fastdpo.cli.loop",
 ]
 
 
@@ -51,7 +51,14 @@ def _print_version(args) -> int:
     return 0
 
 
+TRACEBACK_ENV = "FASTDPO_TRACEBACK"
+_HINT = f"(set {TRACEBACK_ENV}=1 for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure ends as one line on stderr, ``fastdpo COMMAND: error: ...``:
+    anticipated ones (``FastdpoError``, any bad value, a file that cannot be read) with status 2,
+    anything else as an internal error with status 1; ``FASTDPO_TRACEBACK=1`` re-raises instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
@@ -62,13 +69,38 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as e:
-        # Bad input (files, fields, shapes) is reported in one line; set
-        # FASTDPO_TRACEBACK=1 to see where it was raised.
-        if os.environ.get("FASTDPO_TRACEBACK"):
+    except (ValueError, OSError, RecursionError, MemoryError) as e:
+        if os.environ.get(TRACEBACK_ENV):
             raise
-        print(f"fastdpo {args.command}: error: {e}", file=sys.stderr)
+        _close_progress_bars()
+        print(f"fastdpo {args.command}: error: {one_line(e)} {_HINT}", file=sys.stderr)
         return 2
+    except Exception as e:   # a bug, not bad input: still one line, and the way to see more
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        _close_progress_bars()
+        print(f"fastdpo {args.command}: internal error: {type(e).__name__}: {one_line(e)} {_HINT}",
+              file=sys.stderr)
+        return 1
+
+
+def _close_progress_bars() -> None:
+    """A bar the error interrupted would otherwise hold the start of the error's line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.leave = False   # cleared: the error is the last thing on screen
+        bar.close()
+    sys.stderr.flush()
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (YAML, pydantic and OS errors span several)."""
+    text = str(e)
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text = f"{text} ({e.filename})"
+    if isinstance(e, RecursionError):
+        text = f"input nested too deeply ({text})"
+    return " ".join(text.split()) or type(e).__name__
 
 
 if __name__ == "__main__":

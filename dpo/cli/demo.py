@@ -16,6 +16,10 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every phase (~1 min)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (rebuilt)")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
-    p.set_defaults(func=lambda a: 0 if run_demo(a.config, quick=a.quick, out=a.out, seed=a.seed) else 1)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="N > 1: N online rounds (mine from the current policy, DPO, gate) against one round "
+                        "with the same pairs budget, instead of the ablation arms")
+    p.set_defaults(func=lambda a: 0 if run_demo(a.config, quick=a.quick, out=a.out, seed=a.seed,
+                                                rounds=a.rounds) else 1)
 
 

@@ -1,7 +1,16 @@
 """``fastdpo label``: a local web page for preference labeling; each choice becomes a DPO pair."""
 from __future__ import annotations
 
-from fastdpo.cli.common import DTYPES, add_access_args, add_device_arg, api_key_from_args, require_extra
+from fastdpo.cli.common import (
+    DTYPES,
+    add_access_args,
+    add_device_arg,
+    add_sampler_args,
+    add_sampler_b_args,
+    api_key_from_args,
+    generation_config_from_args,
+    require_extra,
+)
 
 
 def add_subcommand(sub) -> None:
@@ -34,6 +43,8 @@ def add_subcommand(sub) -> None:
                    help="bind address (beyond loopback needs --api-key or --allow-unauthenticated)")
     p.add_argument("--port", type=int, default=7860, help="0 picks a free port (printed on start)")
     add_access_args(p)
+    add_sampler_args(p)
+    add_sampler_b_args(p)
     p.set_defaults(func=_cli)
 
 
@@ -44,4 +55,5 @@ def _cli(a) -> int:
                  n=a.n, seed=a.seed, tokenizer=a.tokenizer, max_new_tokens=a.max_new_tokens,
                  temperature=a.temperature, top_k=a.top_k, device=a.device, dtype=DTYPES[a.dtype],
                  host=a.host, port=a.port, api_key=api_key_from_args(a),
-                 allow_unauthenticated=a.allow_unauthenticated)
+                 allow_unauthenticated=a.allow_unauthenticated, generation=generation_config_from_args(a),
+                 generation_b=generation_config_from_args(a, "b") if a.model_b else None)

@@ -2,10 +2,19 @@
 from __future__ import annotations
 
 from fastdpo import runtime
-from fastdpo.cli.common import DTYPES, add_device_arg, add_judge_args, judge_from_args, parse_floats
+from fastdpo.cli.common import (
+    DTYPES,
+    add_device_arg,
+    add_judge_args,
+    add_sampler_args,
+    judge_from_args,
+    parse_floats,
+    policy_sampler,
+)
+from fastdpo.cli.rubrics import add_rubric_args
+from fastdpo.generation.judge import format_judge_stats
 from fastdpo.generation.mining import DEFAULT_TEMPS, combine_stats, format_stats, mine_pairs
 from fastdpo.generation.mining_progress import merge_shards, shard_path
-from fastdpo.models.checkpoint import load_policy
 from fastdpo.runtime import resolve_device
 
 
@@ -17,7 +26,12 @@ def add_subcommand(sub) -> None:
     p.add_argument("--prompts", required=True,
                    help="JSONL with a 'prompt' field per line, or a 'fastdpo serve --log-interactions' file "
                         "(its distinct chat prompts; --n-prompts samples N)")
-    p.add_argument("--out", required=True, help="pairs JSONL (appended; rerun the same command to resume)")
+    p.add_argument("--out", required=True,
+                   help="pairs JSONL, appended as batches finish (rerunning the same command resumes); "
+                        "statistics and judge failures go to OUT.report.json")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the mining run in --out (after a judge failure or a kill); an error if "
+                        "there is none. Without it a run in --out with the same settings is continued too")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json or tokenizer directory (default: the checkpoint's)")
     p.add_argument("--temps", default=",".join(map(str, DEFAULT_TEMPS)), help="one sample per temperature")
@@ -37,6 +51,8 @@ def add_subcommand(sub) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="sampling precision (autocast)")
     p.add_argument("--no-progress", action="store_true")
     add_judge_args(p)
+    add_sampler_args(p)
+    add_rubric_args(p)
     p.set_defaults(func=_cli)
 
 
@@ -44,12 +60,17 @@ def _cli(args) -> int:
     sharded = runtime.init_from_env()   # under torchrun: one shard of the batches per rank
     rank, world = runtime.rank(), runtime.world_size()
     judge = judge_from_args(args)
-    model, tok = load_policy(args.ckpt, args.tokenizer, resolve_device(args.device))
+    try:
+        sampler, tok = policy_sampler(args, args.ckpt, args.tokenizer, resolve_device(args.device),
+                                      DTYPES[args.dtype])
+    except BaseException:
+        judge.close()
+        raise
     if runtime.is_main():
         shards = f", {world} shards" if sharded else ""
-        print(f"fastdpo pairs: judge {judge.describe()}{shards}", flush=True)
+        print(f"fastdpo pairs: sampler {sampler.describe()}, judge {judge.describe()}{shards}", flush=True)
     try:
-        stats = mine_pairs(model, tok, args.prompts, judge,
+        stats = mine_pairs(sampler, tok, args.prompts, judge,
                            shard_path(args.out, rank, world) if sharded else args.out,
                            temps=parse_floats("--temps", args.temps),
                            max_new_tokens=args.max_new_tokens, top_k=args.top_k, min_gap=args.min_gap,
@@ -57,9 +78,10 @@ def _cli(args) -> int:
                            max_prompt_tokens=args.max_prompt_tokens, n_prompts=args.n_prompts,
                            dtype=DTYPES[args.dtype], progress=not args.no_progress and runtime.is_main(),
                            shard=(rank, world) if sharded else None,
-                           truncated_as_rejected=args.truncated_as_rejected)
+                           truncated_as_rejected=args.truncated_as_rejected, must_resume=args.resume)
     finally:
         judge.close()
+        sampler.close()
     if sharded:
         every = runtime.all_gather_object(stats)   # also: every shard is complete
         if runtime.is_main():
@@ -69,7 +91,9 @@ def _cli(args) -> int:
             return 0
         stats = combine_stats(every)
     print(format_stats(stats, args.out))
-    if judge.stats.rejected or judge.stats.retries:
-        print(f"judge: {judge.stats.as_dict()}")
+    if sampler.stats:
+        print(f"sampler: {sampler.stats}")
+    for line in format_judge_stats(judge.stats.as_dict()):
+        print(line)
     return 0
 

@@ -30,6 +30,10 @@ def add_subcommand(sub) -> None:
                    help="seconds before a waiting request gets 503")
     p.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help="write log-prob tokens as 'token_id:<id>' by default (vLLM's flag)")
+    p.add_argument("--allow-reload", action="store_true",
+                   help="accept POST /v1/load_lora_adapter (vLLM's route; lora_path: a fastdpo checkpoint "
+                        "or adapter), which replaces the served weights: how the online loop's openai "
+                        "sampler reaches a new policy")
     p.add_argument("--log-interactions", default=None, metavar="FILE",
                    help="append every request and answer to this JSONL (created owner-only); "
                         "'fastdpo label' and 'fastdpo pairs' take it as a prompt source")
@@ -48,4 +52,4 @@ def _cli(a) -> int:
                  max_queued_rows=a.max_queued_rows, max_body=int(a.max_body_mb * (1 << 20)),
                  request_timeout=a.request_timeout, api_key=api_key_from_args(a),
                  allow_unauthenticated=a.allow_unauthenticated, log_interactions=a.log_interactions,
-                 tokens_as_ids=a.return_tokens_as_token_ids)
+                 tokens_as_ids=a.return_tokens_as_token_ids, allow_reload=a.allow_reload)

@@ -51,8 +51,10 @@ def _set_threads(threads) -> int:
 
 # -- the demo --------------------------------------------------------------------------------------
 def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: str | Path = "runs/demo",
-             seed: int | None = None, progress: bool = True) -> dict:
-    """Run every phase; returns (and writes to ``out/summary.json``) the summary dict."""
+             seed: int | None = None, progress: bool = True, rounds: int = 1) -> dict:
+    """Run every phase; returns (and writes to ``out/summary.json``) the summary dict. ``rounds`` > 1
+    replaces the arms with ``fastdpo.demo.rounds``: that many online rounds against one round with
+    the same pairs budget."""
     from fastdpo.generation.heldout import HeldoutProbe
     from fastdpo.generation.judge import ProgrammaticJudge
     from fastdpo.generation.mining import mine_pairs
@@ -139,6 +141,18 @@ def run_demo(config: str | Path | dict | None = None, quick: bool = False, out: 
         row["count"] = sft_tc.max_steps * sft_tc.batch_size * sft_seq
     sft_model, _ = load_checkpoint(sft_ckpt, tokenizer=tok, map_location=device)
     sft_model.eval()
+    if rounds > 1:   # iterative rounds against one round with the same pairs budget (demo.rounds)
+        from fastdpo.demo.rounds import run_rounds
+        result = run_rounds(rounds, cfg, out, sft_ckpt, judge, train_config=train_config,
+                            block_size=gpt_config.block_size, seed=seed, dtype=dtype, device=device, log=log,
+                            say=say, progress=progress, n_mine=len(data.mine))
+        summary = {"seed": seed, "quick": quick, "threads": threads, "device": str(device),
+                   "precision": precision, "config": cfg, "out": str(out), "rounds": result,
+                   "phases": log.rows, "total_seconds": time.perf_counter() - t_start}
+        summary["report"] = log.table() + "\n\n" + result["text"]
+        write_json(out / "summary.json", summary)
+        say(summary["report"], flush=True)
+        return summary
 
     # 4. mining ---------------------------------------------------------------------------------
     mc = cfg["mine"]

@@ -3,7 +3,10 @@
 Jobs that arrive within ``window_s`` of each other (or while the previous batch is running) share
 one ``fastdpo.generation.sampler.sample`` call per sampling-filter setting (top-k, top-p), each row
 with its own temperature, token budget and seed, so an answer does not depend on what it was
-batched with. The window is cut short once every request that has arrived is in the batch.
+batched with. The window is cut short once every request that has arrived is in the batch, unless
+the previous batch held several requests: a client sending bursts (a mining client's requests, one
+per temperature) is then given the whole window for the rest of its burst, which would otherwise
+straggle into a second batch that costs as many decode steps as the first.
 
 Per-token work happens in the sampler's ``on_token`` hook, only for rows that need it: a row with
 stop strings is decoded each step and ended on the token that completes one (its text is cut
@@ -120,6 +123,7 @@ class Batcher:
         # so no job can land behind the sentinel and wait out its request timeout
         self._lock = threading.Lock()
         self._closed = False
+        self._bursts = False                  # the last batch held several jobs
         self._thread = threading.Thread(target=self._run, name="fastdpo-batcher", daemon=True)
         self._thread.start()
 
@@ -184,7 +188,7 @@ class Batcher:
                 jobs.append(first)
         rows = len(jobs[0].rows)
         deadline = time.monotonic() + self.window_s
-        while rows < self.max_batch_rows and self._pending > 0:
+        while rows < self.max_batch_rows and (self._pending > 0 or self._bursts):
             try:
                 job = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
@@ -195,6 +199,7 @@ class Batcher:
             if self._take(job):
                 jobs.append(job)
                 rows += len(job.rows)
+        self._bursts = len(jobs) > 1
         return jobs
 
     def _run(self) -> None:

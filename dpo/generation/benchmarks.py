@@ -22,8 +22,16 @@ from pathlib import Path
 import torch
 
 from fastdpo.files import write_json
-from fastdpo.generation.evaluate import MODES, _judged, generate, position_swapped_outcome
-from fastdpo.generation.judge import Judge
+from fastdpo.generation.backends import block_size_of
+from fastdpo.generation.evaluate import (
+    MODES,
+    _judged,
+    generate,
+    open_progress,
+    position_swapped_outcome,
+    stop_on_judge_error,
+)
+from fastdpo.generation.judge import Judge, JudgeError
 from fastdpo.generation.win_rates import (
     answer_summary,
     category_win_rates,
@@ -110,20 +118,46 @@ def evaluate_benchmark(model_a, model_b, tokenizer, path: str | Path, judge: Jud
                        top_k: int | None = 50, seed: int = 0, batch_size: int = 32,
                        n_prompts: int | None = None, max_prompt_tokens: int | None = None,
                        dtype: torch.dtype | None = None, report_path: str | Path | None = None,
-                       progress: bool = True, sampler=None) -> dict:
+                       progress: bool = True, sampler=None, resume: bool = False) -> dict:
     """``fastdpo.generation.evaluate.evaluate`` for MT-Bench and AlpacaEval files (same parameters;
     ``n_prompts`` counts questions). Adds ``format``, ``n_questions``, ``categories`` and ``turns``
     (win/tie/loss and the win rate with ties as half, per category and per turn) and
-    ``compare.length_controlled_win_rate``; ``items`` has one entry per judged turn."""
+    ``compare.length_controlled_win_rate``; ``items`` has one entry per judged turn. Answers and
+    verdicts are kept next to ``report_path`` and ``resume`` continues, as ``evaluate`` does."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     fmt, questions = load_benchmark(path, n_prompts)
-    block = min(model_a.config.block_size, model_b.config.block_size)
+    block = min(block_size_of(model_a), block_size_of(model_b))
     if max_new_tokens >= block:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be below the models' block_size ({block})")
     limit = min(block - max_new_tokens, max_prompt_tokens or block)
-    kw = dict(temperature=temperature, max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
-              dtype=dtype, progress=progress, sampler=sampler)
+    settings = dict(mode=mode, temperature=temperature, max_new_tokens=max_new_tokens, top_k=top_k, seed=seed)
+    log = open_progress(report_path, resume, model_a, model_b, tokenizer, judge,
+                        {**settings, "batch_size": batch_size, "dtype": str(dtype), "limit": limit,
+                         "questions": [(q.id, q.category, q.turns) for q in questions]})
+    try:
+        if log is not None and log.answers is not None:
+            items, ids, cut = log.answers["items"], log.answers["ids"], log.answers["n_dropped"]
+        else:
+            items, ids, cut = _answer_turns(model_a, model_b, tokenizer, questions, limit, seed, dict(
+                temperature=temperature, max_new_tokens=max_new_tokens, top_k=top_k, batch_size=batch_size,
+                dtype=dtype, progress=progress, sampler=sampler))
+            if log is not None:
+                log.save_answers({"items": items, "ids": ids, "n_dropped": cut})
+        report = _report(fmt, questions, items, ids, cut, settings, judge, log, batch_size, progress)
+    except JudgeError as e:
+        raise stop_on_judge_error(e, log, judge) from None
+    finally:
+        if log is not None:
+            log.close()
+    if report_path is not None:
+        write_json(report_path, report)
+    return report
+
+
+def _answer_turns(model_a, model_b, tokenizer, questions: list[BenchmarkItem], limit: int, seed: int,
+                  kw: dict) -> tuple[list[dict], dict, int]:
+    """Both models answer every question turn by turn: (items, token ids per side, turns cut)."""
     convs = {"a": [[] for _ in questions], "b": [[] for _ in questions]}
     active, cut, items, ids = list(range(len(questions))), 0, [], {"a": [], "b": []}
     for k in range(max(len(q.turns) for q in questions)):
@@ -151,26 +185,30 @@ def evaluate_benchmark(model_a, model_b, tokenizer, path: str | Path, judge: Jud
                           "b": answers["b"][j]})
     if not items:
         raise ValueError("no question fits the models' context; lower max_new_tokens or use shorter prompts")
+    return items, ids, cut
+
+
+def _report(fmt: str, questions: list, items: list[dict], ids: dict, cut: int, settings: dict, judge: Judge,
+            log, batch_size: int, progress: bool) -> dict:
     report: dict = {
         "format": fmt, "n_questions": len(questions), "n_prompts": len(items), "n_dropped": cut,
-        "settings": dict(mode=mode, temperature=temperature, max_new_tokens=max_new_tokens, top_k=top_k,
-                         seed=seed),
-        "judge": judge.name, **answer_summary([it["a"] for it in items], [it["b"] for it in items],
-                                              ids["a"], ids["b"])}
-    _judge_items(report, items, judge, mode, batch_size, progress)
+        "settings": settings, "judge": judge.name,
+        **answer_summary([it["a"] for it in items], [it["b"] for it in items], ids["a"], ids["b"])}
+    _judge_items(report, items, judge, settings["mode"], batch_size, progress, log)
     report["judge_stats"] = judge.stats.as_dict()
+    if log is not None and log.resumed:
+        report["resumed"] = {"verdicts": log.resumed}
     report["items"] = items
-    if report_path is not None:
-        write_json(report_path, report)
     return report
 
 
-def _judge_items(report: dict, items: list[dict], judge: Judge, mode: str, batch_size: int, progress: bool):
+def _judge_items(report: dict, items: list[dict], judge: Judge, mode: str, batch_size: int, progress: bool,
+                 log=None):
     if mode in ("compare", "both"):
         first = _judged(judge.compare_many, [(it["instruction"], it["a"], it["b"]) for it in items],
-                        batch_size, progress, "judge A|B")
+                        batch_size, progress, "judge A|B", log)
         second = _judged(judge.compare_many, [(it["instruction"], it["b"], it["a"]) for it in items],
-                         batch_size, progress, "judge B|A")
+                         batch_size, progress, "judge B|A", log)
         outcomes = [position_swapped_outcome(v1, v2) for v1, v2 in zip(first, second)]
         for it, v1, v2, o in zip(items, first, second, outcomes):
             it.update(verdicts=[v1, v2], outcome=o)
@@ -182,7 +220,7 @@ def _judge_items(report: dict, items: list[dict], judge: Judge, mode: str, batch
     if mode in ("score", "both"):
         n = len(items)
         work = [(it["instruction"], it[side]) for side in "ab" for it in items]
-        scores = _judged(judge.score_many, work, batch_size, progress, "judge scores")
+        scores = _judged(judge.score_many, work, batch_size, progress, "judge scores", log)
         for it, x, y in zip(items, scores[:n], scores[n:]):
             it.update(score_a=x, score_b=y)
         report["score"] = score_summary(scores[:n], scores[n:])

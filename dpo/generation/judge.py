@@ -10,7 +10,8 @@ One interface, two kinds of judge:
 ``score`` returns an int 1-10 or ``None`` when the judge gave no usable score; ``compare`` returns
 ``"A"``, ``"B"`` or ``"TIE"`` (an unusable reply is a ``"TIE"``). Unusable replies are counted in
 ``judge.stats``, never raised: one odd reply must not end a multi-hour mining run. Transport
-failures that survive the bounded retries *are* raised, as ``JudgeError``.
+failures that survive retrying (``fastdpo.generation.retry``: a time budget, the circuit opening on
+failures retries cannot fix) *are* raised, as ``JudgeError``.
 
 Judges are selectable by name (``make_judge("task")``, ``make_judge("openai", url=..., model=...)``
 or ``make_judge("package.module:factory")``); other modules add names with ``register_judge``.
@@ -19,38 +20,116 @@ from __future__ import annotations
 
 import importlib
 import os
-import random
-import re
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastdpo.configs import config_path
-from fastdpo.errors import ServiceError
+from fastdpo.errors import ConfigError, ServiceError
+from fastdpo.generation.judge_replies import (  # noqa: F401  (parse_*, load_prompt: public here too)
+    completion_text,
+    fill_prompt,
+    load_prompt,
+    parse_score,
+    parse_verdict,
+)
+from fastdpo.generation.retry import BadReply, Failure, GiveUp, Retrier, RetryPolicy, failure_from_openai
 
 VERDICTS = ("A", "B", "TIE")
 SCORE_PROMPT = config_path("judge_score.txt")
 COMPARE_PROMPT = config_path("judge_compare.txt")
 API_KEY_ENV = ("FASTDPO_JUDGE_API_KEY", "OPENAI_API_KEY")
+# seconds a judge may keep failing (timeouts, 429, 5xx) without one success before the run stops
+DEFAULT_RETRY_BUDGET = 600.0
 
 
 class JudgeError(ServiceError):
-    """The judge could not be reached or refused the requests (after bounded retries)."""
+    """The judge failed in a way retrying did not fix: unreachable or failing for the whole retry
+    budget, a bad key, an unknown model, replies that are not the protocol. One line, naming the
+    judge's URL and its last status in the server's own words.
+
+    ``refusals`` is True when the judge stopped because it refused request after request: the
+    refusals just before the stop were not isolated, so callers that kept them as "no score"
+    drop them again (``mine_pairs``, ``evaluate``) and a resumed run asks for them anew."""
+
+    def __init__(self, message: str, refusals: bool = False):
+        super().__init__(message)
+        self.refusals = refusals
 
 
 @dataclass
 class JudgeStats:
-    """Counters over a judge's lifetime; ``invalid`` replies carried no verdict/score."""
+    """Counters over a judge's lifetime; ``invalid`` replies carried no verdict/score.
+
+    The failure counters count failed HTTP attempts (each retry is another attempt); ``errors``
+    holds the first few distinct error reasons in the server's own words with how often each came,
+    ``samples`` the first few raw replies that could not be used, so a report shows *why*."""
     requests: int = 0      # calls answered by the judge (valid or not)
     invalid: int = 0       # replies without a parsable score / verdict -> None / "TIE"
     rejected: int = 0      # requests the server refused as malformed (HTTP 400/413/422) -> None / "TIE"
-    retries: int = 0       # transport retries (connection errors, timeouts, 429, 5xx)
+    retries: int = 0       # attempts retried (after a timeout, a connection error, 429 or 5xx)
+    timeouts: int = 0
+    connection_errors: int = 0
+    http_5xx: int = 0
+    rate_limited: int = 0  # HTTP 429
+    unparseable: int = 0   # replies that were not an OpenAI chat completion (not JSON, no choices)
+    errors: dict[str, int] = field(default_factory=dict)
+    samples: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def since(self, before: dict) -> dict:
+        """What happened after ``before`` (an earlier ``as_dict()``): counters as differences,
+        the reasons counted since, the raw replies kept since."""
+        out = {}
+        for key, now in self.as_dict().items():
+            then = before.get(key)
+            if isinstance(now, dict):
+                diff = {k: n - (then or {}).get(k, 0) for k, n in now.items()}
+                out[key] = {k: n for k, n in diff.items() if n}
+            elif isinstance(now, list):
+                out[key] = now[len(then or []):]
+            else:
+                out[key] = now - (then or 0)
+        return out
+
+    @property
+    def failures(self) -> int:
+        return self.timeouts + self.connection_errors + self.http_5xx + self.rate_limited + self.unparseable
+
+    def note_error(self, reason: str) -> None:
+        if reason in self.errors or len(self.errors) < MAX_REASONS:
+            self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    def note_sample(self, kind: str, raw: str | None) -> None:
+        if len(self.samples) < MAX_SAMPLES:
+            shown = repr(raw[:SAMPLE_CHARS]) if raw is not None else "(no text)"
+            self.samples.append(f"{kind}: {shown}")
+
+MAX_REASONS, MAX_SAMPLES, SAMPLE_CHARS = 5, 5, 300
+FAILURE_COUNTERS = ("timeouts", "connection_errors", "http_5xx", "rate_limited", "unparseable")
+
+
+def format_judge_stats(stats: dict, indent: str = "") -> list[str]:
+    """What went wrong with a judge (``JudgeStats.as_dict()``, as saved in reports), as lines:
+    unusable and refused replies, failed attempts by kind, the servers' reasons and a few raw
+    replies; no lines when nothing did."""
+    lines = []
+    if stats.get("invalid") or stats.get("rejected"):
+        lines.append(f"judge replies without a verdict: {stats.get('invalid', 0)} (counted as ties / no "
+                     f"score), of which refused by the server: {stats.get('rejected', 0)}")
+    failed = {k: stats.get(k, 0) for k in FAILURE_COUNTERS}
+    if any(failed.values()) or stats.get("retries"):
+        lines.append("judge failures: " + ", ".join(f"{k} {v}" for k, v in failed.items())
+                     + f" (retried {stats.get('retries', 0)})")
+    for reason, n in (stats.get("errors") or {}).items():
+        lines.append(f"  the judge said ({n}x): {reason}")
+    for sample in stats.get("samples") or []:
+        lines.append(f"  unusable reply: {sample}")
+    return [indent + ln for ln in lines]
 
 
 class Judge:
@@ -134,69 +213,30 @@ class ProgrammaticJudge(Judge):
         return s
 
 
-# -- parsing replies -------------------------------------------------------------------------
-_SCORE_RE = re.compile(r"(?<![\d.\-])(10|[1-9])(?:\.\d+)?(?!\d)")
-_VERDICT_RE = re.compile(
-    r"^[\s\W]*(?:(?:final\s+)?(?:answer|verdict|better(?:\s+answer)?|winner)\s*(?:is)?\s*[:\-]?\s*)?"
-    r"[\s\[\(\*\"'`]*(A|B|TIE)[\s\]\)\*\"'`.!]*$", re.IGNORECASE)
-
-
-def parse_score(text: str | None) -> int | None:
-    """The first integer 1-10 in a reply ("7", "Score: 7", "7/10", "**8**"); else ``None``.
-
-    Numbers outside the scale ("0", "11", "42") are not scores: the reply is invalid."""
-    if not text:
-        return None
-    m = _SCORE_RE.search(text)
-    return int(m.group(1)) if m else None
-
-
-def parse_verdict(text: str | None) -> str | None:
-    """``"A"``, ``"B"`` or ``"TIE"`` when the whole reply is one verdict ("A", "[[B]]",
-    "Verdict: tie", "Answer A."); anything else (prose, "A or B", empty) is ``None``."""
-    if not text:
-        return None
-    m = _VERDICT_RE.match(text.strip())
-    return m.group(1).upper() if m else None
-
-
-def load_prompt(path: str | Path, fields: Sequence[str]) -> str:
-    """A rubric template; every ``{field}`` must appear in it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"judge prompt not found: {path}")
-    text = path.read_text()
-    missing = [f for f in fields if "{" + f + "}" not in text]
-    if missing:
-        names = ", ".join("{" + f + "}" for f in missing)
-        raise ValueError(f"{path}: judge prompt lacks the placeholder(s) {names}")
-    return text
-
-
-def fill_prompt(template: str, **values: str) -> str:
-    # str.format would choke on braces elsewhere in a template; plain replacement does not.
-    for k, v in values.items():
-        template = template.replace("{" + k + "}", v)
-    return template
-
-
 # -- the OpenAI-compatible judge -------------------------------------------------------------
 class OpenAIJudge(Judge):
     """Judge through an OpenAI-compatible ``/v1/chat/completions`` endpoint.
 
     Temperature 0 and a few ``max_tokens`` (the rubric asks for one number or one letter).
-    Connection errors, timeouts, HTTP 429 and 5xx are retried ``max_retries`` times with
-    exponential backoff and jitter, then raise ``JudgeError``. HTTP 400/413/422 (e.g. a
-    response too long for the judge's context) make that one judgement ``None``/``"TIE"`` and are
-    counted in ``stats.rejected``; other 4xx (bad key, unknown model) raise at once, since every
-    later request would fail the same way. The API key comes from ``$FASTDPO_JUDGE_API_KEY`` or
-    ``$OPENAI_API_KEY`` (vLLM ignores it) and is never logged or shown in ``repr``.
+    Failures follow ``fastdpo.generation.retry``: timeouts, connection errors, HTTP 429 and 5xx are
+    retried with exponential backoff and jitter (``backoff`` seconds at first), honouring
+    ``Retry-After``, for as long as the judge keeps failing within ``retry_budget`` seconds (and at
+    most ``max_retries`` retries per request when given); then ``JudgeError``. HTTP 400/413/422
+    (e.g. a response too long for the judge's context) make that one judgement ``None``/``"TIE"``
+    and are counted in ``stats.rejected`` with the server's reason, unless
+    ``max_refusals_in_row`` requests in a row are refused (the judge cannot judge these at all: a
+    rubric longer than its context, say), which raises. 401/403/404, other 4xx and a reply that is
+    not a chat completion (not JSON) raise at once, since every later request would fail the same
+    way. Once raised, every request in flight stops too. The API key comes from
+    ``$FASTDPO_JUDGE_API_KEY`` or ``$OPENAI_API_KEY`` (vLLM ignores it) and is never logged or
+    shown in ``repr``.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None,
                  score_prompt: str | Path = SCORE_PROMPT, compare_prompt: str | Path = COMPARE_PROMPT,
                  max_tokens: int = 8, concurrency: int = 16, timeout: float = 60.0,
-                 max_retries: int = 3, backoff: float = 0.5, max_chars: int = 4000):
+                 retry_budget: float = DEFAULT_RETRY_BUDGET, backoff: float = 0.5, max_backoff: float = 30.0,
+                 max_retries: int | None = None, max_refusals_in_row: int = 8, max_chars: int = 4000):
         super().__init__()
         import openai  # imported here: programmatic judging must not need it
 
@@ -204,17 +244,25 @@ class OpenAIJudge(Judge):
             raise ValueError("OpenAIJudge needs a base URL, e.g. http://localhost:8000/v1")
         if not model:
             raise ValueError("OpenAIJudge needs a model name (the one the server serves)")
-        if concurrency < 1 or max_retries < 0 or max_tokens < 1:
-            raise ValueError("OpenAIJudge: concurrency and max_tokens must be >= 1, max_retries >= 0")
+        if concurrency < 1 or max_tokens < 1 or max_refusals_in_row < 1 or \
+                (max_retries is not None and max_retries < 0):
+            raise ValueError("OpenAIJudge: concurrency, max_tokens and max_refusals_in_row must be >= 1, "
+                             "max_retries >= 0")
+        if not (isinstance(retry_budget, (int, float)) and 0 <= retry_budget < float("inf")):
+            raise ConfigError(f"OpenAIJudge: retry_budget (--judge-retry-budget) must be a finite number of "
+                              f"seconds >= 0, got {retry_budget!r}")
         self.base_url, self.model = base_url.rstrip("/"), model
         self.name = f"openai:{model}"
         self.max_tokens, self.concurrency, self.timeout = max_tokens, concurrency, timeout
-        self.max_retries, self.backoff, self.max_chars = max_retries, backoff, max_chars
+        self.max_chars, self.max_refusals_in_row = max_chars, max_refusals_in_row
+        self.policy = RetryPolicy(budget_s=retry_budget, base_s=backoff, max_delay_s=max_backoff,
+                                  max_attempts=None if max_retries is None else max_retries + 1)
+        self._retrier = Retrier(self.policy, failure_from_openai, on_failure=self._on_failure)
+        self._refused_in_row = 0
         self.score_template = load_prompt(score_prompt, ("instruction", "response"))
         self.compare_template = load_prompt(compare_prompt, ("instruction", "a", "b"))
         key = api_key or next((os.environ[k] for k in API_KEY_ENV if os.environ.get(k)), "EMPTY")
-        self._openai = openai
-        # Our own retry loop (max_retries=0 here) so the bound and the count are ours.
+        # Our own retry loop (max_retries=0 here) so the policy and the counts are ours.
         self._client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=timeout,
                                      max_retries=0)
 
@@ -227,48 +275,75 @@ class OpenAIJudge(Judge):
     def _score(self, instruction: str, response: str) -> int | None:
         reply = self._ask(fill_prompt(self.score_template, instruction=instruction,
                                       response=response[: self.max_chars]))
-        return parse_score(reply)
+        return self._parsed(parse_score, reply)
 
     def _compare(self, instruction: str, a: str, b: str) -> str | None:
         reply = self._ask(fill_prompt(self.compare_template, instruction=instruction,
                                       a=a[: self.max_chars], b=b[: self.max_chars]))
-        return parse_verdict(reply)
+        return self._parsed(parse_verdict, reply)
 
-    def _ask(self, content: str) -> str | None:
-        """The reply text, or ``None`` when the server refused this one request."""
-        oa = self._openai
-        for attempt in range(self.max_retries + 1):
+    def _parsed(self, parse, reply: str | None | _Refused):
+        if isinstance(reply, _Refused):
+            return None
+        out = parse(reply)
+        if out is None:
+            with self._lock:
+                self.stats.note_sample("no verdict", reply)
+        return out
+
+    def _ask(self, content: str) -> str | None | _Refused:
+        """The reply's text (``None``: the reply had none), or ``REFUSED`` when the server refused
+        this one request."""
+        def post():
+            raw = self._client.chat.completions.with_raw_response.create(
+                model=self.model, temperature=0.0, max_tokens=self.max_tokens,
+                messages=[{"role": "user", "content": content}])
             try:
-                out = self._client.chat.completions.create(
-                    model=self.model, temperature=0.0, max_tokens=self.max_tokens,
-                    messages=[{"role": "user", "content": content}])
-                if not out.choices:
-                    return None
-                return out.choices[0].message.content
-            except (oa.APIConnectionError, oa.APITimeoutError, oa.RateLimitError,
-                    oa.InternalServerError) as e:
-                err = e
-            except oa.APIStatusError as e:
-                if e.status_code in (400, 413, 422):
-                    with self._lock:
-                        self.stats.rejected += 1
-                    return None
-                raise JudgeError(f"judge {self.describe()}: HTTP {e.status_code}: {_brief(e)}") from None
-            if attempt < self.max_retries:
+                return completion_text(raw.text, raw.status_code)
+            except BadReply as e:
                 with self._lock:
-                    self.stats.retries += 1
-                # Full jitter keeps 32 threads from retrying in lockstep.
-                time.sleep(self.backoff * 2 ** attempt * (0.5 + random.random() / 2))
-        raise JudgeError(f"judge {self.describe()} unreachable after {self.max_retries + 1} attempts: "
-                         f"{type(err).__name__}: {_brief(err)}") from None
+                    self.stats.note_sample("not a chat completion", e.raw)
+                raise
+
+        try:
+            text = self._retrier.call(post)
+        except GiveUp as e:
+            if e.why != "refused":
+                raise JudgeError(f"judge {self.describe()}: {e}", refusals=e.why == REFUSED_IN_ROW) from None
+            with self._lock:
+                self.stats.rejected += 1
+                self._refused_in_row += 1
+                refused_all = self._refused_in_row >= self.max_refusals_in_row
+            if refused_all:
+                self._retrier.trip(e.failure, f"{e.failure} ({self._refused_in_row} requests in a row "
+                                              "refused: the judge cannot judge these)", why=REFUSED_IN_ROW)
+                raise JudgeError(f"judge {self.describe()}: {self._retrier.open}", refusals=True) from None
+            return REFUSED
+        with self._lock:
+            self._refused_in_row = 0
+        return text
+
+    def _on_failure(self, failure: Failure, retrying: bool) -> None:
+        with self._lock:
+            st = self.stats
+            st.retries += retrying
+            counter = {"timeout": "timeouts", "connection": "connection_errors", "http_5xx": "http_5xx",
+                       "rate_limited": "rate_limited", "unparseable": "unparseable"}.get(failure.kind)
+            if counter:
+                setattr(st, counter, getattr(st, counter) + 1)
+            if failure.status is not None:
+                st.note_error(str(failure))
 
     def close(self) -> None:
         self._client.close()
 
 
-def _brief(e: Exception) -> str:
-    msg = getattr(e, "message", None) or str(e)
-    return msg.splitlines()[0][:300] if msg else type(e).__name__
+class _Refused:
+    """The judge refused one request (HTTP 400/413/422): no verdict for it."""
+
+
+REFUSED = _Refused()
+REFUSED_IN_ROW = "refused_in_row"   # the Retrier's ``why`` when refusals opened the circuit
 
 
 # -- selection by name -----------------------------------------------------------------------

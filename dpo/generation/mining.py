@@ -32,6 +32,10 @@ Resuming. Output is byte-identical whether or not a run was killed and restarted
   partial line or a batch whose record never made it) and mining continues with the next batch.
   The record's first line fingerprints the run (prompts, model, tokenizer, judge and every
   setting); a different configuration refuses to resume instead of mixing two runs in one file.
+
+The module is long because the mining loop keeps sampling, judging, pair selection, their counters
+and the stop-on-judge-failure path in one place that reads top to bottom; the on-disk state lives in
+``mining_progress`` and multi-rubric scoring in ``multi_objective``.
 """
 from __future__ import annotations
 
@@ -47,8 +51,10 @@ from pathlib import Path
 import torch
 
 from fastdpo.files import append_durable
-from fastdpo.generation.judge import Judge
-from fastdpo.generation.mining_progress import COUNTS, ProgressLog
+from fastdpo.generation.backends import UNVERIFIED, as_backend, model_fingerprint  # noqa: F401 (re-export)
+from fastdpo.generation.judge import Judge, JudgeError
+from fastdpo.generation.mining_progress import COUNTS, ProgressLog, write_report
+from fastdpo.generation.multi_objective import RubricJudge, dimension_record, select_pair_dimensions
 
 DEFAULT_TEMPS = (0.7, 0.9, 1.1, 1.3)
 
@@ -62,6 +68,7 @@ class MiningStats:
     invalid_scores: int = 0         # judge replies without a usable score
     samples_truncated: int = 0      # ran out of max_new_tokens (finish "length"): never chosen
     samples_malformed: int = 0      # held a special token other than end-of-turn: never used
+    samples_unverified: int = 0     # a server's text that did not re-encode to itself: never used
     pairs_kept: int = 0
     rejected_truncated: int = 0     # kept pairs whose rejected answer is a truncated sample
     score_hist: dict[str, int] = field(default_factory=dict)   # "1".."10" -> count
@@ -151,20 +158,19 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return int.from_bytes(h[:7], "little")
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    # Per-tensor sums: cheap (no 500 MB hash for 124M) and different for any trained change.
-    sums = [f"{n}:{p.detach().double().sum().item():.17g}" for n, p in model.named_parameters()]
-    return hashlib.sha256("\n".join(sums).encode()).hexdigest()[:16]
-
-
 def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Judge, out_path: str | Path, *,
                temps: Sequence[float] = DEFAULT_TEMPS, max_new_tokens: int = 128, top_k: int = 50,
                min_gap: int = 2, min_best: int = 6, batch_size: int = 16, seed: int = 0,
                max_prompt_tokens: int | None = None, n_prompts: int | None = None,
                dtype: torch.dtype | None = None, progress: bool = True,
-               shard: tuple[int, int] | None = None, truncated_as_rejected: bool = False) -> MiningStats:
+               shard: tuple[int, int] | None = None, truncated_as_rejected: bool = False,
+               must_resume: bool = False) -> MiningStats:
     """Mine preference pairs into ``out_path`` (JSONL, appended as it goes; resumable).
 
+    ``model`` is the policy (sampled with the built-in sampler) or a generation backend
+    (``generation.backends``: an OpenAI-compatible server, in-process vLLM); either way the
+    prompts are rendered here with ``tokenizer``'s chat template and the answers come back as
+    token ids with their finish reasons, so the pairs are the same kind of record.
     ``prompts`` is a JSONL path (see ``load_prompts``) or a list of instructions. Prompts whose
     rendered chat prompt is longer than ``max_prompt_tokens`` (default: block_size minus
     ``max_new_tokens``) are dropped and counted. Each output line holds ``prompt``, ``chosen``,
@@ -177,15 +183,22 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
     ``shard=(rank, world)`` mines only batches ``rank, rank + world, ...`` into ``out_path`` (see
     ``mining_progress.shard_path``, ``merge_shards``): each batch keeps its seed, so the shards hold
     exactly the pairs of the unsharded run, and each shard resumes on its own.
-    """
-    from fastdpo.generation.sampler import sample
 
+    A judge that fails for good (``JudgeError``: its retry budget spent, a bad key...) stops the
+    run with every finished batch kept (but the last ones whose refused requests led to the stop,
+    when the judge stopped for refusing request after request); the error says how far it got, and
+    running again (the CLI's
+    ``--resume``; ``must_resume=True`` insists there is a run to continue) carries on from there.
+    ``<out>.report.json`` holds the statistics and the judge's (its failures by kind, the servers'
+    reasons, a few unusable replies), written at the end and when the judge stops the run.
+    """
     temps = [float(t) for t in temps]
     if len(temps) < 2:
         raise ValueError("mining needs at least two temperatures (K >= 2 samples per prompt)")
     if batch_size < 1 or max_new_tokens < 1 or min_gap < 0:
         raise ValueError("batch_size and max_new_tokens must be >= 1, min_gap >= 0")
-    block = model.config.block_size
+    backend = as_backend(model, dtype)
+    block = backend.block_size
     if max_new_tokens >= block:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be below the model's block_size ({block})")
     limit = block - max_new_tokens
@@ -204,7 +217,7 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                     dtype=str(dtype), truncated_as_rejected=truncated_as_rejected)
     fingerprint = hashlib.sha256(json.dumps({
         "settings": settings, "judge": judge.name, "tokenizer": tokenizer.hash,
-        "model": model_fingerprint(model),
+        "model": backend.identity(),
         "prompts": hashlib.sha256(json.dumps(instructions).encode()).hexdigest()}, sort_keys=True).encode()
     ).hexdigest()[:16]
 
@@ -214,13 +227,17 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
         settings = {**settings, "shard": list(shard)}
     out_path = Path(out_path)
     log = ProgressLog(out_path, fingerprint, settings)
+    if must_resume and not log.path.is_file():
+        raise ValueError(f"--resume: {out_path} has no mining run to continue (no {log.path.name}); "
+                         "leave out --resume to start one")
     start_batch, saved = log.resume()
     if saved:
         for k in (*COUNTS, "score_hist"):
-            setattr(stats, k, saved[k])
+            setattr(stats, k, saved.get(k, 0))   # counts added later start at 0
     stats.resumed_at, stats.resumed_pairs = stats.prompts_done, stats.pairs_kept
     k = len(temps)
     eos = tokenizer.eos_id
+    rubrics = isinstance(judge, RubricJudge)
 
     def batch_prompts(b: int) -> list[int]:
         return keep[b * batch_size:(b + 1) * batch_size]
@@ -231,19 +248,18 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
 
     def produce():
         try:
-            with torch.inference_mode():
-                for b in my_batches:
-                    if b < start_batch:
-                        continue
-                    if stop.is_set():
-                        return
-                    idx = batch_prompts(b)
-                    t0 = time.perf_counter()
-                    rows = [rendered[i] for i in idx for _ in range(k)]
-                    new, finish = sample(model, rows, temps * len(idx), max_new_tokens, top_k, eos,
-                                         batch_seed(seed, b), dtype=dtype, return_finish=True)
-                    samples = [Sample(tokenizer, ids, f, eos) for ids, f in zip(new, finish)]
-                    _put(ready, (b, samples, time.perf_counter() - t0), stop)
+            for b in my_batches:
+                if b < start_batch:
+                    continue
+                if stop.is_set():
+                    return
+                idx = batch_prompts(b)
+                t0 = time.perf_counter()
+                rows = [rendered[i] for i in idx for _ in range(k)]
+                new, finish = backend.sample(rows, temps * len(idx), max_new_tokens, top_k, eos,
+                                             batch_seed(seed, b))
+                samples = [Sample(tokenizer, ids, f, eos) for ids, f in zip(new, finish)]
+                _put(ready, (b, samples, time.perf_counter() - t0), stop)
             _put(ready, None, stop)
         except BaseException as e:  # handed to the consumer, which re-raises it
             _put(ready, e, stop)
@@ -253,6 +269,7 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                unit="prompt", desc="pairs", disable=not progress, dynamic_ncols=True)
     bar.set_postfix(kept=stats.pairs_kept)
     t_start = time.perf_counter()
+    refusals: list[int] = []   # requests refused in each batch this process committed
     worker = threading.Thread(target=produce, name="fastdpo-sampler", daemon=True)
     worker.start()
     try:
@@ -271,23 +288,49 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                 work = [(instructions[i], samples[j * k + r].text)
                         for j, i in enumerate(idx) for r in range(k) if usable[j * k + r]]
                 t0 = time.perf_counter()
-                replies = iter(judge.score_many(work))
+                refused = _rejected(judge)
+                dims = None
+                if rubrics:   # several rubrics: a weighted score, per-dimension gap rules
+                    details = iter(judge.score_dimensions_many(work))
+                    dims = [next(details) if ok else None for ok in usable]
+                    scores = [judge.weighted(d) if d is not None else None for d in dims]
+                else:
+                    replies = iter(judge.score_many(work))
+                    scores = [next(replies) if ok else None for ok in usable]
+                refused = _rejected(judge) - refused
                 stats.judge_s += time.perf_counter() - t0
-                scores = [next(replies) if ok else None for ok in usable]
                 _count(stats, samples, usable, scores)
                 lines = []
                 for j, i in enumerate(idx):
                     group, s = samples[j * k:(j + 1) * k], scores[j * k:(j + 1) * k]
-                    pick = select_pair(s, min_gap, min_best, [x.kind == "ok" for x in group])
+                    choosable = [x.kind == "ok" for x in group]
+                    if rubrics:
+                        g = dims[j * k:(j + 1) * k]
+                        pick = select_pair_dimensions(s, g, judge, min_gap, min_best, choosable)
+                        extra = None if pick is None else dimension_record(judge, g[pick[0]], g[pick[1]])
+                    else:
+                        pick, extra = select_pair(s, min_gap, min_best, choosable), None
                     if pick is not None:
-                        lines.append(pair_line(instructions[i], rendered[i], group, s, *pick, tokenizer.hash))
+                        lines.append(pair_line(instructions[i], rendered[i], group, s, *pick, tokenizer.hash,
+                                               extra))
                         stats.rejected_truncated += group[pick[1]].kind == "truncated"
                 stats.prompts_done += len(idx)
                 stats.pairs_kept += len(lines)
                 append_durable(out, "".join(lines).encode())
                 log.commit(b, out.tell(), stats)
+                refusals.append(refused)
                 bar.update(len(idx))
                 bar.set_postfix(kept=stats.pairs_kept)
+    except JudgeError as e:
+        stats.elapsed_s = time.perf_counter() - t_start
+        if e.refusals:   # the batches whose refusals led to the stop: judged again on --resume
+            k = next((n for n in range(len(refusals)) if refusals[-1 - n] == 0), len(refusals))
+            if k:
+                log.take_back(k, stats)
+        stopped = (f"{e}; stopped with {stats.prompts_done} prompts done and {stats.pairs_kept} pairs kept "
+                   f"in {out_path}: run the same command with --resume to continue")
+        write_report(out_path, stats.as_dict(), judge, stopped)
+        raise JudgeError(stopped, refusals=e.refusals) from None
     finally:
         stop.set()
         _drain(ready)
@@ -295,24 +338,31 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
         bar.close()
         log.close()
         stats.elapsed_s = time.perf_counter() - t_start
+    write_report(out_path, stats.as_dict(), judge)
     return stats
+
 
 
 class Sample:
     """One sampled answer: its ids (with the end-of-turn token when the model emitted it), text
-    (special tokens skipped) and kind (``sample_kind``)."""
+    (special tokens skipped) and kind (``sample_kind``, or ``"unverified"``: a backend could not
+    say which tokens it sampled)."""
     __slots__ = ("ids", "text", "kind", "finish")
 
-    def __init__(self, tokenizer, ids: list[int], finish: str, eos_id: int):
+    def __init__(self, tokenizer, ids: list[int] | None, finish: str, eos_id: int):
+        if ids is None:
+            self.kind, self.finish, self.text, self.ids = UNVERIFIED, finish, "", []
+            return
         self.kind, self.finish = sample_kind(tokenizer, ids, finish), finish
         self.text = tokenizer.decode(ids, skip_special=True)
         self.ids = ids + [eos_id] if finish == "stop" else ids
 
 
 def pair_line(instruction: str, prompt_ids: list[int], group: Sequence[Sample], scores: list,
-              hi: int, lo: int, tokenizer_hash: str) -> str:
-    """One pairs-file line (see ``mine_pairs``)."""
-    return json.dumps({
+              hi: int, lo: int, tokenizer_hash: str, extra: dict | None = None) -> str:
+    """One pairs-file line (see ``mine_pairs``); ``extra``: a multi-rubric pair's ``dimensions`` and
+    ``weighted_margin``."""
+    return json.dumps({**(extra or {}),
         "prompt": instruction, "chosen": group[hi].text, "rejected": group[lo].text,
         "score_chosen": scores[hi], "score_rejected": scores[lo], "scores": scores,
         "chosen_finish": group[hi].finish, "rejected_finish": group[lo].finish,
@@ -324,12 +374,14 @@ def _count(stats: MiningStats, samples: Sequence[Sample], judged: Sequence[bool]
     for x, ok, v in zip(samples, judged, scores):
         stats.samples_truncated += x.kind == "truncated"
         stats.samples_malformed += x.kind == "malformed"
+        stats.samples_unverified += x.kind == UNVERIFIED
         if ok:
             stats.samples_judged += 1
             if v is None:
                 stats.invalid_scores += 1
             else:
-                stats.score_hist[str(v)] = stats.score_hist.get(str(v), 0) + 1
+                key = str(round(v))   # a weighted score (several rubrics) goes to its nearest bin
+                stats.score_hist[key] = stats.score_hist.get(key, 0) + 1
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> None:
@@ -375,7 +427,9 @@ def format_stats(stats: MiningStats, out_path: str | Path | None = None) -> str:
              f"samples judged: {stats.samples_judged}, invalid judge replies: {stats.invalid_scores}",
              f"samples never chosen: {stats.samples_truncated} truncated (ran out of max_new_tokens"
              + ("; judged, may be rejected" if stats.rejected_truncated else "") + f"), "
-             f"{stats.samples_malformed} malformed (a special token inside the answer)",
+             f"{stats.samples_malformed} malformed (a special token inside the answer)"
+             + (f", {stats.samples_unverified} unverified (the server's text did not re-encode to "
+                f"itself)" if stats.samples_unverified else ""),
              "score histogram:"]
     for s in range(1, 11):
         n = hist.get(str(s), 0)
@@ -385,3 +439,10 @@ def format_stats(stats: MiningStats, out_path: str | Path | None = None) -> str:
                      f"{stats.pairs_per_min:.1f} pairs/min (sampling {stats.sample_s:.1f}s, "
                      f"judging {stats.judge_s:.1f}s, wall {stats.elapsed_s:.1f}s; they overlap)")
     return "\n".join(lines)
+
+
+def _rejected(judge: Judge) -> int:
+    """Requests the judge (each rubric's, for a ``RubricJudge``) refused as malformed so far."""
+    if isinstance(judge, RubricJudge):
+        return sum(j.stats.rejected for j in judge.rubrics.values())
+    return judge.stats.rejected

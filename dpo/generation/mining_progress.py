@@ -1,6 +1,7 @@
 """The resumable state of a mining run: ``<out>.progress.jsonl`` next to the pairs file (a header
 fingerprinting the run, then one record per finished batch: the pairs file's length and the running
-statistics), and the shards a multi-process run writes, merged back into one file.
+statistics), the shards a multi-process run writes, merged back into one file, and the run's
+``<out>.report.json``.
 
 A run is resumed by cutting the pairs file back to the length in the last whole record (a torn
 line or a batch whose record never made it is dropped and redone identically, since each batch's
@@ -12,14 +13,15 @@ import json
 import os
 from pathlib import Path
 
-from fastdpo.files import append_durable, atomic_write
+from fastdpo.files import append_durable, atomic_write, write_json
 
 PROGRESS_SUFFIX = ".progress.jsonl"
+REPORT_SUFFIX = ".report.json"
 # 2: pairs carry their sampled token ids; truncated and malformed samples are counted
 PROGRESS_VERSION = 2
 # running statistics carried from record to record (with the score histogram)
 COUNTS = ("prompts_done", "samples_judged", "invalid_scores", "samples_truncated", "samples_malformed",
-          "pairs_kept", "rejected_truncated")
+          "pairs_kept", "rejected_truncated", "samples_unverified")
 
 
 class ProgressLog:
@@ -29,6 +31,8 @@ class ProgressLog:
         self.out_path, self.fingerprint, self.settings = out_path, fingerprint, settings
         self.path = out_path.with_name(out_path.name + PROGRESS_SUFFIX)
         self._f = None
+        self._base: tuple[int, dict | None] = (0, None)   # (pairs bytes, stats) resumed from
+        self._trail: list[tuple[int, int, dict]] = []      # this process's records: (offset, bytes, stats)
 
     def resume(self) -> tuple[int, dict | None]:
         """(first batch to do, statistics saved with the last committed batch)."""
@@ -63,6 +67,7 @@ class ProgressLog:
             f.truncate(good)
             os.fsync(f.fileno())
         self._f = open(self.path, "ab")
+        self._base = (out_bytes, last["stats"] if last else None)
         return (last["batch"] + 1 if last else 0), last["stats"] if last else None
 
     def _open_fresh(self) -> None:
@@ -89,7 +94,25 @@ class ProgressLog:
         """Record that ``batch`` is done: the pairs file is ``out_bytes`` long, ``stats`` (a
         ``MiningStats``) the running totals."""
         keys = (*COUNTS, "score_hist")
-        self._append({"batch": batch, "out_bytes": out_bytes, "stats": {k: getattr(stats, k) for k in keys}})
+        rec = {"batch": batch, "out_bytes": out_bytes, "stats": {k: getattr(stats, k) for k in keys}}
+        offset = self._f.tell()
+        self._append(rec)
+        self._trail.append((offset, out_bytes, json.loads(json.dumps(rec["stats"]))))
+
+    def take_back(self, k: int, stats) -> None:
+        """Undo the last ``k`` batches this process committed: both files are cut back to the
+        record before them, so a resumed run does those batches again, and ``stats`` (a
+        ``MiningStats``) goes back to that record's running totals."""
+        offset = self._trail[-k][0]
+        del self._trail[-k:]
+        out_bytes, saved = self._trail[-1][1:] if self._trail else self._base
+        for path, size in ((self.path, offset), (self.out_path, out_bytes)):
+            with open(path, "r+b") as f:
+                f.truncate(size)
+                os.fsync(f.fileno())
+        for key in COUNTS:
+            setattr(stats, key, saved[key] if saved else 0)
+        stats.score_hist = dict(saved["score_hist"]) if saved else {}
 
     def _append(self, rec: dict) -> None:
         append_durable(self._f, (json.dumps(rec, sort_keys=True) + "\n").encode())
@@ -98,6 +121,14 @@ class ProgressLog:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+def write_report(out_path: Path, stats: dict, judge, stopped: str | None = None) -> None:
+    """``<out>.report.json``: the run's statistics and its judge's (failures by kind, the servers'
+    reasons, unusable replies), and the line it stopped with when its judge stopped it."""
+    write_json(out_path.with_name(out_path.name + REPORT_SUFFIX),
+               {"pairs": str(out_path), "stats": stats, "judge": judge.describe(),
+                "judge_stats": judge.stats.as_dict(), "stopped": stopped})
 
 
 def _check_version(path: Path, header: dict | None) -> None:
@@ -133,7 +164,7 @@ def merge_shards(out_path: str | Path, world: int) -> dict:
         base = base or (fp, {k: v for k, v in records[0]["settings"].items() if k != "shard"})
         data, end, prev = path.read_bytes(), 0, {k: 0 for k in COUNTS} | {"score_hist": {}}
         for rec in records[1:]:
-            delta = {k: rec["stats"][k] - prev[k] for k in COUNTS}
+            delta = {k: rec["stats"].get(k, 0) - prev.get(k, 0) for k in COUNTS}
             hist = rec["stats"]["score_hist"]
             delta["score_hist"] = {s: n - prev["score_hist"].get(s, 0) for s, n in hist.items()}
             parts.append((rec["batch"], data[end:rec["out_bytes"]], delta))

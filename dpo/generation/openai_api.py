@@ -206,6 +206,7 @@ class Limits:
     max_n: int = 16
     max_rows: int = 64                 # prompts x n in one request
     tokens_as_ids: bool = False        # default of return_tokens_as_token_ids
+    aliases: set = field(default_factory=set)   # more names the model answers to (loaded adapters)
 
 
 @dataclass
@@ -237,7 +238,7 @@ def parse_request(body: dict, chat: bool, tokenizer, limits: Limits, rng: random
     """Validate a chat or completion request body and render its prompts to token ids.
     ``rng`` draws the row seeds of an unseeded request."""
     req = _validate(ChatRequest if chat else CompletionRequest, body)
-    if req.model is not None and req.model != limits.model_name:
+    if req.model is not None and req.model != limits.model_name and req.model not in limits.aliases:
         raise RequestError(404, f"model {req.model!r} not found; this server serves {limits.model_name!r}",
                            "model", "model_not_found")
     _unsupported(req, chat)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from fastdpo.generation.batcher import Batcher, Job, Row
 from fastdpo.generation.interactions import InteractionLog
@@ -62,7 +62,8 @@ class ChatServer(Served):
                  request_timeout: float = 600.0, max_n: int = 16, max_rows_per_request: int | None = None,
                  max_queued_rows: int = 1024, max_body: int = MAX_BODY, max_connections: int = 2048,
                  api_key: str | None = None, log_interactions: str | Path | None = None,
-                 tokens_as_ids: bool = False):
+                 tokens_as_ids: bool = False, allow_reload: bool = False):
+        self.allow_reload = allow_reload
         self.model, self.tokenizer, self.model_name = model.eval(), tokenizer, model_name
         self.block_size = model.config.block_size
         self.request_timeout = request_timeout
@@ -111,9 +112,47 @@ class ChatServer(Served):
         async def completions(request: Request):
             return await self.complete(request, chat=False)
 
+        @app.post("/v1/load_lora_adapter")
+        async def load_adapter(request: Request):
+            return await self.load_adapter(await json_body(request))
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_adapter(request: Request):
+            name = (await json_body(request)).get("lora_name")
+            if not self.allow_reload or name not in self.limits.aliases:
+                raise RequestError(404, f"no adapter {name!r} is loaded", "lora_name")
+            self.limits.aliases.discard(name)
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "fastdpo", "max_model_len": self.block_size}]}
+        base = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "fastdpo",
+                "max_model_len": self.block_size}
+        return {"object": "list", "data": [base, *({**base, "id": a, "parent": self.model_name}
+                                                   for a in sorted(self.limits.aliases))]}
+
+    async def load_adapter(self, body: dict):
+        """vLLM's ``/v1/load_lora_adapter`` (``lora_name``, ``lora_path``), as far as one policy goes:
+        the checkpoint at ``lora_path`` (a fastdpo adapter or full checkpoint) replaces the served
+        weights and answers to ``lora_name`` as well as the base name; vLLM instead serves each
+        adapter beside its base. Batches already sampling finish on the old weights."""
+        if not self.allow_reload:
+            raise RequestError(404, "loading adapters is off; start fastdpo serve with --allow-reload")
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise RequestError(400, "'lora_name' and 'lora_path' must be non-empty strings")
+        from fastdpo.models.checkpoint import load_checkpoint
+        device = next(self.model.parameters()).device
+        try:
+            model, _ = await asyncio.to_thread(load_checkpoint, path, self.tokenizer, device)
+        except (OSError, ValueError) as e:
+            raise RequestError(400, f"cannot load {path}: {e}", "lora_path") from None
+        if model.config.vocab_size != self.limits.vocab_size:
+            raise RequestError(400, f"{path}: vocab_size {model.config.vocab_size} differs from the served "
+                                    f"model's {self.limits.vocab_size}", "lora_path")
+        self.model = self.batcher.model = model.eval()
+        self.block_size = self.limits.block_size = model.config.block_size
+        self.limits.aliases.add(name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     async def complete(self, request: Request, chat: bool):
         t0 = time.perf_counter()
@@ -121,7 +160,10 @@ class ChatServer(Served):
         job = None
         try:
             s = parse_request(await json_body(request), chat, self.tokenizer, self.limits, self._rng)
-            rows = [Row(p, s.temperature, budget, 0, tuple(s.stops), s.stop_ids, s.logprobs, s.stream)
+            # the sampler always stops at the end of turn: listed as a stop token (vLLM clients do, so
+            # that any engine stops there) it would only make every row watched token by token
+            stop_ids = s.stop_ids - {self.tokenizer.eos_id}
+            rows = [Row(p, s.temperature, budget, 0, tuple(s.stops), stop_ids, s.logprobs, s.stream)
                     for p, budget in zip(s.prompts, s.budgets) for _ in range(s.n)]
             for row, seed in zip(rows, s.seeds):
                 row.seed = seed
@@ -252,7 +294,8 @@ def serve(ckpt: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model_
           dtype: torch.dtype | None = None, threads: int | None = None, max_n: int = 16,
           max_rows_per_request: int | None = None, max_queued_rows: int = 1024, max_body: int = MAX_BODY,
           request_timeout: float = 600.0, api_key: str | None = None, allow_unauthenticated: bool = False,
-          log_interactions: str | Path | None = None, tokens_as_ids: bool = False) -> int:
+          log_interactions: str | Path | None = None, tokens_as_ids: bool = False,
+          allow_reload: bool = False) -> int:
     """Serve until SIGINT/SIGTERM. ``port=0`` picks a free port; the first line printed is
     ``fastdpo serve: listening on http://HOST:PORT/v1 (model NAME)``. ``threads`` sets torch's
     intra-op threads (1 is fastest for tiny models on a busy CPU). Binding beyond loopback needs
@@ -267,7 +310,8 @@ def serve(ckpt: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model_
                            max_n=max_n, max_rows_per_request=max_rows_per_request,
                            max_queued_rows=max_queued_rows, max_body=max_body,
                            request_timeout=request_timeout, api_key=api_key,
-                           log_interactions=log_interactions, tokens_as_ids=tokens_as_ids)
+                           log_interactions=log_interactions, tokens_as_ids=tokens_as_ids,
+                           allow_reload=allow_reload)
     try:
         server.web.run_until_signal(lambda: print(f"fastdpo serve: listening on {server.url} "
                                                   f"(model {server.model_name})", flush=True))

@@ -1,7 +1,8 @@
 """What every model family shares: its config's dict round trip and the logits forward.
 
 A family's config dataclass subclasses ``DictConfig`` (checkpoints store ``to_dict()``; unknown
-fields are refused by name, validation lives in each ``__post_init__``). A family's model
+fields are refused by name; types and ranges are the schema's, ``fastdpo.models.schema``, and rules
+between fields live in each ``__post_init__``). A family's model
 subclasses ``CausalLM`` and provides ``hidden_states`` (after the final norm), ``lm_head_weight``
 (V, C) and ``blocks``; see ``fastdpo.models.families`` for the whole contract.
 """
@@ -13,15 +14,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastdpo.errors import ConfigError
+
 
 class DictConfig:
     @classmethod
     def from_dict(cls, d: dict):
+        if not isinstance(d, dict):
+            raise ConfigError(f"{cls.__name__}: expected a mapping of fields, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
-        return cls(**d)
+            raise ConfigError(f"unknown {cls.__name__} fields: {unknown}")
+        return cls(**d)   # validated by the class's schema (fastdpo.models.schema)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -26,10 +26,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fastdpo.errors import ConfigError
 from fastdpo.files import fsync_path, temp_sibling
 from fastdpo.models import lora
 from fastdpo.models.errors import CheckpointError
-from fastdpo.models.families import build_model, config_from_dict, family_of
+from fastdpo.models.families import build_model, check_fits_on, config_from_dict, family_of
 from fastdpo.models.gpt import GPT, GPTConfig
 from fastdpo.models.hf_import import is_hf_model_dir, load_hf_model
 from fastdpo.models.tokenizer import ChatTokenizer, open_tokenizer
@@ -129,14 +130,22 @@ def read_config(path: str | Path) -> dict:
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file}: missing (not a fastdpo checkpoint directory?)")
     try:
-        config = json.loads(cfg_file.read_text())
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}:{e.lineno}: invalid JSON ({e.msg})") from e
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                              f"{e.start})") from e
+    except RecursionError:
+        raise CheckpointError(f"{cfg_file}: JSON nested too deeply") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT or "model" not in config:
         raise CheckpointError(f"{cfg_file}: field 'format' must be {FORMAT!r} with a 'model' section "
                               f"(or a Hugging Face model directory's config.json with a 'model_type')")
     try:
         config_from_dict(config.get("family", "gpt2"), config["model"])
+    except ConfigError as e:   # the schema's message names the field
+        name = getattr(e, "field_name", None)
+        raise CheckpointError(str(e), file=cfg_file, field=f"model.{name}" if name else "model") from None
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_file}: field 'model': {e}") from e
     return config
@@ -159,6 +168,11 @@ def load_checkpoint(path: str | Path, tokenizer: ChatTokenizer | None = None, ma
         return model, config
     config = read_config(path)
     model_config = config_from_dict(config.get("family", "gpt2"), config["model"])
+    if torch.device(map_location).type != "cpu":   # the CPU's own check is build_model's
+        try:
+            check_fits_on(model_config, map_location)
+        except ConfigError as e:
+            raise CheckpointError(str(e), file=path / CONFIG, field="model") from None
     if tokenizer is not None and check_tokenizer:
         check_tokenizer_matches(path, config, tokenizer)
     weights = path / WEIGHTS
@@ -225,6 +239,8 @@ def load_policy(ckpt: str | Path, tokenizer_path: str | Path | None = None,
 def load_tokenizer(path: str | Path) -> ChatTokenizer:
     """The tokenizer saved inside a checkpoint (or Hugging Face model) directory."""
     file = Path(path) / TOKENIZER
+    if not Path(path).is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
     if not file.is_file():
         raise CheckpointError(f"{file}: missing; pass --tokenizer explicitly")
     return open_tokenizer(path)

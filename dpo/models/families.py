@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from fastdpo.models import gpt, llama
+from fastdpo.models import gpt, llama, memory
 
 FAMILIES: dict[str, tuple[type, type]] = {
     "gpt2": (gpt.GPTConfig, gpt.GPT),
@@ -39,8 +39,16 @@ def config_from_dict(family: str, values: dict):
 
 
 def build_model(config) -> nn.Module:
-    """A freshly initialised model of ``config``'s family."""
-    return FAMILIES[family_of(config)][1](config)
+    """A freshly initialised model of ``config``'s family (on the CPU), refused with a
+    ``ConfigError`` first when its weights cannot fit in the memory available."""
+    model_cls = FAMILIES[family_of(config)][1]
+    memory.check_weights_fit(model_cls, config, "cpu")
+    return model_cls(config)
+
+
+def check_fits_on(config, device) -> None:
+    """``ConfigError`` unless ``config``'s weights fit on ``device`` (a GPU's memory, say)."""
+    memory.check_weights_fit(FAMILIES[family_of(config)][1], config, device)
 
 
 def config_from_preset(name: str, **overrides):

@@ -10,35 +10,33 @@ The forward pass takes positions explicitly (one per row and token) instead of a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastdpo.errors import ConfigError
 from fastdpo.models.base import CausalLM, DictConfig
 from fastdpo.models.kv_cache import KVCache, attend, checked_positions
 from fastdpo.models.recompute import run_block
+from fastdpo.models.schema import Fraction, PositiveInt, config_class
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "PRESETS", "config_from_preset"]
 
 
-@dataclass
+@config_class(strict=True)   # written by programs: 4.0 is not a layer count
 class GPTConfig(DictConfig):
-    vocab_size: int = 50304
-    block_size: int = 1024
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
+    vocab_size: PositiveInt = 50304
+    block_size: PositiveInt = 1024
+    n_layer: PositiveInt = 12
+    n_head: PositiveInt = 12
+    n_embd: PositiveInt = 768
+    dropout: Fraction = 0.0
     bias: bool = True
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
 
 
 # Named shapes. vocab_size is usually overridden by the tokenizer's size.

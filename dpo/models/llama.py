@@ -13,15 +13,17 @@ own position.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastdpo.errors import ConfigError
 from fastdpo.models.base import CausalLM, DictConfig
 from fastdpo.models.kv_cache import KVCache, attend, checked_positions
 from fastdpo.models.recompute import run_block
+from fastdpo.models.schema import PositiveFloat, PositiveInt, config_class
 
 VARIANTS = ("llama", "mistral", "qwen2", "qwen3")   # transformers' model_type on export
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -29,50 +31,40 @@ _ROPE_KEYS = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
-@dataclass
+@config_class(strict=True)   # written by programs: 4.0 is not a layer count
 class LlamaConfig(DictConfig):
-    vocab_size: int = 32000
-    block_size: int = 2048              # the context: transformers' max_position_embeddings
-    n_layer: int = 12
-    n_head: int = 12
-    n_kv_head: int = 4                  # grouped-query attention: n_head // n_kv_head queries per key
-    n_embd: int = 768
-    intermediate_size: int = 2048
-    head_dim: int | None = None         # default n_embd // n_head (Qwen3 sets its own)
-    rope_theta: float = 10000.0
+    vocab_size: PositiveInt = 32000
+    block_size: PositiveInt = 2048      # the context: transformers' max_position_embeddings
+    n_layer: PositiveInt = 12
+    n_head: PositiveInt = 12
+    n_kv_head: PositiveInt = 4          # grouped-query attention: n_head // n_kv_head queries per key
+    n_embd: PositiveInt = 768
+    intermediate_size: PositiveInt = 2048
+    head_dim: PositiveInt | None = None   # default n_embd // n_head (Qwen3 sets its own)
+    rope_theta: PositiveFloat = 10000.0
     rope_scaling: dict | None = None    # {"rope_type": "linear"|"dynamic"|"llama3", "factor": ...}
-    norm_eps: float = 1e-5
+    norm_eps: PositiveFloat = 1e-5
     qkv_bias: bool = False              # Qwen2's q/k/v biases; Llama's attention_bias sets o_bias too
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False               # Qwen3: RMSNorm over each head of q and k before RoPE
     tie_word_embeddings: bool = False
-    model_type: str = "llama"           # which transformers architecture this is (export)
+    model_type: Literal[VARIANTS] = "llama"   # which transformers architecture this is (export)
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd",
-                     "intermediate_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"LlamaConfig.{name} must be positive, got {getattr(self, name)}")
         if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+            raise ConfigError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.head_dim is None:
             if self.n_embd % self.n_head:
-                raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) "
-                                 f"unless head_dim is given")
+                raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}) "
+                                  f"unless head_dim is given")
             self.head_dim = self.n_embd // self.n_head
-        if self.head_dim <= 0 or self.head_dim % 2:
-            raise ValueError(f"head_dim must be a positive even number (RoPE rotates pairs), "
-                             f"got {self.head_dim}")
-        if not self.rope_theta > 0 or not self.norm_eps > 0:
-            raise ValueError("rope_theta and norm_eps must be positive")
+        if self.head_dim % 2:
+            raise ConfigError(f"LlamaConfig.head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
         self.rope_scaling = _normalized_rope_scaling(self.rope_scaling)
-        if self.model_type not in VARIANTS:
-            raise ValueError(f"LlamaConfig.model_type must be one of {list(VARIANTS)}, "
-                             f"got {self.model_type!r}")
         problem = _variant_problem(self)
         if problem:
-            raise ValueError(f"LlamaConfig: model_type {self.model_type!r} {problem}")
+            raise ConfigError(f"LlamaConfig: model_type {self.model_type!r} {problem}")
 
 
 def _normalized_rope_scaling(scaling: dict | None) -> dict | None:

@@ -290,7 +290,13 @@ def train_tokenizer(files: Sequence[str | Path], out: str | Path, vocab_size: in
     for f in map(Path, files):
         if not f.is_file():
             raise FileNotFoundError(f"tokenizer training file not found: {f}")
-        texts += list(_training_texts(f))
+        try:
+            texts += list(_training_texts(f))
+        except UnicodeDecodeError as e:
+            line = e.object.count(b"\n", 0, e.start) + 1
+            raise ValueError(f"{f}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}:{e.lineno}: invalid JSON ({e.msg})") from None
     if not any(t.strip() for t in texts):
         raise ValueError(f"no text found in {[str(f) for f in files]}")
     return Tokenizer.train(texts, vocab_size=vocab_size, min_frequency=min_frequency).save(out)

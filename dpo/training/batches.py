@@ -16,12 +16,16 @@ right to fit, losing its end-of-turn token. Dropped examples and cut answers are
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from fastdpo.models.tokenizer import ChatTokenizer
 from fastdpo.training.data import DataError, DataStats, PreferenceExample, SFTExample, load_examples
+from fastdpo.training.pair_weights import pair_margin
+
+# the row fields a pair's preference margin is read from (fastdpo.training.pair_weights)
+MARGIN_FIELDS = ("weighted_margin", "dimensions", "score_chosen", "score_rejected")
 
 
 @dataclass
@@ -29,6 +33,8 @@ class TokenizedPair:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
+    # the row's MARGIN_FIELDS, when it has any: metadata, not part of what the pair is
+    margin_fields: dict | None = field(default=None, compare=False, repr=False)
 
     @property
     def n_tokens(self) -> int:            # real (unpadded) tokens in the pair's two sequences
@@ -79,8 +85,17 @@ def tokenize_pairs(examples: Sequence[PreferenceExample], tok: ChatTokenizer, ma
             stats.dropped_long_prompt += 1
             continue
         if len(chosen) > room or len(rejected) > room:
+            if chosen[:room] == rejected[:room]:   # no preference left to learn: a wasted gradient
+                stats.identical_after_cut += 1
+                continue
             stats.truncated += 1
-        out.append(TokenizedPair(prompt, chosen[:room], rejected[:room]))
+        fields = {k: ex.meta[k] for k in MARGIN_FIELDS if k in ex.meta}
+        if fields:   # a malformed margin field fails here, where the row's file and line are known
+            try:
+                pair_margin(fields)
+            except DataError as e:
+                raise DataError(f"{ex.source}: {e}") from None
+        out.append(TokenizedPair(prompt, chosen[:room], rejected[:room], fields or None))
     return out
 
 

@@ -35,20 +35,18 @@ counted instead of stopping the run.
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastdpo.errors import FastdpoError
+from fastdpo.training.records import DataError, read_records
+
+__all__ = ["DataError", "DataStats", "PreferenceExample", "SFTExample", "iter_rows", "load_examples",
+           "read_records"]
 
 PREFERENCE_FORMATS = ("prompt", "implicit", "conversations", "hh")
 SFT_FORMATS = ("prompt", "messages", "conversations")
-
-
-class DataError(FastdpoError):
-    """A data file or row that cannot be used; the message names the file and line."""
 
 
 @dataclass
@@ -86,6 +84,7 @@ class DataStats:
     skipped: int = 0                      # bad rows skipped under on_error="skip"
     dropped_long_prompt: int = 0          # prompt > max_prompt_length, or no answer room in max_length
     truncated: int = 0                    # examples with an answer cut to max_length / max_completion_length
+    identical_after_cut: int = 0          # pairs dropped: chosen and rejected the same once cut to fit
     sampled_ids: int = 0                  # mined pairs trained on their sampled token ids
     retokenized: int = 0                  # mined pairs from another tokenizer: their text encoded again
     formats: dict = field(default_factory=dict)   # file -> detected format
@@ -95,62 +94,13 @@ class DataStats:
         out = (f"{self.rows} rows, {self.skipped} bad rows skipped, {self.dropped_long_prompt} "
                f"dropped (prompt over max_prompt_length or no room in max_length), {self.truncated} "
                f"with an answer cut to fit")
+        if self.identical_after_cut:
+            out += (f", {self.identical_after_cut} pairs dropped because chosen and rejected were "
+                    f"identical once cut to fit")
         if self.sampled_ids or self.retokenized:
             out += (f", {self.sampled_ids} on their sampled token ids, {self.retokenized} re-encoded "
                     f"from text (sampled with another tokenizer)")
         return out
-
-
-# --------------------------------------------------------------------------- reading records
-
-
-def read_records(path: Path) -> Iterator[tuple[int, object, str | None]]:
-    """Yield ``(line, value, error)`` for each record of a JSONL file or a JSON array file.
-
-    JSONL is streamed line by line (memory does not grow with the file); a JSON array is one
-    document and is read whole. Lines split on ``\\n`` only, so a raw U+2028 inside a string
-    does not cut a record in two."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-        while not head and f.peek(1):   # a long run of leading blank space
-            head = f.read(4096).lstrip()
-    if head.startswith(b"["):
-        yield from _read_array(path, path.read_text(encoding="utf-8"))
-        return
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                yield i, json.loads(raw), None
-            except json.JSONDecodeError as e:
-                yield i, None, f"invalid JSON ({e.msg} at column {e.colno})"
-            except UnicodeDecodeError:
-                yield i, None, "not valid UTF-8"
-
-
-def _read_array(path: Path, text: str) -> Iterator[tuple[int, object, str | None]]:
-    """Items of a top-level JSON array, each with the line it starts on. A syntax error ends the
-    file (the rest cannot be located reliably), so it is raised whatever ``on_error`` says."""
-    dec = json.JSONDecoder()
-    pos = text.index("[") + 1
-    ws = re.compile(r"[\s,]*")
-    while True:
-        pos = ws.match(text, pos).end()
-        if pos >= len(text):
-            raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: invalid JSON (unterminated array)")
-        if text[pos] == "]":
-            return
-        line = text.count("\n", 0, pos) + 1
-        try:
-            value, pos = dec.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); the rest of this JSON "
-                            f"array cannot be read") from e
-        yield line, value, None
 
 
 # --------------------------------------------------------------------------- row parsing

@@ -37,6 +37,7 @@ from fastdpo.training.logprobs import kernel_backend, pair_forward, pair_logprob
 from fastdpo.training.loop import Task, Trainer, planned_steps
 from fastdpo.training.losses import dpo_losses, pair_loss_closure
 from fastdpo.training.metrics import RunLogger
+from fastdpo.training.pair_weights import pair_weights
 from fastdpo.training.reference_cache import cache_file, cached_reference_logprobs
 from fastdpo.training.runs import (
     join_ranks,
@@ -71,6 +72,11 @@ class DPOTask(Task):
         length = (lambda p: p.packed_length) if cfg.shared_prompt else (lambda p: p.length)
         self.lengths = [length(p) for p in self.train]
         self._val_batches = eval_batches([length(p) for p in self.val], eval_batch_size)
+        # margin weighting: each training pair's loss times its weight (validation stays unweighted)
+        self.train_weights = None
+        if cfg.margin_weighting:
+            w = pair_weights([p.margin_fields for p in self.train], cfg.dimension_weights)
+            self.train_weights = torch.tensor(w, dtype=torch.float32).to(device)
 
     def _pairs(self, train: bool):
         return self.train if train else self.val
@@ -114,8 +120,12 @@ class DPOTask(Task):
         # (the step's chosen tokens: the same normaliser for every micro-batch, so accumulation is exact)
         nll_scale = cfg.rpo_alpha / norm["chosen_tokens"] if cfg.rpo_alpha else 0.0
         loss = None
+        weights = None
+        if train and self.train_weights is not None:
+            weights = self.train_weights.index_select(0, to_device(torch.tensor(idx), self.device))
         if self.gradient_in_forward and torch.is_grad_enabled():
-            fn = pair_loss_closure(cfg, rc, rr, nc, nr, scale=1 / norm["pairs"], nll_scale=nll_scale)
+            fn = pair_loss_closure(cfg, rc, rr, nc, nr, scale=1 / norm["pairs"], nll_scale=nll_scale,
+                                   weights=weights)
             loss, pc, pr = pair_forward(self.policy, rows, self.kernel, fn)
         else:
             pc, pr = pair_forward(self.policy, rows, self.kernel)
@@ -123,7 +133,8 @@ class DPOTask(Task):
         losses, rew_c, rew_r = dpo_losses(pc, pr, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing,
                                           chosen_tokens=nc, rejected_tokens=nr, simpo_gamma=cfg.simpo_gamma)
         if loss is None:
-            loss = losses.sum() / norm["pairs"] - nll_scale * pc.sum()
+            weighted = losses if weights is None else losses * weights
+            loss = weighted.sum() / norm["pairs"] - nll_scale * pc.sum()
         stats = {"pairs": len(idx), "dpo_loss": losses.detach().sum(), "rewards/chosen": rew_c.sum(),
                  "rewards/rejected": rew_r.sum(), "rewards/accuracies": (rew_c > rew_r).float().sum(),
                  "logps/chosen": pc.detach().sum(), "logps/rejected": pr.detach().sum(),

@@ -30,6 +30,8 @@ import torch
 from fastdpo import runtime
 from fastdpo.models import lora
 from fastdpo.models.checkpoint import load_checkpoint, save_checkpoint
+from fastdpo.models.errors import CheckpointError
+from fastdpo.models.memory import check_training_fits
 from fastdpo.models.recompute import set_gradient_checkpointing
 from fastdpo.runtime import autocast, resolve_device, resolve_precision
 from fastdpo.training import parallel
@@ -38,7 +40,7 @@ from fastdpo.training.config import HealthConfig, TrainingConfig
 from fastdpo.training.finetuning import apply_finetuning
 from fastdpo.training.health import HealthMonitor
 from fastdpo.training.metrics import RunLogger
-from fastdpo.training.runs import FINAL, STATE_FILE, _step_dirs, latest_checkpoint
+from fastdpo.training.runs import FINAL, STATE_FILE, _step_dirs, latest_checkpoint, resume_problem
 
 
 class TrainingDiverged(ValueError):
@@ -149,6 +151,10 @@ class Trainer:
         self.parallel = parallel.parallelize(model, cfg.parallel, self.device) if self.world > 1 else None
         if self.parallel is not None:
             task.bind_policy(self.parallel)
+        if self.world == 1:   # refuse, naming the parts, what cannot fit (before the optimizer state;
+            #                   FSDP's shards are not counted, so only a single process is checked)
+            check_training_fits(model, self.device, cfg.micro_batch_size, max(task.lengths, default=1),
+                                cfg.gradient_checkpointing)
         self.optimizer = make_optimizer(model, cfg, fused=self.parallel is None)
         # the NaN/Inf guard without a host read per step (see _guard)
         self.device_side_guard = self.device.type != "cpu" and bool(self.optimizer.defaults.get("fused"))
@@ -411,10 +417,10 @@ class Trainer:
     def resume_from(self, path: Path) -> None:
         """Restore weights, optimizer, RNG and the step (= data position and lr schedule)."""
         path = Path(path)
-        state_file = path / STATE_FILE
-        if not state_file.is_file():
-            raise ValueError(f"{path}: no {STATE_FILE}; it is not a resumable training checkpoint")
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        problem = resume_problem(path)   # damaged or not a training checkpoint: one line naming the file
+        if problem:
+            raise CheckpointError(f"cannot resume from {path}: {problem}")
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         if lora.has_lora(self.model):   # the frozen base is this run's own: only the adapters trained
             lora.load_adapter_weights(path, self.model)
             self.optimizer.load_state_dict(state["optimizer"])

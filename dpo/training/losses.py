@@ -109,13 +109,15 @@ PairLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def pair_loss_closure(cfg, ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None,
                       chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor,
-                      scale: float = 1.0, nll_scale: float = 0.0) -> PairLossFn:
+                      scale: float = 1.0, nll_scale: float = 0.0,
+                      weights: torch.Tensor | None = None) -> PairLossFn:
     """``fn(chosen (n,), rejected (n,), pairs (n,) int64) -> scale * losses - nll_scale * chosen``
     (n,) for a ``DPOConfig``: the per-pair loss of a micro-batch's pairs ``pairs`` (indices into
     the micro-batch, which the per-pair reference log-probs and token counts are sliced with), in
     the form a fused kernel that differentiates the loss chunk by chunk calls it. ``nll_scale``
     adds the chosen answers' NLL (``rpo_alpha`` / the step's chosen answer tokens: RPO's term,
-    per pair because its normaliser is fixed for the whole step)."""
+    per pair because its normaliser is fixed for the whole step). ``weights`` (n,) multiply each
+    pair's preference loss (``dpo.margin_weighting``; the NLL term is not weighted)."""
     def fn(chosen: torch.Tensor, rejected: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
         def pick(t):
             return None if t is None else t[pairs]
@@ -123,6 +125,8 @@ def pair_loss_closure(cfg, ref_chosen: torch.Tensor | None, ref_rejected: torch.
         losses, _, _ = dpo_losses(chosen, rejected, pick(ref_chosen), pick(ref_rejected), cfg.beta,
                                   cfg.loss_type, cfg.label_smoothing, chosen_tokens=pick(chosen_tokens),
                                   rejected_tokens=pick(rejected_tokens), simpo_gamma=cfg.simpo_gamma)
+        if weights is not None:
+            losses = losses * weights[pairs]
         return losses * scale - nll_scale * chosen if nll_scale else losses * scale
 
     return fn

@@ -10,8 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from safetensors import safe_open
+
 from fastdpo import runtime
-from fastdpo.models.checkpoint import load_tokenizer, read_config, restore_interrupted_swap
+from fastdpo.models import lora
+from fastdpo.models.checkpoint import WEIGHTS, load_tokenizer, read_config, restore_interrupted_swap
+from fastdpo.models.errors import CheckpointError
 from fastdpo.models.tokenizer import ChatTokenizer, open_tokenizer
 from fastdpo.training.config import TrainingConfig
 from fastdpo.training.curves import plot_curves
@@ -25,6 +30,7 @@ STATE_FILE = "trainer_state.pt"
 FINAL = "final"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _OLD_DIR = re.compile(r"^\.(.+)\.old-[0-9a-f]+$")
+_TMP_DIR = re.compile(r"^\.(step-\d+|final)\.tmp-[0-9a-f]+$")   # a save killed before its rename
 
 
 def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
@@ -44,6 +50,71 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if (final / STATE_FILE).is_file():
         candidates.append((int(read_config(final).get("step", 0)), final))
     return max(candidates)[1] if candidates else None
+
+
+def checkpoints_newest_first(run_dir: Path) -> list[Path]:
+    """Every checkpoint directory of a run, damaged or not: ``final`` first, then steps downwards."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        for name in {m.group(1) for p in run_dir.glob(".*.old-*") if (m := _OLD_DIR.match(p.name))}:
+            restore_interrupted_swap(run_dir / name)
+    final = [run_dir / FINAL] if (run_dir / FINAL).is_dir() else []
+    return final + [p for _, p in sorted(_step_dirs(run_dir), reverse=True)]
+
+
+def resume_problem(path: Path) -> str | None:
+    """What makes a checkpoint unusable for ``--resume`` (naming the file), or None when its
+    config, weights, trainer state, RNG state and data position (the step) all check out. The
+    trainer state is read as plain tensors and containers only (never unpickled as code)."""
+    path = Path(path)
+    try:
+        config = read_config(path)
+    except CheckpointError as e:
+        return str(e)
+    weights = [path / WEIGHTS] if (path / WEIGHTS).is_file() else (
+        [path / lora.ADAPTER_WEIGHTS] if lora.is_adapter_dir(path) else [])
+    if not weights:
+        return f"{path / WEIGHTS}: missing"
+    try:
+        with safe_open(str(weights[0]), "pt") as f:
+            f.keys()
+    except Exception as e:   # truncated, or not a safetensors file at all
+        return f"{weights[0]}: corrupt or truncated safetensors file ({' '.join(str(e).split())})"
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        return f"{state_file}: missing"
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as e:   # truncated, random bytes, or a pickle asking for more than tensors
+        return f"{state_file}: unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+    if not isinstance(state, dict):
+        return f"{state_file}: expected a dict, got {type(state).__name__}"
+    for key in ("optimizer", "step", "total_steps", "rng"):
+        if key not in state:
+            return f"{state_file}: field '{key}' is missing"
+    optimizer, step, total, rng = state["optimizer"], state["step"], state["total_steps"], state["rng"]
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)):
+        return f"{state_file}: field 'optimizer' is not an optimizer state dict"
+    if not (type(step) is int and type(total) is int and 0 <= step <= total):
+        return f"{state_file}: field 'step' ({step!r}) must be an integer in [0, total_steps={total!r}]"
+    if step != config.get("step"):
+        return (f"{state_file}: field 'step' is {step} but {path / 'config.json'} says "
+                f"{config.get('step')!r} (the two files belong to different saves)")
+    if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8
+            and rng.numel() == torch.get_rng_state().numel()):
+        return f"{state_file}: field 'rng' is not a CPU RNG state"
+    return None
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete what saves killed midway left (``.step-N.tmp-*``, ``.final.tmp-*``): never renamed
+    into place, so nothing refers to them, and each is as large as a checkpoint."""
+    run_dir = Path(run_dir)
+    stale = [p for p in run_dir.iterdir() if _TMP_DIR.match(p.name)] if run_dir.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return stale
 
 
 def resolve_tokenizer(tokenizer, checkpoint: Path | None, train_cfg: TrainingConfig) -> ChatTokenizer:
@@ -74,11 +145,16 @@ def prepare_run_dir(train_cfg: TrainingConfig, resume) -> Path | None:
 
 def _prepare_run_dir(train_cfg: TrainingConfig, resume) -> Path | None:
     run_dir = train_cfg.run_dir
+    say = say_on_main()
+    for p in remove_stale_temporaries(run_dir):
+        say(f"removed {p}, left by a save that was interrupted", flush=True)
     if resume:
-        path = Path(resume) if isinstance(resume, (str, Path)) else latest_checkpoint(run_dir)
-        if path is None:
-            raise ValueError(f"--resume: no resumable checkpoint in {run_dir}")
-        return path
+        if isinstance(resume, (str, Path)):
+            problem = resume_problem(Path(resume))
+            if problem:
+                raise CheckpointError(f"--resume {resume}: cannot resume from it: {problem}")
+            return Path(resume)
+        return _newest_valid(run_dir, say)
     if latest_checkpoint(run_dir) is not None or (run_dir / "final").exists():
         if not train_cfg.overwrite:
             raise ValueError(f"{run_dir} already holds checkpoints of an earlier run; pass --resume to "
@@ -89,12 +165,43 @@ def _prepare_run_dir(train_cfg: TrainingConfig, resume) -> Path | None:
     return None
 
 
+def _newest_valid(run_dir: Path, say) -> Path:
+    """The newest checkpoint that validates, saying which ones were damaged and skipped."""
+    candidates = checkpoints_newest_first(run_dir)
+    if not candidates:
+        raise CheckpointError(f"--resume: no checkpoint in {run_dir} (nothing to resume)")
+    damaged = []
+    for path in candidates:
+        problem = resume_problem(path)
+        if problem is None:
+            if damaged:
+                say(f"resuming from {path}, the newest checkpoint that validates", flush=True)
+            return path
+        damaged.append(problem)
+        say(f"warning: checkpoint {path} is damaged: {problem}", flush=True)
+    raise CheckpointError(f"--resume: no checkpoint in {run_dir} validates (newest: {damaged[0]})")
+
+
+def is_finished(resume_path: Path | None, train_config: TrainingConfig) -> bool:
+    """Resuming from a run's ``final`` checkpoint with the plan it finished (same ``max_steps``,
+    ``epochs`` and ``batch_size``): the run is over, and training again would only add a duplicate
+    evaluation and rewrite ``final`` with the same weights. A changed plan (more steps) continues."""
+    if resume_path is None or Path(resume_path).name != FINAL:
+        return False
+    saved = read_config(resume_path).get("config", {}).get("train", {})
+    return all(saved.get(k) == getattr(train_config, k) for k in ("max_steps", "epochs", "batch_size"))
+
+
 def train_to_completion(build: Callable[[RunLogger | None], Trainer], train_config: TrainingConfig,
                         config: dict, resume_path: Path | None, say,
                         health: HealthMonitor | None = None) -> Path:
     """The run shared by SFT and DPO: open the run's logger (rank 0 only), build the trainer with
     it, attach the health alarms, resume if asked, train, write the final checkpoint, and always
-    close the logger."""
+    close the logger. A finished run (``is_finished``) is said so and nothing is written."""
+    if is_finished(resume_path, train_config):
+        say(f"{train_config.run_dir} is finished: {resume_path} (step {_checkpoint_step(resume_path)}); "
+            f"nothing to resume. To train further, start a new run from that checkpoint.", flush=True)
+        return Path(resume_path)
     logger = RunLogger(train_config.run_dir, mode=train_config.wandb, project=train_config.wandb_project,
                        name=train_config.run_name, config=config,
                        resume_step=_checkpoint_step(resume_path),

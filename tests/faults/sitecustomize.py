@@ -32,3 +32,31 @@ if _SPEC.startswith("kill-mining:"):
         os.kill(os.getpid(), signal.SIGKILL)
 
     ProgressLog.commit = _commit
+
+# ``FASTDPO_FAULT=kill-call:MODULE:ATTR:N:WHEN`` SIGKILLs the process at the N-th call (1-based,
+# counted over the process) of ``MODULE.ATTR`` (``ATTR`` may be ``Class.method``), ``before`` it
+# runs or ``after`` it returned: a kill at a chosen point of a long run (the online loop's tests).
+if _SPEC.startswith("kill-call:"):
+    import functools
+    import importlib
+
+    _, _module, _attr, _n, _when = _SPEC.split(":")
+    _owner = importlib.import_module(_module)
+    *_path, _name = _attr.split(".")
+    for _part in _path:
+        _owner = getattr(_owner, _part)
+    _real = getattr(_owner, _name)
+    _calls = [0]
+
+    @functools.wraps(_real)
+    def _wrapped(*args, **kwargs):
+        _calls[0] += 1
+        hit = _calls[0] == int(_n)
+        if hit and _when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        out = _real(*args, **kwargs)
+        if hit:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    setattr(_owner, _name, _wrapped)

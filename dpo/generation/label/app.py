@@ -99,13 +99,15 @@ def label(out: str | Path, *, candidates: str | Path | None = None, prompts: str
           seed: int = 0, tokenizer: str | Path | None = None, max_new_tokens: int = 128,
           temperature: float = 0.7, top_k: int | None = 50, device: str = "auto",
           dtype: torch.dtype | None = None, host: str = "127.0.0.1", port: int = 7860,
-          api_key: str | None = None, allow_unauthenticated: bool = False, lease_s: float = 600.0) -> int:
+          api_key: str | None = None, allow_unauthenticated: bool = False, lease_s: float = 600.0,
+          generation=None, generation_b=None) -> int:
     """Serve the labeling page until SIGINT/SIGTERM; every choice is appended to ``out`` at once.
 
     Items come from ``candidates`` (a preference or K-samples file) or from ``prompts`` (a prompts
     file or a ``serve --log-interactions`` file) answered by ``model_a`` and ``model_b`` (or twice
-    by ``model_a``). With a model, the page also takes free-form prompts. Rerunning the same
-    command resumes where ``out`` ends."""
+    by ``model_a``). With a model, the page also takes free-form prompts. ``generation`` (and
+    ``generation_b`` for B), a ``generation.backends.GenerationConfig``, says what samples them
+    (default: the built-in sampler). Rerunning the same command resumes where ``out`` ends."""
     from fastdpo.runtime import resolve_device
     check_exposure("label", host, api_key, allow_unauthenticated)
     if (candidates is None) == (prompts is None):
@@ -118,7 +120,7 @@ def label(out: str | Path, *, candidates: str | Path | None = None, prompts: str
     if model_a is not None:
         answerer = Answerer(model_a, model_b, device=resolve_device(device), tokenizer=tokenizer,
                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                            dtype=dtype)
+                            dtype=dtype, generation=generation, generation_b=generation_b)
         if model_b is None and temperature == 0:
             raise ValueError("with one checkpoint both answers come from it: use --temperature above 0")
     if candidates is not None:
