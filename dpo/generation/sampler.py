@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from fastdpo.generation.decode_batch import DecodeBatch, use_cascade
-from fastdpo.models.kv_cache import KVCache
 
 # Called as on_step(step, rows, logits) before each token is drawn: ``rows`` are the original row
 # indices still generating, ``logits`` their float32 next-token logits. For tests and diagnostics.
@@ -154,16 +153,6 @@ ROW_BUCKET = 8
 def host_reads_are_free(device: torch.device) -> bool:
     """Whether the sampler may read device values every step (the CPU: it costs nothing there)."""
     return device.type == "cpu"
-
-
-def decode_step(model: torch.nn.Module, caches: list[KVCache], tok: torch.Tensor,
-                cur: torch.Tensor) -> torch.Tensor:
-    """One decode step on plain per-row ``KVCache`` buffers (the layout before the shared-prefix
-    cache; ``fastdpo.bench.sampler``'s step profile uses it): append ``tok[b]`` at ``cur[b]``,
-    return next-token logits (float32). Reads ``cur.max()`` on the host."""
-    L = int(cur.max()) + 1
-    mask = (torch.arange(L, device=cur.device) <= cur[:, None])[:, None, None, :]
-    return model(tok[:, None], pos=cur[:, None], kv_caches=caches, attn_mask=mask)[:, -1].float()
 
 
 def _rows_to_keep(live: list[bool], bucket: int) -> list[int]:
