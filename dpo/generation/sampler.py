@@ -1,10 +1,12 @@
 """Batched sampling of ragged prompts: the KV-cached fast path and the slow re-forward oracle.
 
 ``sample`` prefills every *distinct* prompt once (identical prompts anywhere in the batch share one
-prefill), fans each prefilled cache out to the rows that use it, then decodes one token per row per
-step. Each row has its own write cursor (prompts are right-padded, a row's key/value at position p
-lives in cache slot p), its own temperature and its own token budget; rows stop independently at
-``eos_id`` and finished rows are dropped from the batch so late steps cost less.
+prefill), then decodes one token per row per step (``fastdpo.generation.decode_batch``). The rows
+of one prompt read that prompt's keys/values once per step (shared-prefix, "cascade" attention)
+instead of each reading its own copy. Each row has its own position, its own temperature and its
+own token budget; rows stop independently at ``eos_id`` and finished rows are dropped from the
+batch so late steps cost less. Off the CPU the loop reads nothing on the host per token (see
+``CHECK_EVERY``).
 
 ``sample_reforward`` has the same signature and re-runs the full forward over the whole padded
 batch every step. It is the oracle ``sample`` is tested against.
@@ -24,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastdpo.models.kv_cache import KVCache
+from fastdpo.generation.decode_batch import DecodeBatch, use_cascade
 
 # Called as on_step(step, rows, logits) before each token is drawn: ``rows`` are the original row
 # indices still generating, ``logits`` their float32 next-token logits. For tests and diagnostics.
@@ -141,48 +143,32 @@ def choose_tokens(logits: torch.Tensor, temps: torch.Tensor, u: torch.Tensor, to
 
 
 # -- the fast path --------------------------------------------------------------------------------
-def _pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    lens = torch.tensor([len(p) for p in prompts], device=device)
-    ids = torch.zeros(len(prompts), int(lens.max()), dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):  # setup only, once per call
-        ids[i, : len(p)] = torch.tensor(p, device=device)
-    return ids, lens
+# Off the CPU, reading a device value on the host waits for the device. There the loop reads the
+# rows' live flags once every CHECK_EVERY steps (to stop, or to drop finished rows), never per token,
+# and keeps the batch a multiple of ROW_BUCKET rows (fewer shapes for CUDA graphs / torch.compile).
+CHECK_EVERY = 16
+ROW_BUCKET = 8
 
 
-def _prefill(model: torch.nn.Module, prompts: list[list[int]], max_len: int):
-    """Distinct prompts through the model once. Returns per-layer caches fanned out to one row per
-    prompt, the rows' cursors (= prompt lengths) and their next-token logits (float32)."""
-    device = next(model.parameters()).device
-    distinct: dict[tuple[int, ...], int] = {}
-    group = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
-    ids, lens = _pad([list(p) for p in distinct], device)
-    caches = [KVCache(len(distinct), max_len) for _ in range(model.config.n_layer)]
-    # Right padding + causal attention: a real token never sees the pads after it. The pads'
-    # keys/values land in slots past each row's cursor, which decode overwrites before reading.
-    h = model.hidden_states(ids, kv_caches=caches)
-    h_last = h[torch.arange(len(distinct), device=device), lens - 1]
-    logits = F.linear(h_last, model.lm_head_weight).float()
-    for c in caches:
-        c.select(group)
-    return caches, lens[group], logits[group]
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether the sampler may read device values every step (the CPU: it costs nothing there)."""
+    return device.type == "cpu"
 
 
-def decode_step(model: torch.nn.Module, caches: list[KVCache], tok: torch.Tensor,
-                cur: torch.Tensor) -> torch.Tensor:
-    """Append token ``tok[b]`` at position ``cur[b]`` of each row; return next-token logits (float32).
-
-    Each row attends to its own slots 0..cur[b]; the cache is read only as far as the longest row
-    reaches, so a step costs O(current length), not O(max_len)."""
-    L = int(cur.max()) + 1
-    mask = (torch.arange(L, device=cur.device) <= cur[:, None])[:, None, None, :]
-    return model(tok[:, None], pos=cur[:, None], kv_caches=caches, attn_mask=mask)[:, -1].float()
+def _rows_to_keep(live: list[bool], bucket: int) -> list[int]:
+    """The live rows, topped up with finished ones to a multiple of ``bucket`` (at most all rows)."""
+    keep = [i for i, a in enumerate(live) if a]
+    size = min(len(live), -(-len(keep) // bucket) * bucket)
+    keep += [i for i, a in enumerate(live) if not a][: size - len(keep)]
+    return sorted(keep)
 
 
 @_no_grad
 def sample(model: torch.nn.Module, prompts: Sequence[Sequence[int]], temperatures, max_new_tokens,
            top_k: int | None = 50, eos_id: int | None = None, seed=0, *, top_p: float = 1.0,
            dtype: torch.dtype | None = None, truncate: str | None = None, progress: bool = False,
-           on_step: StepHook | None = None, on_token: TokenHook | None = None, return_finish: bool = False):
+           on_step: StepHook | None = None, on_token: TokenHook | None = None, return_finish: bool = False,
+           cascade: bool | None = None):
     """Sample a continuation for every row; returns the new token ids per row (eos excluded), and
     with ``return_finish`` also each row's finish reason: ``"stop"`` (it emitted ``eos_id``) or
     ``"length"`` (it used its whole budget without one: a truncated answer).
@@ -195,7 +181,11 @@ def sample(model: torch.nn.Module, prompts: Sequence[Sequence[int]], temperature
     dtype: autocast dtype for the forward (e.g. torch.bfloat16); logits are sampled in float32.
     truncate: None raises if a prompt plus its budget exceeds block_size; 'left' keeps the last
         ``block_size - max_new_tokens`` prompt tokens (drops the oldest).
-    on_step / on_token: hooks before and after each step's tokens are drawn (see their types).
+    on_step / on_token: hooks before and after each step's tokens are drawn (see their types);
+        they read the rows on the host every step.
+    cascade: the rows of one prompt read its keys/values once per step (shared-prefix attention)
+        instead of each reading a copy; None = when some prompt has several rows and prompts are
+        not very short (``fastdpo.generation.decode_batch.use_cascade``). Same tokens either way.
     """
     prompts, temps_l, budgets_l = _prepare(model, prompts, temperatures, max_new_tokens, top_k, top_p,
                                            truncate)
@@ -209,10 +199,11 @@ def sample(model: torch.nn.Module, prompts: Sequence[Sequence[int]], temperature
     tokens = torch.zeros(n, steps, dtype=torch.long, device=device)  # generated ids, by original row
     n_new = torch.zeros(n, dtype=torch.long, device=device)  # how many of them a row keeps
     stopped = torch.zeros(n, dtype=torch.bool, device=device)  # ended at eos or by on_token
-    max_len = max(len(p) + b for p, b in zip(prompts, budgets_l))
+    every, bucket = (1, 1) if host_reads_are_free(device) else (CHECK_EVERY, ROW_BUCKET)
 
     with _precision(model, dtype):
-        caches, cur, logits = _prefill(model, prompts, max_len)
+        batch = DecodeBatch(model, prompts, use_cascade(prompts, cascade))
+        logits = batch.logits
         rows = torch.arange(n, device=device)  # original index of each batch row
         live = budgets > 0  # finished rows linger in the batch until the next compaction
         bar = _progress_bar(steps, progress)
@@ -220,27 +211,32 @@ def sample(model: torch.nn.Module, prompts: Sequence[Sequence[int]], temperature
             if on_step is not None:
                 on_step(step, rows[live], logits[live])
             tok = choose_tokens(logits, temps[rows], uniforms[rows, step], top_k, top_p)
-            tokens[rows[live], step] = tok[live]
-            stop = live & ((tok == eos_id) if eos_id is not None else torch.zeros_like(live))
-            n_new[rows[live & ~stop]] += 1
-            halt = _halted(on_token, step, rows, live & ~stop, tok, logits)
+            tokens[rows, step] = tok  # past a row's count for finished rows: ignored
+            stop = live & (tok == eos_id) if eos_id is not None else torch.zeros_like(live)
+            kept = live & ~stop
+            n_new[rows] += kept
+            halt = _halted(on_token, step, rows, kept, tok, logits)
             if halt is not None:
                 stop = stop | halt
-            stopped[rows[stop]] = True
-            live &= ~stop & (n_new[rows] < budgets[rows])
-            n_live = int(live.sum())
+            stopped[rows] |= stop
+            live = kept & ~stop & (n_new[rows] < budgets[rows])
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(rows=n_live)
-            if n_live == 0:
+            if step + 1 == steps:
                 break
-            if (len(rows) - n_live) * 4 >= len(rows):  # compact once a quarter of the rows are done
-                keep = live.nonzero().squeeze(-1)
-                for c in caches:
-                    c.select(keep)
-                rows, cur, tok, live = rows[keep], cur[keep], tok[keep], live[keep]
-            logits = decode_step(model, caches, tok, cur)
-            cur = torch.where(live, cur + 1, cur)  # finished rows rewrite their last slot harmlessly
+            if (step + 1) % every == 0:  # the only host read of the loop
+                flags = live.tolist()
+                n_live = sum(flags)
+                if bar is not None:
+                    bar.set_postfix(rows=n_live)
+                if n_live == 0:
+                    break
+                if (len(flags) - n_live) * 4 >= len(flags):  # drop rows once a quarter are done
+                    keep = _rows_to_keep(flags, bucket)
+                    if len(keep) < len(flags):
+                        idx = batch.keep(keep)
+                        rows, tok, live = rows[idx], tok[idx], live[idx]
+            logits = batch.step(tok, live)
         if bar is not None:
             bar.close()
     counts = n_new.tolist()
@@ -274,6 +270,14 @@ def _progress_bar(total: int, progress: bool):
 
 
 # -- the oracle -----------------------------------------------------------------------------------
+def _pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    ids = torch.zeros(len(prompts), max(len(p) for p in prompts), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p, device=device)
+    return ids, lens
+
+
 @_no_grad
 def sample_reforward(model: torch.nn.Module, prompts: Sequence[Sequence[int]], temperatures, max_new_tokens,
                      top_k: int | None = 50, eos_id: int | None = None, seed=0, *, top_p: float = 1.0,

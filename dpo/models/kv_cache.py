@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastdpo.models.decode_cache import DecodeCache
 from fastdpo.models.segments import Segments, attend_segments
 
 
@@ -41,7 +42,7 @@ class KVCache:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-           kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
+           kv_cache: KVCache | DecodeCache | None = None, attn_mask: torch.Tensor | None = None,
            dropout_p: float = 0.0) -> torch.Tensor:
     """Scaled dot-product attention of ``q`` (B, H, T, D) over ``k``, ``v`` (B, H_kv, T, D).
 
@@ -50,7 +51,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
     (B, 1, T, L) bool, if given, selects which of the first L cached slots each query sees (a
     decode step); without it the call is a prefill from position 0. Without a cache,
     ``attn_mask`` (B, 1, T, T) replaces the causal mask (the packed shared-prompt layout), or
-    ``Segments`` says which sequences a padding-free flat row holds (``fastdpo.models.segments``)."""
+    ``Segments`` says which sequences a padding-free flat row holds (``fastdpo.models.segments``).
+    A ``DecodeCache`` (the sampler's decode steps) does its own attention, positions included."""
+    if isinstance(kv_cache, DecodeCache):
+        return kv_cache.attend(q, k, v)
     if isinstance(attn_mask, Segments):
         return attend_segments(q, k, v, attn_mask, dropout_p)
     B, _, T, _ = q.shape

@@ -1,0 +1,145 @@
+"""The KV cache of one-token-per-row decoding, with a shared prompt stored once (cascade attention).
+
+When K rows sample from one prompt, their prompt's keys and values are identical. A
+``DecodeCache`` can keep them once per *group* of rows (the prefix part, ``(G, kv_heads, P, D)``)
+next to each row's own keys (the row part, ``(B, kv_heads, capacity, D)``). A decode step then
+attends in two parts and merges them with their log-sum-exp, as FlashInfer's cascade attention and
+Hydragen do:
+
+    prefix part: the queries of a group's rows stacked into one matrix, one read of the prompt's
+                 keys/values for the whole group (a small matmul instead of K matrix-vector products);
+    row part:    each row over its own generated tokens;
+    merge:       out = sum_i out_i * exp(lse_i - logaddexp(lse_1, lse_2)), in float32.
+
+Without a prefix part (``prefix_k is None``) the row part starts with the row's prompt: plain
+per-row decoding, one attention and no merge (torch's fused SDPA where it is the faster kernel).
+
+Static shapes: the row part is a contiguous buffer whose capacity grows in whole chunks (between
+steps, decided from a host-side step count), and attention runs over the whole buffer with a mask.
+So every tensor of a step has a shape fixed for a (rows, groups, capacity) bucket, and nothing in a
+step reads a device value on the host: the step can be captured by CUDA graphs or
+``torch.compile``. (A slice ``[:, :, :L]`` of a larger buffer would also cost a copy per layer and
+step: bf16 matmuls on such strided views were ~8x slower than on contiguous ones on a CPU.)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK = 32   # row-part capacity grows by this many slots; ~CHUNK/2 masked slots per row on average
+
+
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      invalid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of ``q`` (N, Hkv, M, D) over ``k``, ``v`` (N, Hkv, L, D), ``invalid``
+    (bool, broadcastable to (N, Hkv, M, L)) marking keys not to see. Returns the output (N, Hkv,
+    M, D) and the log-sum-exp of the scores (N, Hkv, M, 1), both float32. Every query must see at
+    least one key. Matmuls run in the cache's dtype (float32 accumulation inside), the softmax in
+    float32."""
+    scores = (q @ k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5)
+    scores.masked_fill_(invalid, float("-inf"))
+    top = scores.amax(-1, keepdim=True)
+    p = scores.sub_(top).exp_()
+    total = p.sum(-1, keepdim=True)
+    out = (p.to(v.dtype) @ v).float().div_(total)
+    return out, total.log_().add_(top)
+
+
+def merge_attention(out1: torch.Tensor, lse1: torch.Tensor, out2: torch.Tensor,
+                    lse2: torch.Tensor) -> torch.Tensor:
+    """The attention over the union of two disjoint key sets, from each part's output and
+    log-sum-exp (float32)."""
+    lse = torch.logaddexp(lse1, lse2)
+    return out1 * (lse1 - lse).exp() + out2 * (lse2 - lse).exp()
+
+
+def _fused_is_faster(k: torch.Tensor) -> bool:
+    """Whether one attention part alone (no merge, so no log-sum-exp needed) should run torch's
+    fused SDPA rather than ``partial_attention``'s two matmuls: everywhere but bf16/fp16 on a CPU,
+    where torch's CPU kernel measured ~3x slower than the matmuls (float32: ~15% faster)."""
+    return k.device.type != "cpu" or k.dtype == torch.float32
+
+
+class DecodeState:
+    """What every layer's ``DecodeCache`` shares in a step (set by the decoder between steps).
+
+    own_pos (B,): the slot of the row part where this step's key goes (the row sees slots
+    0..own_pos); own_invalid (B, 1, 1, capacity): the slots past it. With a prefix part:
+    group_slot (B,) places row b at ``group * width + slot`` of the (groups * width) query grid,
+    prefix_invalid (G, 1, 1, P) marks pads past each group's prompt."""
+
+    def __init__(self, own_pos: torch.Tensor, group_slot: torch.Tensor | None = None, groups: int = 0,
+                 width: int = 1, prefix_invalid: torch.Tensor | None = None):
+        self.own_pos, self.group_slot = own_pos, group_slot
+        self.groups, self.width, self.prefix_invalid = groups, width, prefix_invalid
+        self.own_invalid: torch.Tensor | None = None
+
+    def mask_slots(self, capacity: int) -> None:
+        """The row part's mask for this step (once per step, shared by all layers)."""
+        slots = torch.arange(capacity, device=self.own_pos.device)
+        self.own_invalid = (slots > self.own_pos[:, None])[:, None, None, :]
+
+
+class DecodeCache:
+    """One layer's keys and values for decoding: the row part (B, Hkv, capacity, D) and, when rows
+    share prompts, the prefix part (G, Hkv, P, D). ``fastdpo.models.kv_cache.attend`` hands the
+    attention of a layer holding one to ``attend`` below."""
+
+    def __init__(self, state: DecodeState, own_k: torch.Tensor, own_v: torch.Tensor,
+                 prefix_k: torch.Tensor | None = None, prefix_v: torch.Tensor | None = None):
+        self.state, self.k, self.v = state, own_k, own_v
+        self.prefix_k, self.prefix_v = prefix_k, prefix_v
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def grow(self, capacity: int) -> None:
+        """Reallocate the row part with room for ``capacity`` slots (the old slots are kept)."""
+        if capacity <= self.capacity:
+            return
+        B, H, old, D = self.k.shape
+        k, v = self.k.new_zeros(B, H, capacity, D), self.v.new_zeros(B, H, capacity, D)
+        k[:, :, :old], v[:, :, :old] = self.k, self.v
+        self.k, self.v = k, v
+
+    def select(self, rows: torch.Tensor, groups: torch.Tensor | None = None) -> None:
+        """Keep the given rows (and prefix groups): drops finished rows between steps."""
+        self.k, self.v = self.k[rows], self.v[rows]
+        if groups is not None and self.prefix_k is not None:
+            self.prefix_k, self.prefix_v = self.prefix_k[groups], self.prefix_v[groups]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write this step's ``k``, ``v`` (B, Hkv, 1, D) at each row's slot; return the attention
+        of ``q`` (B, H, 1, D) over the row's prompt and tokens so far, (B, H, 1, D)."""
+        B, H, T, D = q.shape
+        if T != 1:
+            raise ValueError(f"a DecodeCache decodes one token per row, got {T}")
+        st, hk = self.state, k.shape[1]
+        rows = torch.arange(B, device=q.device)
+        self.k[rows, :, st.own_pos] = k[:, :, 0]
+        self.v[rows, :, st.own_pos] = v[:, :, 0]
+        q = q.reshape(B, hk, H // hk, D)          # query heads h*rep .. h*rep+rep-1 read kv head h
+        if self.prefix_k is None and _fused_is_faster(self.k):
+            out = F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=~st.own_invalid)
+        else:
+            out, lse = partial_attention(q, self.k, self.v, st.own_invalid)
+            if self.prefix_k is not None:
+                out = merge_attention(out, lse, *self._prefix_attention(q))
+        return out.reshape(B, H, 1, D).to(q.dtype)
+
+    def _prefix_attention(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each group's rows' queries as one (width * rep)-row matrix against the group's prompt,
+        read once; unused grid places hold zero queries whose results are never gathered."""
+        st = self.state
+        B, hk, rep, D = q.shape
+        G, W = st.groups, st.width
+        grid = q.new_zeros(G * W, hk, rep, D)
+        grid[st.group_slot] = q
+        grid = grid.view(G, W, hk, rep, D).transpose(1, 2).reshape(G, hk, W * rep, D)
+        out, lse = partial_attention(grid, self.prefix_k, self.prefix_v, st.prefix_invalid)
+
+        def per_row(t: torch.Tensor) -> torch.Tensor:
+            return t.view(G, hk, W, rep, -1).transpose(1, 2).reshape(G * W, hk, rep, -1)[st.group_slot]
+
+        return per_row(out), per_row(lse)

@@ -1,0 +1,233 @@
+"""Shared-prefix (cascade) decoding and the sampler's CUDA path, on CPU with tiny float32 models.
+
+- The cascade parts (prefix once per group + each row's own tokens, merged by log-sum-exp) equal
+  one softmax attention over the union (against SDPA).
+- ``sample`` with K rows per prompt: every step's logits and every token equal the re-forward
+  oracle's, with cascade on and off, for GPT and for Llama with grouped-query attention, while rows
+  finish at different steps (rows and whole prompt groups dropped from the batch).
+- The prompt really is read once per group (the attention calls' shapes).
+- The CUDA code path of the loop reads the host once per CHECK_EVERY steps, not per token
+  (``host_syncs.HostSyncs``), and draws the same tokens as the CPU path.
+- The decode step's device part traces into one graph (``torch.compile(fullgraph=True)``): no host
+  reads and no data-dependent Python branches, as CUDA graphs need.
+"""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from host_syncs import HostSyncs
+
+from fastdpo.generation import sampler
+from fastdpo.generation.decode_batch import DecodeBatch, use_cascade
+from fastdpo.generation.sampler import sample, sample_reforward
+from fastdpo.models import decode_cache, kv_cache
+from fastdpo.models.decode_cache import merge_attention, partial_attention
+from fastdpo.models.gpt import GPT, GPTConfig
+from fastdpo.models.llama import Llama, LlamaConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+V = 97
+
+
+def tiny(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if family == "gpt":
+        m = GPT(GPTConfig(vocab_size=V, block_size=96, n_layer=2, n_head=2, n_embd=32))
+    else:   # grouped-query attention: 2 query heads per key/value head
+        m = Llama(LlamaConfig(vocab_size=V, block_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                              intermediate_size=48))
+    with torch.no_grad():   # wider than the init, so attention visibly shapes the logits
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.15)
+    return m.eval()
+
+
+def grouped_prompts(seed=0):
+    """Four distinct ragged prompts, K = 4, 3, 1 and 2 rows each, interleaved (not adjacent)."""
+    g = torch.Generator().manual_seed(seed)
+    distinct = [torch.randint(0, V, (n,), generator=g).tolist() for n in (9, 23, 14, 30)]
+    order = [0, 1, 0, 3, 1, 0, 2, 3, 1, 0]
+    return [distinct[i] for i in order], order
+
+
+def record(store):
+    def hook(step, rows, logits):
+        store[step] = (rows.clone(), logits.clone())
+    return hook
+
+
+def test_cascade_parts_merge_to_one_attention():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 8, generator=g) for _ in range(3))
+    k, v = torch.randn(3, 2, 11, 8, generator=g), torch.randn(3, 2, 11, 8, generator=g)
+    hidden = torch.rand(3, 1, 5, 11, generator=g) < 0.3
+    hidden[..., 0] = False                               # every query sees a key in each part
+    hidden[..., 6] = False
+    split = 6                                            # keys 0..5 | 6..10, as prefix | row part
+    o1, lse1 = partial_attention(q, k[:, :, :split], v[:, :, :split], hidden[..., :split])
+    o2, lse2 = partial_attention(q, k[:, :, split:], v[:, :, split:], hidden[..., split:])
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=~hidden)
+    torch.testing.assert_close(merge_attention(o1, lse1, o2, lse2), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(lse1, torch.logsumexp((q @ k[:, :, :split].transpose(-1, -2) / 8 ** 0.5)
+                                                     .masked_fill(hidden[..., :split], -torch.inf), -1,
+                                                     keepdim=True), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+@pytest.mark.parametrize("cascade", [True, False])
+def test_every_step_equals_the_oracle_while_rows_and_groups_finish(family, cascade):
+    m = tiny(family)
+    prompts, group = grouped_prompts()
+    temps = [0.0, 0.8, 1.2, 1.0, 0.0, 1.5, 0.9, 0.7, 1.1, 1.3]
+    # prompt 2's only row stops after 2 tokens and prompt 0's rows after 3 (whole groups leave the
+    # batch); eos ends others at random steps
+    budgets = [3 if g == 0 else 2 if g == 2 else 40 for g in group]
+    eos, sizes = 5, []
+    fast, slow = {}, {}
+    seen = _count_rows(m, sizes)
+    try:
+        a = sample(m, prompts, temps, budgets, 20, eos, seed=3, on_step=record(fast), cascade=cascade)
+    finally:
+        seen.remove()
+    b = sample_reforward(m, prompts, temps, budgets, 20, eos, seed=3, on_step=record(slow))
+    assert a == b
+    assert fast.keys() == slow.keys() and len(fast) > 10
+    for step in fast:
+        assert torch.equal(fast[step][0], slow[step][0]), step
+        torch.testing.assert_close(fast[step][1], slow[step][1], rtol=0, atol=3e-5)
+    assert sum(map(len, a)) > 60 and min(map(len, a)) < 3    # long rows and early-finished ones
+    assert sizes[0] == 4 and sizes[1] == 10 and min(sizes) < 8  # one prefill of 4, then fewer rows
+
+
+def _count_rows(model, sizes):
+    emb = model.transformer.wte if isinstance(model, GPT) else model.model.embed_tokens
+    return emb.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_a_prompt_is_read_once_per_group(family, monkeypatch):
+    """With cascade each layer attends once over the (groups, P) prompt keys and once over the rows'
+    own (rows, capacity) keys; without it only over rows that hold their prompt."""
+    m = tiny(family, seed=1)
+    prompts, _ = grouped_prompts(seed=1)
+    shapes = []
+
+    def spy(real):
+        def attention(q, k, v, *args, **kwargs):
+            shapes.append((q.shape[0], q.shape[2], k.shape[2]))
+            return real(q, k, v, *args, **kwargs)
+        return attention
+
+    monkeypatch.setattr(decode_cache, "partial_attention", spy(partial_attention))   # both kernels the
+    monkeypatch.setattr(decode_cache, "F", SimpleNamespace(                          # decode cache calls
+        scaled_dot_product_attention=spy(F.scaled_dot_product_attention)))
+    outs = []
+    for cascade in (True, False):
+        shapes.clear()
+        outs.append(sample(m, prompts, 1.0, 4, None, None, seed=1, cascade=cascade))
+        layers = m.config.n_layer
+        if cascade:   # per step and layer: the prompt part, G=4 groups x (width 4 x rep) queries ...
+            rep = m.config.n_head // getattr(m.config, "n_kv_head", m.config.n_head)
+            prefix = [s for s in shapes[:2 * layers * 3] if s[0] == 4]
+            assert prefix == [(4, 4 * rep, 30)] * (3 * layers)
+            assert (10, rep, 32) in shapes           # ... and the rows' own part (one chunk)
+        else:   # every row over its copy of the prompt (30) + its tokens, one or two chunks
+            assert {s[0] for s in shapes} == {10} and {s[2] for s in shapes} == {32, 64}
+    assert outs[0] == outs[1]
+
+
+def test_auto_mode_shares_repeated_prompts_that_are_not_tiny():
+    long, short = list(range(20)), [1, 2]
+    assert use_cascade([long, long], None) and not use_cascade([long, long[:-1]], None)
+    assert not use_cascade([short, short], None)
+    assert use_cascade([short, short], True) and not use_cascade([long, long], False)
+
+
+# --------------------------------------------------------------------------- the CUDA code path
+
+
+@pytest.fixture
+def cuda_path(monkeypatch):
+    """The loop and the models behave as on CUDA: live flags read every CHECK_EVERY steps, the batch
+    kept a multiple of ROW_BUCKET rows, positions checked on the device."""
+    monkeypatch.setattr(sampler, "host_reads_are_free", lambda device: False)
+    monkeypatch.setattr(kv_cache, "position_check_on_host", lambda device: False)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_the_cuda_loop_reads_the_host_every_check_not_every_token(family, cuda_path, monkeypatch):
+    m = tiny(family, seed=2)
+    prompts, _ = grouped_prompts(seed=2)
+    every = sampler.CHECK_EVERY
+
+    def syncs(steps, eos=None):
+        with monkeypatch.context() as patch, HostSyncs(patch) as spy:
+            out = sample(m, prompts, 1.0, steps, 20, eos, seed=2)
+        return out, spy.calls
+
+    _, short = syncs(every)
+    _, long = syncs(4 * every)
+    assert len(long) - len(short) == 3, long    # one read per CHECK_EVERY steps: 3 more checks
+    assert len(short) <= 4, short               # setup (the rows' seeds, on the CPU) + results
+    # rows ending at eos: dropped at the checks (to a multiple of ROW_BUCKET), same tokens as the
+    # CPU path, which checks every step
+    out, calls = syncs(4 * every, eos=7)
+    assert len(calls) <= len(long)
+    monkeypatch.undo()
+    cpu = sample(m, prompts, 1.0, 4 * every, 20, 7, seed=2)
+    assert out == cpu and min(map(len, cpu)) < every and max(map(len, cpu)) > 2 * every
+
+
+def test_rows_to_keep_fill_up_a_bucket_with_finished_rows():
+    live = [True, False, False, True, False, True, False, False, False, False]
+    assert sampler._rows_to_keep(live, 1) == [0, 3, 5]
+    assert sampler._rows_to_keep(live, 4) == [0, 1, 3, 5]
+    assert sampler._rows_to_keep(live, 8) == list(range(8))
+    assert sampler._rows_to_keep(live[:4], 8) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+@pytest.mark.parametrize("cascade", [True, False])
+def test_the_decode_step_traces_into_one_graph(family, cascade, cuda_path):
+    """``torch.compile(fullgraph=True)`` fails on any graph break: a host read (``.item()``,
+    ``nonzero``...) or Python control flow on a tensor's value inside the step."""
+    m = tiny(family, seed=4)
+    prompts, _ = grouped_prompts(seed=4)
+    with torch.no_grad():
+        eager, traced = DecodeBatch(m, prompts, cascade), DecodeBatch(m, prompts, cascade)
+        traced.forward = torch.compile(traced.forward, fullgraph=True, backend="eager", dynamic=False)
+        tok = eager.logits.argmax(-1)
+        live = torch.ones(len(prompts), dtype=torch.bool)
+        for _ in range(4):   # the flat row part grows at the third step: a new shape bucket
+            want = eager.step(tok, live)
+            torch.testing.assert_close(traced.step(tok, live), want, rtol=0, atol=1e-5)
+            tok = want.argmax(-1)
+        assert traced.caches[0].capacity == eager.caches[0].capacity
+
+
+def test_a_decode_cache_takes_one_token_per_row():
+    m = tiny("gpt")
+    batch = DecodeBatch(m, [[1, 2, 3]], cascade=False)
+    batch.state.mask_slots(batch.caches[0].capacity)
+    with pytest.raises(ValueError, match="one token per row"):
+        m(torch.tensor([[4, 5]]), pos=torch.tensor([[3, 4]]), kv_caches=batch.caches)
+
+
+
+def test_the_shared_prefix_bench_times_every_side_on_the_same_work():
+    from fastdpo.bench.shared_prefix import REPO, run_shared_prefix_bench
+
+    in_git = (REPO / ".git").exists()
+    threads = torch.get_num_threads()
+    try:
+        rows = run_shared_prefix_bench("tiny", n_prompts=2, k=3, prompt_len=20, max_new=5, dtype="float32",
+                                       hf=False, baseline_rev="HEAD" if in_git else None, verbose=False)
+    finally:
+        torch.set_num_threads(threads)
+    by_impl = {r["impl"]: r for r in rows}
+    assert set(by_impl) == {"cascade", "flat"} | ({"sampler@HEAD"} if in_git else set())
+    assert all(r["rows"] == 6 and r["new_tokens"] == 30 and r["seconds"] > 0 for r in rows)
+    assert by_impl["cascade"]["cascade_speedup"] == 1.0
+    assert all(r["same_tokens_as_cascade"] is True for r in rows)   # float32: the very same tokens
