@@ -120,3 +120,21 @@ def test_resume_of_a_finished_run_writes_nothing(base, capsys):
     assert f"is finished: {d / 'final'} (step 2)" in capsys.readouterr().out
     after = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_a_continued_runs_step_past_final_is_the_newest_checkpoint(base):
+    """A finished run (final at step 2) continued with a longer plan writes step-3 next to the old
+    final; killed there, --resume must pick step-3, not final (which would redo and overwrite it)."""
+    import shutil
+
+    from fastdpo.training.runs import checkpoints_newest_first, latest_checkpoint
+    assert train(base, "long", steps=3) == 0
+    assert train(base, "short", steps=2) == 0
+    short = base / "runs" / "short"
+    shutil.copytree(base / "runs" / "long" / "step-000003", short / "step-000003")
+    assert checkpoints_newest_first(short)[:2] == [short / "step-000003", short / "final"]
+    assert latest_checkpoint(short) == short / "step-000003"
+    (short / "step-000003" / "config.json").write_text("{")   # damaged: final is next
+    assert checkpoints_newest_first(short)[:2] == [short / "step-000003", short / "final"]
+    (short / "final" / "config.json").write_text("{")         # a final whose step is unknown comes first
+    assert checkpoints_newest_first(short)[0] == short / "final"

@@ -40,26 +40,28 @@ def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest resumable checkpoint of a run: ``final`` if present, else the highest step."""
+    """The newest resumable checkpoint of a run (by its saved step; see ``checkpoints_newest_first``)."""
+    return next((p for p in checkpoints_newest_first(run_dir) if (p / STATE_FILE).is_file()), None)
+
+
+def checkpoints_newest_first(run_dir: Path) -> list[Path]:
+    """Every checkpoint directory of a run, damaged or not, newest first by the step it was saved at.
+    ``final`` goes by the step in its config.json (a finished run continued with a longer plan has
+    step directories past it), ahead of a step directory of the same step; a ``final`` whose step
+    cannot be read comes first, so that it is checked and reported rather than skipped."""
     run_dir = Path(run_dir)
     if run_dir.is_dir():   # a save that died between its two renames: put the previous one back
         for name in {m.group(1) for p in run_dir.glob(".*.old-*") if (m := _OLD_DIR.match(p.name))}:
             restore_interrupted_swap(run_dir / name)
-    candidates = [(s, p) for s, p in _step_dirs(run_dir) if (p / STATE_FILE).is_file()]
+    entries = [(float(step), 0, p) for step, p in _step_dirs(run_dir)]
     final = run_dir / FINAL
-    if (final / STATE_FILE).is_file():
-        candidates.append((int(read_config(final).get("step", 0)), final))
-    return max(candidates)[1] if candidates else None
-
-
-def checkpoints_newest_first(run_dir: Path) -> list[Path]:
-    """Every checkpoint directory of a run, damaged or not: ``final`` first, then steps downwards."""
-    run_dir = Path(run_dir)
-    if run_dir.is_dir():
-        for name in {m.group(1) for p in run_dir.glob(".*.old-*") if (m := _OLD_DIR.match(p.name))}:
-            restore_interrupted_swap(run_dir / name)
-    final = [run_dir / FINAL] if (run_dir / FINAL).is_dir() else []
-    return final + [p for _, p in sorted(_step_dirs(run_dir), reverse=True)]
+    if final.is_dir():
+        try:
+            step = float(int(read_config(final).get("step", 0)))
+        except (ValueError, OSError, TypeError):
+            step = float("inf")
+        entries.append((step, 1, final))
+    return [p for _, _, p in sorted(entries, key=lambda e: (e[0], e[1]), reverse=True)]
 
 
 def resume_problem(path: Path) -> str | None:
