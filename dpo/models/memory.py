@@ -70,22 +70,24 @@ def check_weights_fit(model_cls: type, config, device: torch.device | str = "cpu
 def training_bytes(model: torch.nn.Module, tokens_per_micro_batch: int, gradient_checkpointing: bool) -> dict:
     """The estimate's parts, in bytes, for training ``model`` on micro-batches of that many tokens."""
     cfg = getattr(model, "config", None)   # a model of no known family: its parameters only
-    params = sum(p.numel() for p in model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     per_token = 0
-    if cfg is not None and all(hasattr(cfg, k) for k in ("n_layer", "n_embd", "n_head", "block_size")):
+    if cfg is not None and all(hasattr(cfg, k) for k in ("n_layer", "n_embd")):
+        # a block's saved activations only (fused attention stores no score matrix): a low estimate,
+        # so that a refusal means the run cannot fit
         layers = 1 if gradient_checkpointing else cfg.n_layer   # checkpointing keeps one block's at a time
-        per_token = layers * (16 * cfg.n_embd + cfg.n_head * min(cfg.block_size, tokens_per_micro_batch))
-    return {"weights": params * FLOAT32, "gradients": trainable * FLOAT32,
-            "optimizer state": 2 * trainable * FLOAT32,
+        per_token = layers * 16 * cfg.n_embd
+    return {"weights": weights, "gradients": trainable * FLOAT32, "optimizer state": 2 * trainable * FLOAT32,
             "activations": tokens_per_micro_batch * per_token * FLOAT32}
 
 
 def check_training_fits(model: torch.nn.Module, device: torch.device | str, micro_batch_size: int,
                         longest: int, gradient_checkpointing: bool) -> None:
-    """Refuse a training run whose estimate exceeds ``device``'s memory, naming the parts."""
+    """Refuse a training run whose estimate exceeds ``device``'s memory, naming the parts
+    (``FASTDPO_NO_MEMORY_CHECK=1`` skips the check)."""
     budget = available_bytes(device)
-    if budget is None:
+    if budget is None or os.environ.get("FASTDPO_NO_MEMORY_CHECK") == "1":
         return
     parts = training_bytes(model, micro_batch_size * longest, gradient_checkpointing)
     total = sum(parts.values())
@@ -97,4 +99,4 @@ def check_training_fits(model: torch.nn.Module, device: torch.device | str, micr
             f"training needs about {gb(total)} ({shown}; model {shape_of(getattr(model, 'config', None))}, "
             f"micro_batch_size={micro_batch_size} x {longest} tokens), more than the {gb(budget)} "
             f"available on {torch.device(device)}; lower micro_batch_size or the lengths, or turn on "
-            f"gradient_checkpointing / finetuning_type lora")
+            f"gradient_checkpointing / finetuning_type lora (FASTDPO_NO_MEMORY_CHECK=1 skips this check)")
