@@ -206,13 +206,14 @@ def _judged(fn, work: list, chunk: int, progress: bool, desc: str, log: EvalProg
     comes back; results ``log`` already holds are not asked for again."""
     from tqdm import tqdm
     out: list = log.judged(desc) if log is not None else []
-    stats = getattr(getattr(fn, "__self__", None), "stats", None)   # fn: a judge's bound method
+    judge = getattr(fn, "__self__", None)   # fn: a judge's bound method
+    refused = judge.refused if isinstance(judge, Judge) else (lambda: 0)
     step = max(chunk, 1) * 2
     for lo in tqdm(range(len(out), len(work), step), desc=desc, unit="batch", disable=not progress):
-        before = stats.rejected if stats is not None else 0
+        before = refused()
         results = fn(work[lo: lo + step])
         if log is not None:
-            log.add(desc, lo, results, (stats.rejected - before) if stats is not None else 0)
+            log.add(desc, lo, results, refused() - before)
         out += results
     return out
 

@@ -156,6 +156,10 @@ class Judge:
         return "A" if sa > sb else "B" if sb > sa else "TIE"
 
     # -- public API ----------------------------------------------------------------------
+    def refused(self) -> int:
+        """Requests the judge's server refused as malformed so far (the counter a stop takes back)."""
+        return self.stats.rejected
+
     def score(self, instruction: str, response: str) -> int | None:
         s = self._score(instruction, response)
         self._count(valid=s is not None)

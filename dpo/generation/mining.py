@@ -288,7 +288,7 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                 work = [(instructions[i], samples[j * k + r].text)
                         for j, i in enumerate(idx) for r in range(k) if usable[j * k + r]]
                 t0 = time.perf_counter()
-                refused = _rejected(judge)
+                refused = judge.refused()
                 dims = None
                 if rubrics:   # several rubrics: a weighted score, per-dimension gap rules
                     details = iter(judge.score_dimensions_many(work))
@@ -297,7 +297,7 @@ def mine_pairs(model, tokenizer, prompts: str | Path | Sequence[str], judge: Jud
                 else:
                     replies = iter(judge.score_many(work))
                     scores = [next(replies) if ok else None for ok in usable]
-                refused = _rejected(judge) - refused
+                refused = judge.refused() - refused
                 stats.judge_s += time.perf_counter() - t0
                 _count(stats, samples, usable, scores)
                 lines = []
@@ -439,10 +439,3 @@ def format_stats(stats: MiningStats, out_path: str | Path | None = None) -> str:
                      f"{stats.pairs_per_min:.1f} pairs/min (sampling {stats.sample_s:.1f}s, "
                      f"judging {stats.judge_s:.1f}s, wall {stats.elapsed_s:.1f}s; they overlap)")
     return "\n".join(lines)
-
-
-def _rejected(judge: Judge) -> int:
-    """Requests the judge (each rubric's, for a ``RubricJudge``) refused as malformed so far."""
-    if isinstance(judge, RubricJudge):
-        return sum(j.stats.rejected for j in judge.rubrics.values())
-    return judge.stats.rejected

@@ -49,6 +49,9 @@ class RubricJudge(Judge):
         rules = "".join(f";{d}>={g:g}" for d, g in self.min_gaps.items())
         self.name = "rubrics(" + ",".join(parts) + rules + ")"
 
+    def refused(self) -> int:
+        return sum(j.refused() for j in self.rubrics.values())   # the rubrics' judges send the requests
+
     @property
     def dimensions(self) -> list[str]:
         return list(self.rubrics)
