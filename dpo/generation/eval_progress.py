@@ -39,10 +39,27 @@ class EvalProgress:
         if resume:
             self._load(settings)
         else:
+            self._refuse_to_discard()
             header = {"fastdpo_eval_progress": PROGRESS_VERSION, "fingerprint": fingerprint,
                       "settings": settings}
             atomic_write(self.path, json.dumps(header, sort_keys=True, default=str) + "\n")
         self._f = open_append(self.path)   # cuts a torn last line first
+
+    def _refuse_to_discard(self) -> None:
+        """Starting over would throw away an unfinished run of this same evaluation (its report not
+        written yet): say so instead, so that a rerun after a judge outage keeps what it had."""
+        report = self.path.with_name(self.path.name[: -len(PROGRESS_SUFFIX)])
+        if not self.path.is_file() or report.is_file():
+            return
+        with open(self.path, "rb") as f:
+            lines = [line for line in f if line.endswith(b"\n")]
+        try:
+            same = json.loads(lines[0]).get("fingerprint") == self.fingerprint if lines else False
+        except ValueError:
+            same = False
+        if same and len(lines) > 1:
+            raise ValueError(f"{self.path}: an unfinished run of this evaluation is kept there; pass "
+                             f"--resume to continue it, or delete the file to start over")
 
     def _load(self, settings: dict) -> None:
         if not self.path.is_file():
