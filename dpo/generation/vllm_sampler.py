@@ -78,6 +78,7 @@ class VLLMSampler(SamplerBackend):
     def _exported(self) -> Path:
         from fastdpo.models.hf_export import export_hf
         if self.hf_dir is not None and self.hf_dir.exists():
+            self._check_export(self.hf_dir)
             return self.hf_dir
         if self.hf_dir is None:
             self._tmp = Path(tempfile.mkdtemp(prefix="fastdpo-vllm-"))
@@ -85,6 +86,20 @@ class VLLMSampler(SamplerBackend):
         self.counts["exports"] += 1
         # merged: the engine serves the policy itself, not the base its LoRA adapter applies to
         return export_hf(self.policy, self.hf_dir, tokenizer=self.tokenizer, merge=True)
+
+    def _check_export(self, d: Path) -> None:
+        """An existing export must hold this policy's own weights: not the base of a LoRA export
+        (its adapter beside it), not another checkpoint's."""
+        import json
+
+        from fastdpo.models.hf_export import ADAPTER_DIR, SOURCE_FILE
+        source = json.loads((d / SOURCE_FILE).read_text()) if (d / SOURCE_FILE).is_file() else {}
+        if (d / ADAPTER_DIR).is_dir() or source.get("weights") == "base":
+            raise ConfigError(f"--sampler-hf-dir {d}: holds a base model and its LoRA adapter; vLLM would "
+                              f"sample the base: export with --merge, or leave the option out")
+        if source.get("checkpoint") not in (None, str(self.policy.resolve())):
+            raise ConfigError(f"--sampler-hf-dir {d}: exported from {source['checkpoint']}, not from the "
+                              f"policy {self.policy}; remove it or choose another directory")
 
     def engine(self):
         if self._llm is None:

@@ -33,6 +33,7 @@ from fastdpo.models.hf_weights import hf_state_dict, write_hf_weights
 from fastdpo.models.tokenizer import ChatTokenizer, open_tokenizer
 
 ADAPTER_DIR = "adapter"
+SOURCE_FILE = "fastdpo_source.json"   # the checkpoint an export was written from
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -77,6 +78,9 @@ def export_hf(ckpt: str | Path, out: str | Path, *, tokenizer: ChatTokenizer | s
         tok.save_hf(tmp, model_max_length=model.config.block_size)
         if adapter:
             write_adapter_copy(ckpt, tmp / ADAPTER_DIR, base_model_name_or_path=str(out.resolve()))
+        # what the weights are, so a reader can tell a stale or base-only export from the policy
+        write_json(tmp / SOURCE_FILE, {"checkpoint": str(ckpt.resolve()), "weights": "base" if adapter else
+                                       "merged" if lora.is_adapter_dir(ckpt) else "full"})
 
     return write_directory(out, fill)
 
