@@ -90,6 +90,8 @@ def test_pair_margins_and_weights():
                            "safety": {"chosen": 4, "rejected": 4}}}
     assert pair_margin(dims) == 1.0
     assert pair_margin(dims, {"helpfulness": 3, "safety": 1}) == 1.5
+    mined = {**dims, "weighted_margin": 1.0}                     # the miner's equal weights
+    assert pair_margin(mined) == 1.0 and pair_margin(mined, {"helpfulness": 3, "safety": 1}) == 1.5
     assert pair_margin({"score_chosen": 8, "score_rejected": 5}) == 3
     assert pair_margin(None) is None and pair_margin({"score_chosen": 8}) is None
     assert pair_weights([{"score_chosen": 9, "score_rejected": 5}, {"score_chosen": 9, "score_rejected": 7},

@@ -3,6 +3,7 @@ every answer on several rubrics (``fastdpo.generation.multi_objective.RubricJudg
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
 
 
@@ -49,8 +50,11 @@ def rubric_judge_from_args(args, make_one):
                 raise ValueError(f"--rubric {name}={spec}: a rubric prompt file needs --judge-url and "
                                  f"--judge-model")
             judge = OpenAIJudge(args.judge_url, args.judge_model, score_prompt=spec,
-                                concurrency=args.judge_concurrency, timeout=args.judge_timeout)
-            rubrics[name] = ScoreOnly(judge, name=f"{name}:{Path(spec).name}")
+                                concurrency=args.judge_concurrency, timeout=args.judge_timeout,
+                                retry_budget=args.judge_retry_budget)
+            # the prompt's text in the name: mining's resume fingerprint must see an edited rubric
+            digest = hashlib.sha256(Path(spec).read_bytes()).hexdigest()[:12]
+            rubrics[name] = ScoreOnly(judge, name=f"{name}:{Path(spec).name}:{digest}")
         else:
             rubrics[name] = make_one(spec)
     return RubricJudge(rubrics, weights=_pairs("--rubric-weight", args.rubric_weight, number=True),

@@ -1,9 +1,10 @@
 """Per-pair loss weights from preference margins (``dpo.margin_weighting``).
 
 A pair the judge preferred by a wide margin is stronger evidence than one decided by a point, so
-its loss may count more. A pair's margin is, in this order: its row's ``weighted_margin`` (written
-by multi-rubric mining), the weighted mean over its ``dimensions`` of ``chosen - rejected``
-(weights ``dpo.dimension_weights``, default equal), or ``score_chosen - score_rejected``. Margins
+its loss may count more. A pair's margin is, in this order: the weighted mean over its
+``dimensions`` of ``chosen - rejected`` when ``dpo.dimension_weights`` is set (the run's own weights
+win over the miner's), its row's ``weighted_margin`` (written by multi-rubric mining), that mean
+with equal weights, or ``score_chosen - score_rejected``. Margins
 below zero count as zero. The weights are the margins divided by their mean over the training
 pairs, so the average weight is 1 and the learning rate keeps its meaning; pairs without any
 margin field weigh 1 (the mean of the others), and a data set without margins trains unweighted.
@@ -19,9 +20,9 @@ def pair_margin(fields: Mapping | None, dimension_weights: Mapping[str, float] |
     """The margin of one row (module docstring), or None when it carries none."""
     if not fields:
         return None
-    if fields.get("weighted_margin") is not None:
-        return _number(fields["weighted_margin"], "weighted_margin")
     dims = fields.get("dimensions")
+    if fields.get("weighted_margin") is not None and (dimension_weights is None or dims is None):
+        return _number(fields["weighted_margin"], "weighted_margin")
     if dims is not None:
         if not isinstance(dims, Mapping) or not dims:
             raise DataError(f"'dimensions' must map names to {{'chosen': x, 'rejected': y}}, got {dims!r}")
