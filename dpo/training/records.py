@@ -111,13 +111,15 @@ def _read_array(path: Path, data: bytes) -> Iterator[tuple[int, object, str | No
     dec = json.JSONDecoder()
     pos = text.index("[") + 1
     ws = re.compile(r"[\s,]*")
+    counted, line = 0, 1   # newlines counted from the previous item on, not from the start each time
     while True:
         pos = ws.match(text, pos).end()
+        line += text.count("\n", counted, min(pos, len(text)))
+        counted = min(pos, len(text))
         if pos >= len(text):
-            raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: invalid JSON (unterminated array)")
+            raise DataError(f"{path}:{line}: invalid JSON (unterminated array)")
         if text[pos] == "]":
             break
-        line = text.count("\n", 0, pos) + 1
         try:
             value, end = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
