@@ -99,3 +99,13 @@ def cut_torn_tail(path: str | Path) -> int:
             f.flush()
             os.fsync(f.fileno())
         return size - end
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Write a matplotlib figure to ``path`` as PNG atomically, then close it (pyplot keeps every
+    open figure alive until closed)."""
+    import matplotlib.pyplot as plt
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        plt.close(fig)

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from fastdpo.demo import task as task_mod
-from fastdpo.files import atomic_write, write_json
+from fastdpo.files import save_figure, write_json
 
 
 def run_rounds(rounds: int, cfg: dict, out: Path, sft_ckpt: Path, judge, *, train_config, block_size: int,
@@ -191,9 +191,4 @@ def plot(s: dict, path: Path) -> Path:
         ax.set_xticks(xs if ax is axes[0] else xs[1:])
     fig.tight_layout()
 
-    def save(tmp: Path) -> None:
-        fig.savefig(tmp, format="png", dpi=100)
-    try:
-        return atomic_write(path, save)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastdpo.files import atomic_write, write_json
+from fastdpo.files import atomic_write, save_figure, write_json
 
 COLUMNS = (("round", "round"), ("status", "status"), ("attempts", "attempts"), ("pairs", "pairs mined"),
            ("pairs_trained", "trained on"), ("pairs_per_min", "pairs/min"),
@@ -72,12 +72,7 @@ def plot_rounds(rows: list[dict], path: Path) -> Path:
             ax.legend(fontsize=8)
     fig.tight_layout()
 
-    def save(tmp: Path) -> None:
-        fig.savefig(tmp, format="png", dpi=100)
-    try:
-        return atomic_write(path, save)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)
 
 
 def write_report(out: Path, report: dict) -> dict:

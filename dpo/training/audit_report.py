@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastdpo.files import atomic_write
+from fastdpo.files import save_figure
 
 
 def _pct(k: int, n: int) -> str:
@@ -78,6 +78,4 @@ def plot_audit(r: dict, path: str | Path) -> Path:
     if share is not None:
         ax2.set_title(f"length bias: chosen longer in {100 * share:.1f}% of pairs")
     fig.tight_layout()
-    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=90)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from fastdpo.files import atomic_write
+from fastdpo.files import save_figure
 from fastdpo.training.metrics import read_metrics
 
 PANELS = (("loss", "loss"), ("rewards/margins", "reward margin (chosen - rejected)"),
@@ -39,6 +39,4 @@ def plot_curves(runs: Mapping[str, str | Path], path: str | Path) -> Path:
         if ax.has_data():
             ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=90)
