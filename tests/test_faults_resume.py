@@ -128,7 +128,7 @@ def test_a_continued_runs_step_past_final_is_the_newest_checkpoint(base):
     import shutil
 
     from fastdpo.training.runs import checkpoints_newest_first, latest_checkpoint
-    assert train(base, "long", steps=3) == 0
+    assert train(base, "long", steps=4) == 0    # its step-3 checkpoint is an intermediate one, kept
     assert train(base, "short", steps=2) == 0
     short = base / "runs" / "short"
     shutil.copytree(base / "runs" / "long" / "step-000003", short / "step-000003")

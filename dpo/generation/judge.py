@@ -15,6 +15,10 @@ failures retries cannot fix) *are* raised, as ``JudgeError``.
 
 Judges are selectable by name (``make_judge("task")``, ``make_judge("openai", url=..., model=...)``
 or ``make_judge("package.module:factory")``); other modules add names with ``register_judge``.
+
+The module is long because the judge interface, its failure counters and the OpenAI client (with
+its refusal rules) read best together; reply parsing lives in ``judge_replies`` and retrying in
+``retry``.
 """
 from __future__ import annotations
 
