@@ -19,6 +19,7 @@ each round's training); ``release()`` frees accelerator memory while training ru
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,29 +73,29 @@ class GenerationConfig:
                               f"got {self.gpu_memory_utilization}")
 
 
-class SamplerBackend:
+class SamplerBackend(abc.ABC):
     """The interface every backend implements (see the module docstring)."""
     name = "backend"
     block_size: int                          # the policy's context: prompt + answer tokens
 
+    @abc.abstractmethod
     def sample(self, prompts: Sequence[Sequence[int]], temperatures: float | Sequence[float],
                max_new_tokens: int, top_k: int | None, eos_id: int, seed: int | Sequence[int],
                ) -> tuple[list[list[int] | None], list[str]]:
         """Per row: new token ids (end of turn excluded; ``None`` if unverified) and finish reason.
         ``seed`` is one int for the call or one per row; the same seed gives the same answers
         wherever the engine itself is reproducible. ``top_k`` None or 0: no top-k cut."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def identity(self) -> str:
         """What a resumed run must sample from (part of the mining fingerprint)."""
-        raise NotImplementedError
 
     def describe(self) -> str:
         return self.name
 
+    @abc.abstractmethod
     def reload(self, policy_dir: str | Path) -> None:
         """Sample from the policy in ``policy_dir`` from now on."""
-        raise NotImplementedError
 
     def release(self) -> None:
         """Free accelerator memory until the next ``sample`` (while DPO trains)."""
