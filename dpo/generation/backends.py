@@ -98,7 +98,9 @@ class SamplerBackend(abc.ABC):
         """Sample from the policy in ``policy_dir`` from now on."""
 
     def release(self) -> None:
-        """Free accelerator memory until the next ``sample`` (while DPO trains)."""
+        """Free accelerator memory until the next ``sample`` (while DPO trains); by default there is
+        nothing to free."""
+        return None
 
     def close(self) -> None:
         self.release()
