@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from fastdpo.files import write_json
 from fastdpo.generation.backends import block_size_of
 from fastdpo.generation.evaluate import (
     MODES,
@@ -29,9 +28,9 @@ from fastdpo.generation.evaluate import (
     generate,
     open_progress,
     position_swapped_outcome,
-    stop_on_judge_error,
+    run_logged,
 )
-from fastdpo.generation.judge import Judge, JudgeError
+from fastdpo.generation.judge import Judge
 from fastdpo.generation.win_rates import (
     answer_summary,
     category_win_rates,
@@ -135,7 +134,8 @@ def evaluate_benchmark(model_a, model_b, tokenizer, path: str | Path, judge: Jud
     log = open_progress(report_path, resume, model_a, model_b, tokenizer, judge,
                         {**settings, "batch_size": batch_size, "dtype": str(dtype), "limit": limit,
                          "questions": [(q.id, q.category, q.turns) for q in questions]})
-    try:
+
+    def run() -> dict:
         if log is not None and log.answers is not None:
             items, ids, cut = log.answers["items"], log.answers["ids"], log.answers["n_dropped"]
         else:
@@ -144,15 +144,9 @@ def evaluate_benchmark(model_a, model_b, tokenizer, path: str | Path, judge: Jud
                 dtype=dtype, progress=progress, sampler=sampler))
             if log is not None:
                 log.save_answers({"items": items, "ids": ids, "n_dropped": cut})
-        report = _report(fmt, questions, items, ids, cut, settings, judge, log, batch_size, progress)
-    except JudgeError as e:
-        raise stop_on_judge_error(e, log, judge) from None
-    finally:
-        if log is not None:
-            log.close()
-    if report_path is not None:
-        write_json(report_path, report)
-    return report
+        return _report(fmt, questions, items, ids, cut, settings, judge, log, batch_size, progress)
+
+    return run_logged(run, log, judge, report_path)
 
 
 def _answer_turns(model_a, model_b, tokenizer, questions: list[BenchmarkItem], limit: int, seed: int,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -134,10 +134,18 @@ def evaluate(model_a, model_b, tokenizer, prompts: str | Path | Sequence[str], j
     log = open_progress(report_path, resume, model_a, model_b, tokenizer, judge,
                         {**settings, "batch_size": batch_size, "dtype": str(dtype),
                          "max_prompt_tokens": max_prompt_tokens, "prompts": instructions})
+    return run_logged(lambda: _evaluate_prompts(
+        model_a, model_b, tokenizer, judge, instructions, rendered, total, log, settings,
+        batch_size=batch_size, dtype=dtype, progress=progress, sampler=sampler, names=names),
+        log, judge, report_path)
+
+
+def run_logged(run: Callable[[], dict], log: EvalProgress | None, judge: Judge,
+               report_path: str | Path | None) -> dict:
+    """``run()``'s report, written to ``report_path``; a judge that stops it is noted in ``log``
+    (``stop_on_judge_error``), and ``log`` is closed either way."""
     try:
-        report = _evaluate_prompts(model_a, model_b, tokenizer, judge, instructions, rendered, total, log,
-                                   settings, batch_size=batch_size, dtype=dtype, progress=progress,
-                                   sampler=sampler, names=names)
+        report = run()
     except JudgeError as e:
         raise stop_on_judge_error(e, log, judge) from None
     finally:
