@@ -32,8 +32,8 @@ Installed with ``pip install -e .[peers]``; a missing peer raises ImportError (t
 "skipped"). The module is long because each trainer side (setup, timing, memory, the values checked
 across sides) is spelled out in full, both for fastdpo and for TRL.
 
-    python -m fastdpo.bench.peers [--preset tiny|gpt2-124m|llama-tiny|llama-124m] [--quick] [--device auto]
-                                  [--json out.json]
+    python -m fastdpo.bench.peers [--preset tiny|gpt2-mid|gpt2-124m|llama-tiny|llama-124m] [--quick]
+                                  [--device auto] [--json out.json]
 
 Liger-Kernel has no kernels for GPT-2: on the GPT-2 presets ``use_liger_kernel=True`` changes nothing
 in TRL's run (the row says so, ``liger_applied``); the Llama presets (RMSNorm, RoPE, SwiGLU) are
@@ -67,13 +67,15 @@ from fastdpo.bench.peak import resolve_device  # noqa: E402
 SHAPES = {
     "tiny": dict(n_embd=160, vocab=2048, pairs=8, T=256, prompt_words=(10, 30), answer_words=(20, 60)),
     "gpt2-124m": dict(n_embd=768, vocab=50304, pairs=4, T=512, prompt_words=(32, 96), answer_words=(64, 160)),
+    "gpt2-mid": dict(n_embd=512, vocab=32768, pairs=4, T=512, prompt_words=(32, 96), answer_words=(64, 160)),
 }
 LOSS_RTOL = 1e-3  # loss op: bf16 inputs, float32 log-sum-exp on every side
 LN2_ATOL = 1e-3  # trainers: step-0 loss (policy == reference)
 REF_RTOL = 2e-2  # trainers: mean reference log-prob per answer, bf16 forward on both sides
 SIDES = ("fastdpo", "trl", "trl+liger")
 SHAPES["llama-tiny"], SHAPES["llama-124m"] = SHAPES["tiny"], SHAPES["gpt2-124m"]
-TRAINER_STEPS = {"tiny": 4, "gpt2-124m": 3, "llama-tiny": 4, "llama-124m": 3}   # timed steps, after one
+# timed steps, after one
+TRAINER_STEPS = {"tiny": 4, "gpt2-124m": 3, "gpt2-mid": 3, "llama-tiny": 4, "llama-124m": 3}
 
 
 def liger_patches(model_type: str) -> bool:

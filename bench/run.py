@@ -73,10 +73,10 @@ def _compare(out, phase, fast, baseline, speedup, unit, **detail):
         )
 
 
-def _model_params(preset: str, vocab: int) -> tuple[int, int, int]:
+def _model_params(preset: str, vocab: int | None) -> tuple[int, int, int]:
     from fastdpo.models.gpt import GPT, config_from_preset
 
-    cfg = config_from_preset(preset, vocab_size=vocab)
+    cfg = config_from_preset(preset, **({} if vocab is None else {"vocab_size": vocab}))
     with torch.device("meta"):
         n = GPT(cfg).num_params()
     return n, cfg.n_layer, cfg.n_embd
@@ -91,7 +91,7 @@ def bench_sample(ctx, out):
         preset, dtypes, full=ctx["full"], quick=ctx["quick"], hf=ctx["peers"], device=dev, verbose=True
     )
     out["raw"]["sample"] = rows
-    n_params, _, _ = _model_params(preset, 2048 if preset == "tiny" else 50304)
+    n_params, _, _ = _model_params(preset, 2048 if preset == "tiny" else None)
     for r in rows:
         lo, hi = r["prompt_tokens"]
         work = f"{r['rows']} rows x {r['max_new_tokens']} new, prompts {lo}-{hi}"
@@ -187,7 +187,7 @@ def bench_train(ctx, out):
             out, "train", "fastdpo end to end", "naive end to end", by["fast"]["e2e_speedup_vs_naive"], "time"
         )
     if ctx["full"]:
-        lengths = {"tiny": (32, 64, 128), "gpt2-124m": (64, 128, 256, 512)}[preset]
+        lengths = (32, 64, 128) if preset == "tiny" else (64, 128, 256, 512)
         for L in lengths:
             for r in run_train_bench(
                 preset,

@@ -45,7 +45,7 @@ WORKLOADS = {
     "quick": {"oracle": (2, 2, (8, 24), 8), "generate": (2, 2, (8, 24), 8), "full": (2, 2, (8, 24), 8)},
 }
 WORKLOADS["llama-tiny"] = WORKLOADS["tiny"]
-WORKLOADS["llama-124m"] = WORKLOADS["gpt2-124m"]
+WORKLOADS["llama-124m"] = WORKLOADS["gpt2-mid"] = WORKLOADS["gpt2-124m"]
 
 
 def make_workload(preset: str, n_prompts: int, k: int, prompt_lens: tuple[int, int], max_new: int,

@@ -62,6 +62,7 @@ from fastdpo.training.dpo import prepare_dpo
 SHAPES = {
     "tiny": dict(vocab_size=2048, micro_batch_size=8, prompt=(16, 48), answer=(16, 80)),
     "gpt2-124m": dict(vocab_size=50304, micro_batch_size=2, prompt=(32, 96), answer=(64, 160)),
+    "gpt2-mid": dict(vocab_size=32768, micro_batch_size=2, prompt=(32, 96), answer=(64, 160)),
 }
 
 

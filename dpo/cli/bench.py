@@ -11,7 +11,8 @@ def add_subcommand(sub) -> None:
         description="Every phase, fastdpo vs the naive oracle and its peers on the same work, in one "
                     "process: a table, bench.json, bench.png and table.md.",
     )
-    p.add_argument("--preset", default="tiny", choices=["tiny", "gpt2-124m"])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "gpt2-mid", "gpt2-124m"],
+                   help="model shape: tiny (1.3M), gpt2-mid (6 layers, 512 wide, V=32768), gpt2-124m")
     p.add_argument(
         "--phases",
         default=",".join(DEFAULT_PHASES),

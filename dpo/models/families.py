@@ -52,7 +52,7 @@ def check_fits_on(config, device) -> None:
 
 
 def config_from_preset(name: str, **overrides):
-    """The config of a named shape (``tiny``, ``gpt2-124m``, ``llama-tiny``, ``llama-124m``)."""
+    """The config of a named shape (``tiny``, ``gpt2-mid``, ``gpt2-124m``, ``llama-tiny``, ``llama-124m``)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     family, shape = PRESETS[name]

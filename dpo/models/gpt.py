@@ -45,6 +45,9 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=160, block_size=256),
     # GPT-2 small (124M with the 50257-token vocabulary; 50304 pads it to a multiple of 64).
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
+    # a mid shape with a modern vocabulary (6 layers, 512 wide, V=32768: ~36M parameters, half of
+    # them in the embedding), where the lm_head dominates the step more than at 124M
+    "gpt2-mid": dict(n_layer=6, n_head=8, n_embd=512, block_size=1024, vocab_size=32768),
 }
 
 
