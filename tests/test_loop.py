@@ -213,7 +213,9 @@ def test_kills_at_every_step_then_rerun_end_with_the_uninterrupted_artifacts(set
 
 def test_demo_rounds_runs_the_loop_and_the_same_budget_ablation(tmp_path):
     """``fastdpo demo --quick --rounds 2`` (a batch of one pair, so that the barely trained model's
-    few pairs train): both arms ran, with the same pairs budget, and the figures are written."""
+    few pairs train): both arms ran, the ablation within the loop's pairs budget (the SFT model's
+    answers may give fewer usable pairs than the loop's later policies; the report then says so),
+    and the figures are written."""
     import yaml
 
     from fastdpo.demo.config import DEFAULT_CONFIG
@@ -223,11 +225,33 @@ def test_demo_rounds_runs_the_loop_and_the_same_budget_ablation(tmp_path):
     summary = run_demo(cfg, quick=True, out=tmp_path / "demo", rounds=2, progress=False)
     r = summary["rounds"]
     assert r["pairs_budget"] == sum(x["pairs"] for x in r["rounds"]) > 0
-    assert r["one_round"]["pairs"] == r["pairs_budget"]
+    assert 0 < r["one_round"]["pairs"] <= r["pairs_budget"]
+    same = r["one_round"]["pairs"] == r["pairs_budget"]
+    assert ("for one round with the same" in summary["rounds"]["text"]) == same
+    assert ("gave fewer than the loop's" in summary["rounds"]["text"]) == (not same)
     assert r["accuracy_t07_sft"] is not None and r["one_round"]["accuracy_t07"] is not None
     assert {"content_t07", "chatty_t07"} <= set(r["rounds"][0]) & set(r["one_round"]) & set(r["sft_rates"])
     root = tmp_path / "demo" / "rounds"
     assert (root / "rounds.png").stat().st_size > 0 and (root / "loop" / "report.md").is_file()
     assert (root / "one_round" / "round-1" / "final").is_dir()
-    assert "one round with the same" in summary["report"] and {p["phase"] for p in summary["phases"]} >= {
+    assert "for one round with" in summary["report"] and {p["phase"] for p in summary["phases"]} >= {
         "sft", "loop", "one_round"}
+
+
+def test_rounds_report_says_when_the_ablation_found_fewer_pairs_than_the_budget():
+    """The loop's pairs budget is a ceiling for the one-round ablation: when the SFT model's answers
+    gave fewer pairs, the report names both counts instead of claiming the same budget."""
+    from fastdpo.demo.rounds import format_rounds
+
+    def summary(one_pairs):
+        row = {"round": 1, "promoted": True, "pairs": 5, "pairs_per_min": 10.0, "accuracy_t07": 0.5,
+               "win_rate_vs_previous": 0.6, "seconds": {"mine": 1.0, "train": 2.0, "eval": 3.0}}
+        return {"rounds": [row], "accuracy_t07_sft": 0.4, "accuracy_t07_loop": 0.5, "pairs_budget": 5,
+                "one_round": {"accuracy_t07": 0.45, "pairs": one_pairs,
+                              "seconds": {"mine": 1.0, "train": 2.0, "eval": 3.0}},
+                "loop_gain_over_one_round_points": 5.0}
+    assert "for one round with the same 5 pairs: +5.0 points" in format_rounds(summary(5))
+    fewer = format_rounds(summary(4))
+    assert ("for one round with 4 pairs (the SFT model's answers over the pool gave fewer than the "
+            "loop's 5)") in fewer
+    assert "with the same 5 pairs:" not in fewer
