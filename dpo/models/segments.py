@@ -116,15 +116,17 @@ class Segments:
         return out
 
     def padded_tensors(self, device: torch.device):
-        """Per batch of ``groups()``, k_index (G, Lk): the row indices of each segment's keys, its
-        prefix then itself, right-padded with token 0; and out_index (N,): where each token's
-        output sits in the batches' (G * Lk) outputs laid end to end. A segment's queries are the
-        last of its key slots, so plain causal attention over the slots is the segment's
-        bottom-right causal attention, and no real query reaches a padding slot."""
+        """(k_index (M,), shapes, out_index (N,)). Per batch of ``groups()`` (G segments, slot rows of
+        Lk, listed in ``shapes``), the row indices of each segment's keys, its prefix then itself,
+        right-padded with token 0; the batches' (G, Lk) index blocks are laid end to end in
+        ``k_index``, so one gather per tensor serves every batch. ``out_index``: where each token's
+        output sits in the batches' outputs laid end to end. A segment's queries are the last of its
+        key slots, so plain causal attention over the slots is the segment's bottom-right causal
+        attention, and no real query reaches a padding slot."""
         key = str(device)
         if key not in self._padded:
             starts, key_lengths = self.starts(), self.key_lengths()
-            batches, where, at = [], [0] * self.n_tokens, 0
+            batches, shapes, where, at = [], [], [0] * self.n_tokens, 0
             for group in self.groups():
                 Lk = max(key_lengths[s] for s in group)
                 k_index = torch.zeros(len(group), Lk, dtype=torch.long)
@@ -137,8 +139,9 @@ class Segments:
                     a = at + g * Lk + m - n
                     where[starts[s]:starts[s] + n] = range(a, a + n)
                 at += len(group) * Lk
-                batches.append(k_index.to(device))
-            self._padded[key] = (batches, torch.tensor(where).to(device))
+                batches.append(k_index.reshape(-1))
+                shapes.append((len(group), Lk))
+            self._padded[key] = (torch.cat(batches).to(device), shapes, torch.tensor(where).to(device))
         return self._padded[key]
 
     @classmethod
@@ -180,15 +183,16 @@ def _varlen(q, k, v, segments: Segments, gqa: bool) -> torch.Tensor:
 
 def _batched(q, k, v, segments: Segments, dropout_p: float) -> torch.Tensor:
     """Each batch of similar segments gathered into (G, heads, Lk, D) and attended causally in one
-    call (see ``Segments.padded_tensors``)."""
-    batches, out_index = segments.padded_tensors(q.device)
+    call (see ``Segments.padded_tensors``). One gather per tensor for all batches, split (not
+    sliced) into them: the backward of a gather zero-fills its whole source and that of a slice its
+    whole input, so per-batch gathers or slices would pay a full-size fill per batch and layer."""
+    k_index, shapes, out_index = segments.padded_tensors(q.device)
     H, D = q.shape[1], q.shape[3]
-    rows = [t[0].transpose(0, 1) for t in (q, k, v)]          # (N, heads, D)
+    sizes = [G * Lk for G, Lk in shapes]
+    parts = [t[0].transpose(0, 1).index_select(0, k_index).split(sizes) for t in (q, k, v)]
     out = []
-    for k_index in batches:
-        G, Lk = k_index.shape
-        qb, kb, vb = (t.index_select(0, k_index.reshape(-1)).view(G, Lk, t.shape[1], D).transpose(1, 2)
-                      for t in rows)                          # (G, heads, Lk, D)
+    for (G, Lk), qb, kb, vb in zip(shapes, *parts):
+        qb, kb, vb = (t.view(G, Lk, t.shape[1], D).transpose(1, 2) for t in (qb, kb, vb))  # (G, heads, Lk, D)
         out.append(causal_attention(qb, kb, vb, dropout_p).transpose(1, 2).reshape(-1, H, D))
     return torch.cat(out).index_select(0, out_index).transpose(0, 1)[None]
 
