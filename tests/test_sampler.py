@@ -266,3 +266,16 @@ def test_on_token_sees_each_kept_token_and_can_end_a_row_on_it():
     assert halt_on in toks[1] and finish[1] == "stop"
     for key, lg in fast[3].items():
         torch.testing.assert_close(lg, slow[3][key], rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_rows_take_the_first_of_tied_maxima_as_argmax_does():
+    """Greedy rows read the argmax off the sorted candidates; ties (common in bf16 logits) must
+    still resolve to the smallest index, as ``argmax`` and the oracle do."""
+    logits = torch.tensor([[1.0, 3.0, 0.5, 3.0, 2.0], [4.0, 4.0, 4.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0, 5.0]])
+    temps, u = torch.zeros(3), torch.rand(3)
+    for top_k, top_p in ((3, 1.0), (4, 1.0), (None, 0.5), (None, 1.0)):
+        chosen = choose_tokens(logits, temps, u, top_k, top_p)
+        assert chosen.tolist() == logits.argmax(-1).tolist() == [1, 0, 4]
+    # sampled rows beside greedy ones are untouched
+    mixed = choose_tokens(logits, torch.tensor([0.0, 1.0, 0.0]), torch.tensor([0.5, 0.0, 0.5]), 3)
+    assert mixed[0] == 1 and mixed[2] == 4 and mixed[1] in (0, 1, 2)

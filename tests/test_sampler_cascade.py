@@ -231,3 +231,74 @@ def test_the_shared_prefix_bench_times_every_side_on_the_same_work():
     assert all(r["rows"] == 6 and r["new_tokens"] == 30 and r["seconds"] > 0 for r in rows)
     assert by_impl["cascade"]["cascade_speedup"] == 1.0
     assert all(r["same_tokens_as_cascade"] is True for r in rows)   # float32: the very same tokens
+
+
+def _attention_inputs(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(3, 2, 5, 16, generator=g).to(dtype)
+    k, v = (torch.randn(3, 2, 37, 16, generator=g).to(dtype) for _ in range(2))
+    hidden = torch.rand(3, 1, 5, 37, generator=g) < 0.4
+    hidden[..., 3] = False                               # every query sees a key
+    return q, k, v, hidden
+
+
+def test_the_cpu_flash_kernel_computes_the_matmul_parts_in_half_precision(monkeypatch):
+    """On CPUs with AMX, half-precision parts run torch's flash kernel (additive mask, its own
+    log-sum-exp); forced on here (it runs on any CPU, only slower), both kernels must give the
+    float32 oracle's output and log-sum-exp to bf16 accuracy, with the mask as built or passed."""
+    q, k, v, hidden = _attention_inputs(torch.bfloat16)
+    scores = (q.float() @ k.float().transpose(-1, -2) / 4).masked_fill(hidden, -torch.inf)
+    want_lse = torch.logsumexp(scores, -1, keepdim=True)
+    want = scores.softmax(-1) @ v.float()
+    outs = {}
+    for flash in (True, False):
+        monkeypatch.setattr(decode_cache, "CPU_HALF_FLASH", flash)
+        assert decode_cache._fused_is_faster(k) == flash
+        out, lse = partial_attention(q, k, v, hidden)
+        assert out.dtype == lse.dtype == torch.float32 and lse.shape == (3, 2, 5, 1)
+        torch.testing.assert_close(out, want, rtol=0, atol=2e-2)
+        torch.testing.assert_close(lse, want_lse, rtol=0, atol=2e-2)
+        outs[flash] = out
+        bias = decode_cache.additive(hidden, torch.bfloat16)
+        assert torch.equal(partial_attention(q, k, v, hidden, bias)[0], out)
+    assert not torch.equal(outs[True], outs[False])      # two kernels really ran
+    q32, k32, v32, _ = _attention_inputs(torch.float32)
+    assert not decode_cache._cpu_half_flash(k32)          # float32 keeps the matmuls
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+@pytest.mark.parametrize("cascade", [True, False])
+def test_half_precision_decoding_follows_the_oracle_on_either_cpu_kernel(family, cascade, monkeypatch):
+    """Teacher-forced bf16 decoding (autocast) over ragged shared prompts, rows leaving midway:
+    each step's logits equal the float32 full forward's to bf16 accuracy, with the flash kernel
+    (row part reserved once, read as a growing view) and with the matmuls (buffer reallocated)."""
+    m = tiny(family, seed=2)
+    prompts, _ = grouped_prompts(seed=2)
+    steps = 40
+    forced = torch.randint(0, V, (len(prompts), steps), generator=torch.Generator().manual_seed(2))
+    logits_by_kernel = {}
+    for flash in (True, False):
+        monkeypatch.setattr(decode_cache, "CPU_HALF_FLASH", flash)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            batch = DecodeBatch(m, prompts, cascade, max_steps=steps)
+            buffers = {batch.caches[0].k.shape[2]}
+            rows, got = list(range(len(prompts))), [batch.logits.clone()]
+            for t in range(steps):
+                if t == 25:                              # three rows finish; the batch compacts
+                    rows = rows[3:]
+                    batch.keep(list(range(3, len(prompts))))
+                tok = forced[rows, t]
+                got.append(batch.step(tok, torch.ones(len(rows), dtype=torch.bool)).clone())
+                buffers.add(batch.caches[0].k.shape[2])
+        assert batch.caches[0].reserved == flash
+        assert (len(buffers) == 1) == flash               # reserved: never reallocated
+        logits_by_kernel[flash] = got
+        # the oracle: a float32 full forward over each row's prompt and forced tokens
+        for t, step_logits in list(enumerate(got))[::3]:
+            live = list(range(len(prompts))) if t <= 25 else list(range(3, len(prompts)))
+            for i, r in enumerate(live):
+                seq = torch.tensor(prompts[r] + forced[r, :t].tolist())[None]
+                with torch.no_grad():
+                    want = m(seq)[0, -1].float()
+                torch.testing.assert_close(step_logits[i], want, rtol=0, atol=0.1, msg=f"step {t} row {r}")
+    assert any(not torch.equal(a, b) for a, b in zip(*logits_by_kernel.values()))

@@ -56,9 +56,11 @@ def use_cascade(prompts: list[list[int]], cascade: bool | None) -> bool:
 
 class DecodeBatch:
     """Prefills ``prompts`` (``self.logits``: each row's first next-token logits, float32), then
-    ``step`` appends one token per row and returns the next logits."""
+    ``step`` appends one token per row and returns the next logits. ``max_steps``: at most this
+    many steps follow (lets the row part be allocated once, see ``DecodeCache.reserve``)."""
 
-    def __init__(self, model: torch.nn.Module, prompts: list[list[int]], cascade: bool):
+    def __init__(self, model: torch.nn.Module, prompts: list[list[int]], cascade: bool,
+                 max_steps: int | None = None):
         self.model = model
         device = next(model.parameters()).device
         distinct: dict[tuple[int, ...], int] = {}
@@ -96,6 +98,9 @@ class DecodeBatch:
                 k[:, :, :P], v[:, :, :P] = c.k[group_t], c.v[group_t]
                 self.caches.append(DecodeCache(self.state, k, v))
                 c.k = c.v = None   # free the prefill buffers layer by layer
+        if max_steps:   # every slot the call can write, allocated now where views are cheap
+            for c in self.caches:
+                c.reserve(_round_up(self.first_slot + max_steps, CHUNK))
 
     @staticmethod
     def _row_shape(c: KVCache, rows: int, capacity: int) -> tuple[int, ...]:
@@ -112,7 +117,7 @@ class DecodeBatch:
         need = self.first_slot + self.steps_done + 1
         if need > self.caches[0].capacity:
             for c in self.caches:
-                c.grow(_round_up(need, CHUNK))
+                c.grow(_round_up(need, c.grain))
         logits = self.forward(tok)
         self.state.own_pos += live
         self.steps_done += 1
@@ -122,7 +127,7 @@ class DecodeBatch:
         """The device part of a step: tensors in, tensors out, no host reads, no data-dependent
         Python branches (shapes and host ints only)."""
         st = self.state
-        st.mask_slots(self.caches[0].capacity)
+        st.mask_slots(self.caches[0].capacity, self.caches[0].bias_dtype)
         pos = (self.base + st.own_pos)[:, None]
         return self.model(tok[:, None], pos=pos, kv_caches=self.caches)[:, -1].float()
 
@@ -137,7 +142,7 @@ class DecodeBatch:
             used = sorted(set(groups))
             if len(used) < st.groups:
                 kept_groups = torch.tensor(used, device=idx.device)
-                st.prefix_invalid = st.prefix_invalid[kept_groups]
+                st.keep_groups(kept_groups)
                 renumber = {g: i for i, g in enumerate(used)}
                 groups = [renumber[g] for g in groups]
             st.groups = len(used)

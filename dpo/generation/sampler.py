@@ -138,8 +138,13 @@ def choose_tokens(logits: torch.Tensor, temps: torch.Tensor, u: torch.Tensor, to
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
     cdf = probs.cumsum(-1)
     choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_max(vals.shape[-1] - 1)
-    sampled = choice.squeeze(-1) if idx is None else idx.gather(-1, choice).squeeze(-1)
-    return torch.where(temps == 0, logits.argmax(-1), sampled)
+    if idx is None:
+        return torch.where(temps == 0, logits.argmax(-1), choice.squeeze(-1))
+    # greedy rows: the candidates are sorted, so the argmax is among those equal to the first; the
+    # smallest such index is ``argmax``'s answer (unless more than top_k logits tie at the top) at
+    # the cost of a (B, k) reduction instead of another pass over the vocabulary
+    greedy = torch.where(vals == vals[:, :1], idx, V).amin(-1)
+    return torch.where(temps == 0, greedy, idx.gather(-1, choice).squeeze(-1))
 
 
 # -- the fast path --------------------------------------------------------------------------------
@@ -202,7 +207,7 @@ def sample(model: torch.nn.Module, prompts: Sequence[Sequence[int]], temperature
     every, bucket = (1, 1) if host_reads_are_free(device) else (CHECK_EVERY, ROW_BUCKET)
 
     with _precision(model, dtype):
-        batch = DecodeBatch(model, prompts, use_cascade(prompts, cascade))
+        batch = DecodeBatch(model, prompts, use_cascade(prompts, cascade), steps)
         logits = batch.logits
         rows = torch.arange(n, device=device)  # original index of each batch row
         live = budgets > 0  # finished rows linger in the batch until the next compaction
