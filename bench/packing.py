@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import random
+import shlex
 import statistics
+import sys
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # see bench/train.py
@@ -203,20 +204,24 @@ def main(argv=None) -> None:
     ap.add_argument("--length-bucket", type=int, default=None, help="default: the data's (demo 1, wide 64)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--variants", default="padded,packed", help=f"comma-separated, from {','.join(VARIANTS)}")
-    ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--json", default=None, help="write the rows and where they came from (command, CPU, "
+                    "versions, git revision, load average) here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    t0 = time.time()
+    t0, load_before = time.time(), os.getloadavg()
     for data in (DATA if args.data == "all" else [args.data]):
         rows += run_packing_bench(data, args.preset, args.rounds, args.steps, args.precision,
                                   args.length_bucket, args.micro_batch_size,
                                   tuple(v.strip() for v in args.variants.split(",")))
     print(f"({time.time() - t0:.0f}s, load average {os.getloadavg()[0]:.2f})")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        from fastdpo.bench.run import provenance
+        from fastdpo.files import write_json
+        given = sys.argv[1:] if argv is None else argv
+        command = shlex.join(["python", "-m", "fastdpo.bench.packing", *given])
+        write_json(args.json, {"meta": provenance(command, load_before), "rows": rows}, indent=1)
         print(f"wrote {os.path.abspath(args.json)}")
 
 

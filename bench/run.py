@@ -516,6 +516,15 @@ def _git() -> dict:
     return {"revision": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
+def provenance(command: str, load_before: tuple[float, float, float] | None = None) -> dict:
+    """Where a standalone benchmark's JSON came from: its command line, CPU, threads, versions,
+    git revision (and whether the tree was dirty), load average before and after."""
+    return {"command": command, "cpu": _cpu_model(),
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "versions": _versions(), "git": _git(),
+            "load_average": {"before": load_before, "after": os.getloadavg()}}
+
+
 def machine(device: torch.device, peaks: dict) -> dict:
     return {
         "device": device.type,

@@ -317,6 +317,23 @@ def test_the_bench_compares_equal_work():
     assert packed["speedup"] > 0 and "speedup" not in padded
 
 
+def test_the_bench_json_says_where_its_rows_came_from(tmp_path):
+    """``--json`` writes the rows with the command, CPU, versions, git revision and load average,
+    so a figure quoted from it can be traced."""
+    import json
+
+    from fastdpo.bench.packing import main
+
+    out = tmp_path / "packing.json"
+    main(["--data", "demo", "--rounds", "1", "--steps", "1", "--precision", "fp32", "--micro-batch-size", "2",
+          "--variants", "padded,packed", "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert [r["variant"] for r in doc["rows"]] == ["padded", "packed"]
+    meta = doc["meta"]
+    assert "--variants padded,packed" in meta["command"] and meta["versions"]["torch"] == torch.__version__
+    assert set(meta["git"]) == {"revision", "dirty"} and set(meta["load_average"]) == {"before", "after"}
+
+
 def test_the_wrapped_policy_runs_the_flat_row(monkeypatch):
     """Under DDP/FSDP2 the policy is ``PolicyForward``: the flat row goes through its forward."""
     from fastdpo.training.logprobs import PolicyForward, pair_forward, pair_rows
