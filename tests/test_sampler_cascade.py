@@ -300,5 +300,31 @@ def test_half_precision_decoding_follows_the_oracle_on_either_cpu_kernel(family,
                 seq = torch.tensor(prompts[r] + forced[r, :t].tolist())[None]
                 with torch.no_grad():
                     want = m(seq)[0, -1].float()
-                torch.testing.assert_close(step_logits[i], want, rtol=0, atol=0.1, msg=f"step {t} row {r}")
+                torch.testing.assert_close(step_logits[i].float(), want, rtol=0, atol=0.1,
+                                           msg=f"step {t} row {r}")
     assert any(not torch.equal(a, b) for a, b in zip(*logits_by_kernel.values()))
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_rows_that_already_form_the_query_grid_skip_the_scatter(family):
+    """K samples per prompt laid out prompt by prompt (the usual mining layout) are the query grid
+    itself (no scatter into a zeroed grid); rows finishing unevenly turn it back into a scatter.
+    Either way every step's logits and tokens equal the re-forward oracle's."""
+    from fastdpo.generation.decode_batch import _grid
+
+    assert _grid([0, 0, 1, 1, 2, 2], "cpu") == (None, 2)
+    assert _grid([0, 0, 1, 2, 2], "cpu")[0].tolist() == [0, 1, 2, 4, 5]       # group 1 is short
+    assert _grid([0, 1, 0, 1], "cpu")[0].tolist() == [0, 2, 1, 3]             # interleaved
+    m = tiny(family, seed=3)
+    prompts, _ = grouped_prompts(seed=3)
+    distinct = list(dict.fromkeys(map(tuple, prompts)))
+    prompts = [list(p) for p in distinct for _ in range(3)]                   # 4 prompts x 3 rows
+    budgets = [40, 5, 40] * 4                                                 # one row per group ends early
+    fast, slow = {}, {}
+    a = sample(m, prompts, 1.0, budgets, 20, None, seed=4, on_step=record(fast), cascade=True)
+    b = sample_reforward(m, prompts, 1.0, budgets, 20, None, seed=4, on_step=record(slow))
+    assert a == b and [len(x) for x in a] == budgets
+    assert fast.keys() == slow.keys()
+    for step in fast:
+        assert torch.equal(fast[step][0], slow[step][0]), step
+        torch.testing.assert_close(fast[step][1], slow[step][1], rtol=0, atol=3e-5)

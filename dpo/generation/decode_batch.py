@@ -32,15 +32,19 @@ def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
 
 
-def _grid(groups: list[int], device) -> tuple[torch.Tensor, int]:
+def _grid(groups: list[int], device) -> tuple[torch.Tensor | None, int]:
     """Each row's place ``group * width + slot`` in the query grid (slot = the row's rank among its
-    group's rows) and the grid's width (the largest group)."""
+    group's rows) and the grid's width (the largest group). Places are None when the rows already
+    are the grid (grouped in order, every group full: the usual K samples per prompt), so the
+    attention reshapes the queries instead of scattering them into a zeroed grid and back."""
     width = max(Counter(groups).values())
     seen: Counter = Counter()
     places = []
     for g in groups:
         places.append(g * width + seen[g])
         seen[g] += 1
+    if places == list(range(len(groups))) and len(groups) == (max(groups) + 1) * width:
+        return None, width
     return torch.tensor(places, device=device), width
 
 
@@ -55,8 +59,11 @@ def use_cascade(prompts: list[list[int]], cascade: bool | None) -> bool:
 
 
 class DecodeBatch:
-    """Prefills ``prompts`` (``self.logits``: each row's first next-token logits, float32), then
-    ``step`` appends one token per row and returns the next logits. ``max_steps``: at most this
+    """Prefills ``prompts`` (``self.logits``: each row's first next-token logits), then ``step``
+    appends one token per row and returns the next logits. Logits stay in the forward's dtype
+    (bf16 under bf16 autocast, whose values they already are): converting all (B, V) of them to
+    float32 every step cost more than the top-k that reads them; ``choose_tokens`` converts the
+    candidates it keeps. ``max_steps``: at most this
     many steps follow (lets the row part be allocated once, see ``DecodeCache.reserve``)."""
 
     def __init__(self, model: torch.nn.Module, prompts: list[list[int]], cascade: bool,
@@ -77,7 +84,7 @@ class DecodeBatch:
         # keys/values are masked out below (prefix part) or overwritten before being read (flat).
         h = model.hidden_states(ids, kv_caches=pre)
         last = h[torch.arange(G, device=device), lens_t - 1]
-        self.logits = F.linear(last, model.lm_head_weight).float()[group_t]
+        self.logits = F.linear(last, model.lm_head_weight)[group_t]
         self.shared, self.group, self.steps_done = cascade, group, 0
         if cascade:
             self.first_slot = 0          # the row part holds generated tokens only
@@ -112,7 +119,7 @@ class DecodeBatch:
 
     def step(self, tok: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         """Append ``tok`` (B,) to every row (finished rows rewrite their last slot, which no one
-        reads again); advance the rows in ``live``; return the next logits (B, V) float32."""
+        reads again); advance the rows in ``live``; return the next logits (B, V)."""
         # Each step appends at most one token per row, so no slot is beyond this (host count).
         need = self.first_slot + self.steps_done + 1
         if need > self.caches[0].capacity:
@@ -129,7 +136,7 @@ class DecodeBatch:
         st = self.state
         st.mask_slots(self.caches[0].capacity, self.caches[0].bias_dtype)
         pos = (self.base + st.own_pos)[:, None]
-        return self.model(tok[:, None], pos=pos, kv_caches=self.caches)[:, -1].float()
+        return self.model(tok[:, None], pos=pos, kv_caches=self.caches)[:, -1]
 
     def keep(self, rows: list[int]) -> torch.Tensor:
         """Keep only ``rows`` (batch indices, host list, in order); returns them as an index tensor

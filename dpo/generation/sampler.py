@@ -122,10 +122,11 @@ def _no_grad(fn):
 # -- token choice (shared by both paths, so equal logits give equal tokens) -------------------------
 def choose_tokens(logits: torch.Tensor, temps: torch.Tensor, u: torch.Tensor, top_k: int | None,
                   top_p: float = 1.0) -> torch.Tensor:
-    """Next token per row from float32 ``logits`` (B, V), temperatures (B,) and uniforms (B,).
+    """Next token per row from ``logits`` (B, V), temperatures (B,) and uniforms (B,).
 
     Inverse-CDF sampling over the top-k (then top-p) candidates; rows with temperature 0 take the
-    argmax."""
+    argmax. The candidates are chosen in the logits' dtype and weighed in float32 (a bf16 value is
+    exact in float32, so the choice equals that from float32 logits of the same values)."""
     V = logits.shape[-1]
     if top_k and top_k < V:
         vals, idx = logits.topk(top_k, dim=-1)  # sorted, largest first
@@ -133,6 +134,7 @@ def choose_tokens(logits: torch.Tensor, temps: torch.Tensor, u: torch.Tensor, to
         vals, idx = logits.sort(dim=-1, descending=True)
     else:
         vals, idx = logits, None
+    vals = vals.float()
     probs = torch.softmax(vals / temps.clamp_min(1e-6)[:, None], dim=-1)
     if top_p < 1.0:  # keep the smallest prefix of the sorted candidates holding top_p of the mass
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
@@ -214,7 +216,7 @@ def sample(model: torch.nn.Module, prompts: Sequence[Sequence[int]], temperature
         bar = _progress_bar(steps, progress)
         for step in range(steps):
             if on_step is not None:
-                on_step(step, rows[live], logits[live])
+                on_step(step, rows[live], logits[live].float())
             tok = choose_tokens(logits, temps[rows], uniforms[rows, step], top_k, top_p)
             tokens[rows, step] = tok  # past a row's count for finished rows: ignored
             stop = live & (tok == eos_id) if eos_id is not None else torch.zeros_like(live)
@@ -252,7 +254,7 @@ def _halted(on_token: TokenHook | None, step: int, rows, kept, tok, logits) -> t
     """The rows ``on_token`` ends now, as a mask over the batch (None: no hook, or it ended none)."""
     if on_token is None:
         return None
-    halt = on_token(step, rows[kept], tok[kept], logits[kept])
+    halt = on_token(step, rows[kept], tok[kept], logits[kept].float())
     if halt is None:
         return None
     extra = torch.zeros_like(kept)
@@ -314,7 +316,7 @@ def sample_reforward(model: torch.nn.Module, prompts: Sequence[Sequence[int]], t
             h = model.hidden_states(ids[:, : int(cur.max())])
             logits = F.linear(h[rows, cur - 1], model.lm_head_weight).float()
             if on_step is not None:
-                on_step(step, rows[live], logits[live])
+                on_step(step, rows[live], logits[live].float())
             tok = choose_tokens(logits, temps, uniforms[:, step], top_k, top_p)
             stop = live & (tok == eos_id) if eos_id is not None else torch.zeros_like(live)
             keep = live & ~stop

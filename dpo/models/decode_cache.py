@@ -103,8 +103,9 @@ class DecodeState:
 
     own_pos (B,): the slot of the row part where this step's key goes (the row sees slots
     0..own_pos); own_invalid (B, 1, 1, capacity): the slots past it. With a prefix part:
-    group_slot (B,) places row b at ``group * width + slot`` of the (groups * width) query grid,
-    prefix_invalid (G, 1, 1, P) marks pads past each group's prompt."""
+    group_slot (B,) places row b at ``group * width + slot`` of the (groups * width) query grid
+    (None: row b is place b, the rows are the grid), prefix_invalid (G, 1, 1, P) marks pads past
+    each group's prompt."""
 
     def __init__(self, own_pos: torch.Tensor, group_slot: torch.Tensor | None = None, groups: int = 0,
                  width: int = 1, prefix_invalid: torch.Tensor | None = None):
@@ -215,13 +216,16 @@ class DecodeCache:
         st = self.state
         B, hk, rep, D = q.shape
         G, W = st.groups, st.width
-        grid = q.new_zeros(G * W, hk, rep, D)
-        grid[st.group_slot] = q
+        grid = q
+        if st.group_slot is not None:
+            grid = q.new_zeros(G * W, hk, rep, D)
+            grid[st.group_slot] = q
         grid = grid.view(G, W, hk, rep, D).transpose(1, 2).reshape(G, hk, W * rep, D)
         bias = None if self.bias_dtype is None else st.prefix_bias(self.bias_dtype)
         out, lse = partial_attention(grid, self.prefix_k, self.prefix_v, st.prefix_invalid, bias)
 
         def per_row(t: torch.Tensor) -> torch.Tensor:
-            return t.view(G, hk, W, rep, -1).transpose(1, 2).reshape(G * W, hk, rep, -1)[st.group_slot]
+            t = t.view(G, hk, W, rep, -1).transpose(1, 2).reshape(G * W, hk, rep, -1)
+            return t if st.group_slot is None else t[st.group_slot]
 
         return per_row(out), per_row(lse)
