@@ -18,6 +18,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
+from fastdpo.models import kv_cache
 from fastdpo.models.decode_cache import CHUNK, DecodeCache, DecodeState
 from fastdpo.models.kv_cache import KVCache
 
@@ -92,7 +93,9 @@ class DecodeBatch:
             place, width = _grid(group, device)
             invalid = (torch.arange(P, device=device) >= lens_t[:, None])[:, None, None, :]
             own_pos = torch.zeros(B, dtype=torch.long, device=device)
-            self.state = DecodeState(own_pos, place, G, width, invalid)
+            # one slot for every row, a host int, where host values are free (DecodeState)
+            slot = 0 if kv_cache.position_check_on_host(device) else None
+            self.state = DecodeState(own_pos, place, G, width, invalid, slot=slot)
             self.caches = [DecodeCache(self.state, c.k.new_zeros(self._row_shape(c, B, CHUNK)),
                                        c.v.new_zeros(self._row_shape(c, B, CHUNK)), c.k, c.v) for c in pre]
         else:
@@ -126,7 +129,12 @@ class DecodeBatch:
             for c in self.caches:
                 c.grow(_round_up(need, c.grain))
         logits = self.forward(tok)
-        self.state.own_pos += live
+        st = self.state
+        if st.slot is not None:   # every row's next slot, finished rows' too (never read)
+            st.own_pos += 1
+            st.slot += 1
+        else:
+            st.own_pos += live
         self.steps_done += 1
         return logits
 
@@ -134,7 +142,8 @@ class DecodeBatch:
         """The device part of a step: tensors in, tensors out, no host reads, no data-dependent
         Python branches (shapes and host ints only)."""
         st = self.state
-        st.mask_slots(self.caches[0].capacity, self.caches[0].bias_dtype)
+        if not self.caches[0].exact_view:
+            st.mask_slots(self.caches[0].capacity, self.caches[0].bias_dtype)
         pos = (self.base + st.own_pos)[:, None]
         return self.model(tok[:, None], pos=pos, kv_caches=self.caches)[:, -1]
 

@@ -58,19 +58,23 @@ def _cpu_half_flash(k: torch.Tensor) -> bool:
     return CPU_HALF_FLASH and k.device.type == "cpu" and k.dtype in (torch.bfloat16, torch.float16)
 
 
-def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, invalid: torch.Tensor,
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, invalid: torch.Tensor | None,
                       bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of ``q`` (N, Hkv, M, D) over ``k``, ``v`` (N, Hkv, L, D), ``invalid``
-    (bool, broadcastable to (N, Hkv, M, L)) marking keys not to see. Returns the output (N, Hkv,
-    M, D) and the log-sum-exp of the scores (N, Hkv, M, 1), both float32. Every query must see at
-    least one key. Matmuls run in the cache's dtype (float32 accumulation inside), the softmax in
-    float32 (on a CPU with AMX in half precision: torch's flash kernel, which does the same; it
-    takes ``invalid`` as an additive ``bias``, which callers may pass ready-made, see ``additive``)."""
+    (bool, broadcastable to (N, Hkv, M, L); None: every key) marking keys not to see. Returns the
+    output (N, Hkv, M, D) and the log-sum-exp of the scores (N, Hkv, M, 1), both float32. Every
+    query must see at least one key. Matmuls run in the cache's dtype (float32 accumulation
+    inside), the softmax in float32 (on a CPU with AMX in half precision: torch's flash kernel,
+    which does the same; it takes ``invalid`` as an additive ``bias``, which callers may pass
+    ready-made, see ``additive``)."""
     if _cpu_half_flash(k):
-        out, lse = _cpu_flash(q, k, v, attn_mask=additive(invalid, q.dtype) if bias is None else bias)
+        if bias is None and invalid is not None:
+            bias = additive(invalid, q.dtype)
+        out, lse = _cpu_flash(q, k, v, attn_mask=bias)
         return out.float(), lse.unsqueeze(-1)
     scores = (q @ k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5)
-    scores.masked_fill_(invalid, float("-inf"))
+    if invalid is not None:
+        scores.masked_fill_(invalid, float("-inf"))
     top = scores.amax(-1, keepdim=True)
     p = scores.sub_(top).exp_()
     total = p.sum(-1, keepdim=True)
@@ -86,9 +90,10 @@ def additive(invalid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def merge_attention(out1: torch.Tensor, lse1: torch.Tensor, out2: torch.Tensor,
                     lse2: torch.Tensor) -> torch.Tensor:
     """The attention over the union of two disjoint key sets, from each part's output and
-    log-sum-exp (float32)."""
-    lse = torch.logaddexp(lse1, lse2)
-    return out1 * (lse1 - lse).exp() + out2 * (lse2 - lse).exp()
+    log-sum-exp (float32): out1 * exp(lse1 - lse) + out2 * exp(lse2 - lse) with lse their
+    logaddexp, which is a lerp from out2 to out1 by sigmoid(lse1 - lse2) (3 ops instead of 8: a
+    decode step runs this per layer on small tensors, where each op's fixed cost dominates)."""
+    return torch.lerp(out2, out1, torch.sigmoid(lse1 - lse2))
 
 
 def _fused_is_faster(k: torch.Tensor) -> bool:
@@ -102,14 +107,19 @@ class DecodeState:
     """What every layer's ``DecodeCache`` shares in a step (set by the decoder between steps).
 
     own_pos (B,): the slot of the row part where this step's key goes (the row sees slots
-    0..own_pos); own_invalid (B, 1, 1, capacity): the slots past it. With a prefix part:
+    0..own_pos); own_invalid (B, 1, 1, capacity): the slots past it. ``slot``: a host int when
+    every row writes the same slot (a row part of generated tokens only, finished rows advancing
+    too, unread): the write is then a plain strided copy, the mask (1, 1, 1, capacity), and a
+    reserved buffer is read as exactly its first slot + 1 slots with no mask. Only where host
+    values cost nothing (the CPU): a host int changing every step would be baked into a captured
+    CUDA graph. With a prefix part:
     group_slot (B,) places row b at ``group * width + slot`` of the (groups * width) query grid
     (None: row b is place b, the rows are the grid), prefix_invalid (G, 1, 1, P) marks pads past
     each group's prompt."""
 
     def __init__(self, own_pos: torch.Tensor, group_slot: torch.Tensor | None = None, groups: int = 0,
-                 width: int = 1, prefix_invalid: torch.Tensor | None = None):
-        self.own_pos, self.group_slot = own_pos, group_slot
+                 width: int = 1, prefix_invalid: torch.Tensor | None = None, slot: int | None = None):
+        self.own_pos, self.group_slot, self.slot = own_pos, group_slot, slot
         self.groups, self.width, self.prefix_invalid = groups, width, prefix_invalid
         self.own_invalid: torch.Tensor | None = None
         # the masks as additive biases, for a kernel that takes those (built once, for every layer)
@@ -120,7 +130,10 @@ class DecodeState:
         """The row part's mask for this step (once per step, shared by all layers), and as an
         additive bias of ``bias_dtype`` if given."""
         slots = torch.arange(capacity, device=self.own_pos.device)
-        self.own_invalid = (slots > self.own_pos[:, None])[:, None, None, :]
+        if self.slot is None:
+            self.own_invalid = (slots > self.own_pos[:, None])[:, None, None, :]
+        else:
+            self.own_invalid = (slots > self.slot)[None, None, None, :]
         self.own_bias = None if bias_dtype is None else additive(self.own_invalid, bias_dtype)
 
     def prefix_bias(self, dtype: torch.dtype) -> torch.Tensor:
@@ -167,6 +180,12 @@ class DecodeCache:
             self.reserved = True
 
     @property
+    def exact_view(self) -> bool:
+        """Whether attention reads exactly the written slots, unmasked (a reserved buffer, where
+        views are read at full speed, and one slot for every row)."""
+        return self.reserved and self.state.slot is not None
+
+    @property
     def grain(self) -> int:
         """The row part grows by this many slots."""
         return RESERVED_CHUNK if self.reserved else CHUNK
@@ -195,17 +214,24 @@ class DecodeCache:
         if T != 1:
             raise ValueError(f"a DecodeCache decodes one token per row, got {T}")
         st, hk = self.state, k.shape[1]
-        rows = torch.arange(B, device=q.device)
-        self.k[rows, :, st.own_pos] = k[:, :, 0]
-        self.v[rows, :, st.own_pos] = v[:, :, 0]
+        if st.slot is not None:
+            self.k[:, :, st.slot] = k[:, :, 0]
+            self.v[:, :, st.slot] = v[:, :, 0]
+        else:
+            rows = torch.arange(B, device=q.device)
+            self.k[rows, :, st.own_pos] = k[:, :, 0]
+            self.v[rows, :, st.own_pos] = v[:, :, 0]
         q = q.reshape(B, hk, H // hk, D)          # query heads h*rep .. h*rep+rep-1 read kv head h
-        own_k, own_v = self.k, self.v
-        if self.length < own_k.shape[2]:          # a reserved buffer: its first ``length`` slots
+        own_k, own_v, invalid, bias = self.k, self.v, st.own_invalid, st.own_bias
+        if self.exact_view:                       # every slot written so far and no other
+            own_k, own_v, invalid, bias = self.k[:, :, :st.slot + 1], self.v[:, :, :st.slot + 1], None, None
+        elif self.length < own_k.shape[2]:        # a reserved buffer: its first ``length`` slots
             own_k, own_v = own_k[:, :, :self.length], own_v[:, :, :self.length]
         if self.prefix_k is None and _fused_is_faster(own_k):
-            out = F.scaled_dot_product_attention(q, own_k, own_v, attn_mask=~st.own_invalid)
+            visible = None if invalid is None else ~invalid
+            out = F.scaled_dot_product_attention(q, own_k, own_v, attn_mask=visible)
         else:
-            out, lse = partial_attention(q, own_k, own_v, st.own_invalid, st.own_bias)
+            out, lse = partial_attention(q, own_k, own_v, invalid, bias)
             if self.prefix_k is not None:
                 out = merge_attention(out, lse, *self._prefix_attention(q))
         return out.reshape(B, H, 1, D).to(q.dtype)
