@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -33,6 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from fastdpo.bench.run import provenance  # noqa: E402
 from fastdpo.files import write_json  # noqa: E402
 from fastdpo.generation.mining import DEFAULT_TEMPS as TEMPS  # noqa: E402
 from fastdpo.generation.sampler import sample  # noqa: E402
@@ -177,24 +178,16 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON file (default: runs/bench/shared-prefix-<preset>-<dtype>.json)")
     a = ap.parse_args(argv)
+    load_before = os.getloadavg()
     rows = run_shared_prefix_bench(a.preset, a.prompts, a.k, a.prompt_len, a.max_new, a.dtype, hf=not a.no_hf,
                                    baseline_rev=a.baseline_rev, repeats=a.repeats, threads=a.threads,
                                    seed=a.seed)
     print(format_table(rows))
     out = a.out or Path("runs/bench") / f"shared-prefix-{a.preset}-{a.dtype}.json"
-    meta = dict(command=" ".join(sys.argv), machine=platform.machine(), processor=platform.processor(),
-                torch=torch.__version__, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
-                load_average=os.getloadavg(), git=_git_rev())
+    given = sys.argv[1:] if argv is None else argv
+    meta = provenance(shlex.join(["python", "-m", "fastdpo.bench.shared_prefix", *given]), load_before)
     write_json(out, {"results": rows, "meta": meta}, indent=1)
     print(f"wrote {out}")
-
-
-def _git_rev() -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 if __name__ == "__main__":
