@@ -340,7 +340,8 @@ def bench_mining_phase(ctx, out):
             continue
         out["summary"].append(_row("mining", f"{r['backend']} sampler", r["pairs_per_min"], "pairs/min",
                                    preset="tiny", device=device, prompts_per_min=r["prompts_per_min"],
-                                   vs_builtin=r.get("vs_builtin_prompts"),
+                                   vs_builtin_prompts=r.get("vs_builtin_prompts"),
+                                   vs_builtin_pairs=r.get("vs_builtin_pairs"),
                                    note="equal prompts, K, lengths and judge; median of interleaved runs"))
 
 
