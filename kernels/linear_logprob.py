@@ -83,9 +83,9 @@ if HAS_TRITON:
 # float32 scratch budget of one (rows x vocabulary) logits tile, forward / backward (bytes). Small
 # enough that the op's buffers stay under a tenth of the float32 (B, T, V) logits at the bench
 # shapes (bench/kernels.py reports it); large enough that each tile is a well-shaped GEMM and a
-# pass is a few dozen ops, not hundreds. Measured at 8x1024x50304, C=768, bf16, 2 threads on a CPU
-# shared with other processes (load 5-9, medians of 3, interleaved): 8 MB 8.6-16 s, 16 MB 14 s, 32 MB 2.9-8 s,
-# 64 MB 3.2 s; matmul + fused logits op 7.8-16 s.
+# pass is a few dozen ops, not hundreds. Measured at 8x1024x50304, C=768, bf16, 2 threads, other
+# processes competing for the cores (medians of 3, interleaved): 8 MB 8.6-16 s, 16 MB 14 s, 32 MB
+# 2.9-8 s, 64 MB 3.2 s; matmul + fused logits op 7.8-16 s.
 FWD_TILE_BYTES = 32 * 2**20
 BWD_TILE_BYTES = 32 * 2**20
 # Rows per super-chunk. Forward: the lm_head weight is cast (under autocast) once per super-chunk.

@@ -47,9 +47,10 @@ class DtypeError(TypeError, ValueError):
 
 # Bytes of float32 scratch one torch-path chunk may use; ~8 MB keeps a chunk's passes in L2/L3.
 # Measured at 8x512x32768 bf16, fwd+bwd, 1 thread: 8 MB 0.96 s, 32 MB 1.29 s, 128 MB 2.40 s. With 2
-# threads on a loaded 2-core machine and libgomp's default spinning barriers the order flips (8 MB
-# 2.7 s, 32 MB 1.7 s: every op's barrier spins while its partner thread is descheduled, and smaller
-# chunks mean more ops); with OMP_WAIT_POLICY=PASSIVE, 8 MB at 2 threads takes 0.9 s (bench/kernels.py).
+# threads, other processes competing for the 2 cores and libgomp's default spinning barriers the
+# order flips (8 MB 2.7 s, 32 MB 1.7 s: every op's barrier spins while its partner thread is
+# descheduled, and smaller chunks mean more ops); with OMP_WAIT_POLICY=PASSIVE, 8 MB at 2 threads
+# takes 0.9 s (bench/kernels.py).
 TORCH_CHUNK_BYTES = 8 * 2**20
 # Largest Triton vocabulary block (see block_config); tests lower it to exercise the streaming loop.
 MAX_BLOCK_V = 4096
