@@ -61,6 +61,8 @@ def cases(d):
            "--set", "train.max_steps=1", "--set", "train.batch_size=4", "--set", "train.progress=false"]
     judge = ["--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m", "--max-new-tokens", "8"]
     pairs = ["pairs", "--out", f"{d}/o.jsonl", *judge]
+    loop = ["loop", "--sft-checkpoint", ck, "--out", f"{d}/loop", "--prompts", data, "--eval-prompts", data,
+            *judge, "--no-progress"]
     return {
         "pairs: missing checkpoint": [*pairs, "--ckpt", missing, "--prompts", data],
         "pairs: missing prompts": [*pairs, "--ckpt", ck, "--prompts", missing],
@@ -117,6 +119,13 @@ def cases(d):
         "bench: missing mining checkpoint": ["bench", "--phases", "judge", "--quick", "--out", f"{d}/b",
                                              "--mining-ckpt", missing],
         "bench: unknown phase": ["bench", "--phases", "nonsense", "--out", f"{d}/b2"],
+        "loop: missing checkpoint": [*loop[:2], missing, *loop[3:]],
+        "loop: missing prompts": [*loop, "--prompts", missing],
+        "loop: missing eval prompts": [*loop[:8], missing, *loop[9:]],
+        "loop: bad prompts": [*loop, "--prompts", str(d / "prompts_bad.jsonl")],
+        "loop: zero rounds": [*loop, "--rounds", "0"],
+        "loop: bad config": [*loop, "--config", str(d / "inf.yaml")],
+        "loop: tpu device": [*loop, "--device", "tpu:9"],
         "demo: missing config": ["demo", "--config", missing + ".yaml", "--out", f"{d}/demo"],
         "demo: bad config": ["demo", "--config", str(d / "demo_bad.yaml"), "--out", f"{d}/demo2"],
     }
@@ -140,6 +149,8 @@ def test_every_command_fails_bad_input_in_one_line(f, capsys, name):
     assert "Traceback" not in err
     assert len(lines) == 1 and lines[0].startswith(f"fastdpo {argv[0]}: error: "), err
     assert lines[0].endswith("(set FASTDPO_TRACEBACK=1 for the traceback)")
+    if "--device" in argv and "tpu:9" in argv:   # named as the flag the user gave
+        assert "'tpu:9' is not a device" in lines[0] and "--set" not in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("name", ["train: epochs inf", "audit: trailing array"])

@@ -76,7 +76,9 @@ def add_subcommand(sub) -> None:
 
 
 def _cli(args) -> int:
+    from fastdpo.runtime import resolve_device
     from fastdpo.training.config import load_config
+    resolve_device(args.device)   # a bad --device is named as such, not as the train.device it sets
     cfg = load_config(args.config, [*args.overrides, f"train.device={args.device}"], kind="dpo")
     loop = LoopConfig(rounds=args.rounds, prompts=args.prompts, prompts_per_round=args.prompts_per_round,
                       datasets=args.datasets, eval_prompts=args.eval_prompts,
