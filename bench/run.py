@@ -522,8 +522,16 @@ def provenance(command: str, load_before: tuple[float, float, float] | None = No
     git revision (and whether the tree was dirty), load average before and after."""
     return {"command": command, "cpu": _cpu_model(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "versions": _versions(), "git": _git(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpu_half_flash_attention": _cpu_flash(),
+            "versions": _versions(), "git": _git(),
             "load_average": {"before": load_before, "after": os.getloadavg()}}
+
+
+def _cpu_flash() -> bool:
+    """Whether the sampler's half-precision attention runs torch's CPU flash kernel (CPUs with AMX)
+    rather than matmuls: which one ran changes the sampler's figures."""
+    from fastdpo.models.decode_cache import CPU_HALF_FLASH
+    return CPU_HALF_FLASH
 
 
 def machine(device: torch.device, peaks: dict) -> dict:

@@ -254,4 +254,4 @@ def test_rounds_report_says_when_the_ablation_found_fewer_pairs_than_the_budget(
     fewer = format_rounds(summary(4))
     assert ("for one round with 4 pairs (the SFT model's answers over the pool gave fewer than the "
             "loop's 5)") in fewer
-    assert "with the same 5 pairs:" not in fewer
+    assert "with the same" not in fewer

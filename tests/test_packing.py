@@ -330,7 +330,8 @@ def test_the_bench_json_says_where_its_rows_came_from(tmp_path):
     doc = json.loads(out.read_text())
     assert [r["variant"] for r in doc["rows"]] == ["padded", "packed"]
     meta = doc["meta"]
-    assert "--variants padded,packed" in meta["command"] and meta["versions"]["torch"] == torch.__version__
+    assert "--variants padded,packed" in meta["command"]
+    assert meta["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert set(meta["git"]) == {"revision", "dirty"} and set(meta["load_average"]) == {"before", "after"}
 
 

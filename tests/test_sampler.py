@@ -279,3 +279,8 @@ def test_greedy_rows_take_the_first_of_tied_maxima_as_argmax_does():
     # sampled rows beside greedy ones are untouched
     mixed = choose_tokens(logits, torch.tensor([0.0, 1.0, 0.0]), torch.tensor([0.5, 0.0, 0.5]), 3)
     assert mixed[0] == 1 and mixed[2] == 4 and mixed[1] in (0, 1, 2)
+    # bf16 logits pick the same candidates; a NaN logit still gives a token of the vocabulary
+    assert choose_tokens(logits.bfloat16(), temps, u, 3).tolist() == [1, 0, 4]
+    broken = logits.clone()
+    broken[0, 2] = float("nan")
+    assert 0 <= int(choose_tokens(broken, temps, u, 3)[0]) < logits.shape[1]

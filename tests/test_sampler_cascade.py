@@ -268,10 +268,16 @@ def test_the_cpu_flash_kernel_computes_the_matmul_parts_in_half_precision(monkey
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 @pytest.mark.parametrize("cascade", [True, False])
-def test_half_precision_decoding_follows_the_oracle_on_either_cpu_kernel(family, cascade, monkeypatch):
+@pytest.mark.parametrize("capped", [False, True])
+def test_half_precision_decoding_follows_the_oracle_on_either_cpu_kernel(family, cascade, capped,
+                                                                        monkeypatch):
     """Teacher-forced bf16 decoding (autocast) over ragged shared prompts, rows leaving midway:
     each step's logits equal the float32 full forward's to bf16 accuracy, with the flash kernel
-    (row part reserved once, read as a growing view) and with the matmuls (buffer reallocated)."""
+    (row part reserved once, read as a growing view; or, with the reservation capped below the
+    steps, doubled when outgrown) and with the matmuls (buffer reallocated)."""
+    from fastdpo.generation import decode_batch
+    if capped:
+        monkeypatch.setattr(decode_batch, "RESERVE_MAX", 8)
     m = tiny(family, seed=2)
     prompts, _ = grouped_prompts(seed=2)
     steps = 40
@@ -291,7 +297,11 @@ def test_half_precision_decoding_follows_the_oracle_on_either_cpu_kernel(family,
                 got.append(batch.step(tok, torch.ones(len(rows), dtype=torch.bool)).clone())
                 buffers.add(batch.caches[0].k.shape[2])
         assert batch.caches[0].reserved == flash
-        assert (len(buffers) == 1) == flash               # reserved: never reallocated
+        sizes = sorted(buffers)
+        if flash and capped:                              # outgrown: doubled, never 8 slots at a time
+            assert len(sizes) > 1 and all(b == 2 * a for a, b in zip(sizes, sizes[1:])), sizes
+        else:
+            assert (len(sizes) == 1) == flash             # reserved: never reallocated
         logits_by_kernel[flash] = got
         # the oracle: a float32 full forward over each row's prompt and forced tokens
         for t, step_logits in list(enumerate(got))[::3]:
@@ -300,17 +310,25 @@ def test_half_precision_decoding_follows_the_oracle_on_either_cpu_kernel(family,
                 seq = torch.tensor(prompts[r] + forced[r, :t].tolist())[None]
                 with torch.no_grad():
                     want = m(seq)[0, -1].float()
-                torch.testing.assert_close(step_logits[i].float(), want, rtol=0, atol=0.1,
+                torch.testing.assert_close(step_logits[i].float(), want, rtol=0, atol=0.15,
                                            msg=f"step {t} row {r}")
     assert any(not torch.equal(a, b) for a, b in zip(*logits_by_kernel.values()))
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])
-def test_rows_that_already_form_the_query_grid_skip_the_scatter(family):
+def test_rows_that_already_form_the_query_grid_skip_the_scatter(family, monkeypatch):
     """K samples per prompt laid out prompt by prompt (the usual mining layout) are the query grid
     itself (no scatter into a zeroed grid); rows finishing unevenly turn it back into a scatter.
     Either way every step's logits and tokens equal the re-forward oracle's."""
+    from fastdpo.generation import decode_batch
     from fastdpo.generation.decode_batch import _grid
+
+    layouts = []
+
+    def spy(groups, device):
+        places, width = _grid(groups, device)
+        layouts.append("grid" if places is None else "scatter")
+        return places, width
 
     assert _grid([0, 0, 1, 1, 2, 2], "cpu") == (None, 2)
     assert _grid([0, 0, 1, 2, 2], "cpu")[0].tolist() == [0, 1, 2, 4, 5]       # group 1 is short
@@ -319,12 +337,32 @@ def test_rows_that_already_form_the_query_grid_skip_the_scatter(family):
     prompts, _ = grouped_prompts(seed=3)
     distinct = list(dict.fromkeys(map(tuple, prompts)))
     prompts = [list(p) for p in distinct for _ in range(3)]                   # 4 prompts x 3 rows
-    budgets = [40, 5, 40] * 4                                                 # one row per group ends early
+    # three rows end early, two of them in one group: after the compaction groups are uneven
+    budgets = [40, 40, 40, 5, 40, 40, 5, 5, 40, 40, 40, 40]
     fast, slow = {}, {}
+    monkeypatch.setattr(decode_batch, "_grid", spy)
     a = sample(m, prompts, 1.0, budgets, 20, None, seed=4, on_step=record(fast), cascade=True)
+    assert layouts == ["grid", "scatter"]
     b = sample_reforward(m, prompts, 1.0, budgets, 20, None, seed=4, on_step=record(slow))
     assert a == b and [len(x) for x in a] == budgets
     assert fast.keys() == slow.keys()
     for step in fast:
         assert torch.equal(fast[step][0], slow[step][0]), step
+        torch.testing.assert_close(fast[step][1], slow[step][1], rtol=0, atol=3e-5)
+
+
+@pytest.mark.parametrize("cascade", [True, False])
+def test_a_finished_row_near_block_size_stays_in_the_batch_without_moving(cascade):
+    """A long prompt with a short budget (its last position at block_size - 1) finishes while the
+    short prompts' rows go on; it stays in the batch (fewer than a quarter of rows done) and must
+    not advance its position past block_size, as the server's batcher mixes such requests."""
+    m = tiny("gpt")                                            # block_size 96
+    g = torch.Generator().manual_seed(0)
+    short, long_ = (torch.randint(0, V, (n,), generator=g).tolist() for n in (20, 90))
+    prompts, budgets = [short] * 7 + [long_], [60] * 7 + [6]   # 20 + 60 and 90 + 6 fit in 96
+    fast, slow = {}, {}
+    a = sample(m, prompts, 1.0, budgets, 20, None, seed=1, cascade=cascade, on_step=record(fast))
+    b = sample_reforward(m, prompts, 1.0, budgets, 20, None, seed=1, on_step=record(slow))
+    assert a == b and [len(x) for x in a] == budgets
+    for step in fast:
         torch.testing.assert_close(fast[step][1], slow[step][1], rtol=0, atol=3e-5)

@@ -7,9 +7,10 @@ After the demo's task, tokenizer and SFT phases, two arms train with the headlin
   reference, and must pass the quality gate against the previous policy);
 * **one round** (the honest ablation): the same total number of pairs, mined once up front from
   the SFT model over the whole prompt pool, one DPO run over them (same epochs, so the same
-  number of gradient steps as the loop's rounds together). The loop's budget is a ceiling: when
-  the SFT model's answers over the pool give fewer usable pairs than the loop's later policies
-  did, the ablation trains on what it found and the report says so.
+  number of gradient steps as the loop's rounds together when it found as many pairs). The
+  loop's budget is a ceiling: when the SFT model's answers over the pool give fewer usable pairs
+  than the loop's later policies did, the ablation trains on what it found (fewer steps) and the
+  report says so.
 
 Both are judged on the held-out prompts at temperature 0.7 with the same seeds. Written under
 ``out/rounds/``: the loop's directory (``loop/round-k/...``), the ablation's (``one_round/``),
@@ -136,7 +137,9 @@ def format_rounds(s: dict) -> str:
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
     sft = s.get("sft_rates", {})
-    lines = ["== rounds: the loop vs one round with the same pair budget (judged accuracy at T=0.7) ==",
+    same = s["one_round"]["pairs"] == s["pairs_budget"]
+    budget = "the same pair budget" if same else "the loop's pair budget"
+    lines = [f"== rounds: the loop vs one round with {budget} (judged accuracy at T=0.7) ==",
              f"{'round':<7}{'status':<10}{'pairs':>7}{'pairs/min':>11}{'acc T=0.7':>11}{'content':>9}"
              f"{'chatty':>8}{'win vs prev':>13}{'mine s':>8}{'train s':>9}{'eval s':>8}",
              f"{'SFT':<7}{'':<10}{'':>7}{'':>11}{pct(s['accuracy_t07_sft']):>11}"

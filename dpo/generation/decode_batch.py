@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdpo.models import kv_cache
-from fastdpo.models.decode_cache import CHUNK, DecodeCache, DecodeState
+from fastdpo.models.decode_cache import CHUNK, RESERVE_MAX, DecodeCache, DecodeState
 from fastdpo.models.kv_cache import KVCache
 
 # Auto mode shares a prompt's keys/values only where that saves time: some prompt has 2+ rows and the
@@ -110,7 +110,7 @@ class DecodeBatch:
                 c.k = c.v = None   # free the prefill buffers layer by layer
         if max_steps:   # every slot the call can write, allocated now where views are cheap
             for c in self.caches:
-                c.reserve(_round_up(self.first_slot + max_steps, CHUNK))
+                c.reserve(_round_up(self.first_slot + min(max_steps, RESERVE_MAX), CHUNK))
 
     @staticmethod
     def _row_shape(c: KVCache, rows: int, capacity: int) -> tuple[int, ...]:
@@ -121,8 +121,9 @@ class DecodeBatch:
         return self.state.own_pos.shape[0]
 
     def step(self, tok: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-        """Append ``tok`` (B,) to every row (finished rows rewrite their last slot, which no one
-        reads again); advance the rows in ``live``; return the next logits (B, V)."""
+        """Append ``tok`` (B,) to every row (a finished row rewrites its last slot, or with one
+        slot for all rows writes that one; no one reads it again); advance the rows in ``live``;
+        return the next logits (B, V)."""
         # Each step appends at most one token per row, so no slot is beyond this (host count).
         need = self.first_slot + self.steps_done + 1
         if need > self.caches[0].capacity:
@@ -130,11 +131,9 @@ class DecodeBatch:
                 c.grow(_round_up(need, c.grain))
         logits = self.forward(tok)
         st = self.state
-        if st.slot is not None:   # every row's next slot, finished rows' too (never read)
-            st.own_pos += 1
+        st.own_pos += live        # positions: a finished row's stays put (it may sit at block_size)
+        if st.slot is not None:   # the next slot, written by every row (finished rows' never read)
             st.slot += 1
-        else:
-            st.own_pos += live
         self.steps_done += 1
         return logits
 

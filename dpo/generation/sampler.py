@@ -144,8 +144,10 @@ def choose_tokens(logits: torch.Tensor, temps: torch.Tensor, u: torch.Tensor, to
         return torch.where(temps == 0, logits.argmax(-1), choice.squeeze(-1))
     # greedy rows: the candidates are sorted, so the argmax is among those equal to the first; the
     # smallest such index is ``argmax``'s answer (unless more than top_k logits tie at the top) at
-    # the cost of a (B, k) reduction instead of another pass over the vocabulary
-    greedy = torch.where(vals == vals[:, :1], idx, V).amin(-1)
+    # the cost of a (B, k) reduction instead of another pass over the vocabulary (a NaN first
+    # candidate equals nothing: then the first candidate, a valid token, as argmax gives one)
+    first = idx[:, :1]
+    greedy = torch.where(vals == vals[:, :1], idx, first).amin(-1)
     return torch.where(temps == 0, greedy, idx.gather(-1, choice).squeeze(-1))
 
 
@@ -314,7 +316,8 @@ def sample_reforward(model: torch.nn.Module, prompts: Sequence[Sequence[int]], t
             # Full forward over every position; only the lm_head is limited to the rows' last
             # tokens (the seed's full (B, T, V) logits would not fit in memory at 124M scale).
             h = model.hidden_states(ids[:, : int(cur.max())])
-            logits = F.linear(h[rows, cur - 1], model.lm_head_weight).float()
+            # the forward's dtype, as the fast path's: both pick candidates with the same top-k
+            logits = F.linear(h[rows, cur - 1], model.lm_head_weight)
             if on_step is not None:
                 on_step(step, rows[live], logits[live].float())
             tok = choose_tokens(logits, temps, uniforms[:, step], top_k, top_p)

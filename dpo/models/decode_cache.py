@@ -34,6 +34,9 @@ import torch.nn.functional as F
 CHUNK = 32   # row-part capacity grows by this many slots; ~CHUNK/2 masked slots per row on average
 # within a reserved buffer (``DecodeCache.reserve``) growing is free, so attention reads fewer slots
 RESERVED_CHUNK = 8
+# at most this many slots are reserved up front (64 rows x 12 layers of a 124M model: ~0.6 GB of
+# bf16 keys and values); past them a reserved buffer doubles
+RESERVE_MAX = 512
 
 # torch's CPU flash-attention kernel, which also returns the log-sum-exp the merge needs
 _cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -108,9 +111,10 @@ class DecodeState:
 
     own_pos (B,): the slot of the row part where this step's key goes (the row sees slots
     0..own_pos); own_invalid (B, 1, 1, capacity): the slots past it. ``slot``: a host int when
-    every row writes the same slot (a row part of generated tokens only, finished rows advancing
-    too, unread): the write is then a plain strided copy, the mask (1, 1, 1, capacity), and a
-    reserved buffer is read as exactly its first slot + 1 slots with no mask. Only where host
+    every row writes the same slot (a row part of generated tokens only: a live row's own_pos is
+    the slot; a finished row keeps its position and writes the slot too, never read again): the
+    write is then a plain strided copy, the mask (1, 1, 1, capacity), and a reserved buffer is read
+    as exactly its first slot + 1 slots with no mask. Only where host
     values cost nothing (the CPU): a host int changing every step would be baked into a captured
     CUDA graph. With a prefix part:
     group_slot (B,) places row b at ``group * width + slot`` of the (groups * width) query grid
@@ -167,16 +171,18 @@ class DecodeCache:
         buffer a longer view, else a reallocation."""
         if capacity <= self.length:
             return
-        if capacity > self.k.shape[2]:
-            self._reallocate(capacity)
+        if capacity > self.k.shape[2]:   # past a reserved buffer: double it, not 8 slots at a time
+            self._reallocate(max(capacity, 2 * self.k.shape[2]) if self.reserved else capacity)
         self.length = capacity
 
     def reserve(self, slots: int) -> None:
         """Allocate the row part's ``slots`` now where attention can read a view of it at full
-        speed (torch's CPU flash kernel in half precision), so ``grow`` never reallocates: each
-        reallocation of a fresh buffer costs page faults and a copy of every slot so far."""
-        if _cpu_half_flash(self.k) and slots > self.k.shape[2]:
-            self._reallocate(slots)
+        speed (torch's CPU flash kernel in half precision), so ``grow`` rarely reallocates: each
+        reallocation of a fresh buffer costs page faults and a copy of every slot so far. Callers
+        cap ``slots`` (``RESERVE_MAX``): rows that stop early at eos never use a long budget."""
+        if _cpu_half_flash(self.k):
+            if slots > self.k.shape[2]:
+                self._reallocate(slots)
             self.reserved = True
 
     @property
