@@ -189,7 +189,17 @@ def main(argv=None) -> int:
               f"{row['ok_per_s']:6.1f} ok/s  {row['counts']}  failed {row['failed']}  "
               f"{'up' if row['alive'] else 'DOWN'}")
     if a.json:
-        write_json(a.json, {"loadavg": load, "settings": vars(a), "servers": rows})
+        import shlex
+
+        from fastdpo.bench.run import provenance
+        def redact(text):   # never a secret in a file (the key may sit in --serve-args too)
+            return text.replace(a.api_key, "<redacted>") if a.api_key and isinstance(text, str) else text
+
+        settings = {k: redact(v) for k, v in vars(a).items()}
+        given = sys.argv[1:] if argv is None else argv
+        command = redact(shlex.join(["python", "-m", "fastdpo.bench.serve_load", *given]))
+        write_json(a.json, {"meta": provenance(command), "loadavg": load, "settings": settings,
+                            "servers": rows})
     return 1 if any(r["failed"] or not r["alive"] for r in rows) else 0
 
 

@@ -428,3 +428,24 @@ def test_the_listening_socket_turns_nagle_off_for_its_connections():
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         sock.close()
+
+
+def test_the_load_bench_answers_every_request_and_keeps_no_secret(tmp_path):
+    """``python -m fastdpo.bench.serve_load --quick`` against a started ``fastdpo serve`` with a key:
+    every request answered, latencies reported, and the key never written to the JSON."""
+    import json
+
+    from fastdpo.bench.judge import make_tiny_checkpoint
+    from fastdpo.bench.serve_load import main
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", stop_logit=3.0)
+    out = tmp_path / "load.json"
+    rc = main(["--ckpt", str(ckpt), "--serve-args", "--threads 1 --api-key sekrit-123",
+               "--api-key", "sekrit-123", "--quick", "--json", str(out)])
+    assert rc == 0
+    text = out.read_text()
+    assert "sekrit-123" not in text
+    doc = json.loads(text)
+    (row,) = doc["servers"]
+    assert row["counts"] == {"200": 40} and row["alive"] and 0 < row["p50_s"] <= row["p99_s"]
+    assert doc["meta"]["git"].keys() == {"revision", "dirty"}
