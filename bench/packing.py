@@ -30,9 +30,7 @@ import argparse
 import copy
 import os
 import random
-import shlex
 import statistics
-import sys
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # see bench/train.py
@@ -219,9 +217,8 @@ def main(argv=None) -> None:
     if args.json:
         from fastdpo.bench.run import provenance
         from fastdpo.files import write_json
-        given = sys.argv[1:] if argv is None else argv
-        command = shlex.join(["python", "-m", "fastdpo.bench.packing", *given])
-        write_json(args.json, {"meta": provenance(command, load_before), "rows": rows}, indent=1)
+        write_json(args.json, {"meta": provenance("fastdpo.bench.packing", argv, load_before), "rows": rows},
+                   indent=1)
         print(f"wrote {os.path.abspath(args.json)}")
 
 

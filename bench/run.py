@@ -517,9 +517,12 @@ def _git() -> dict:
     return {"revision": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
-def provenance(command: str, load_before: tuple[float, float, float] | None = None) -> dict:
-    """Where a standalone benchmark's JSON came from: its command line, CPU, threads, versions,
-    git revision (and whether the tree was dirty), load average before and after."""
+def provenance(module: str, argv: list[str] | None,
+               load_before: tuple[float, float, float] | None = None) -> dict:
+    """Where a standalone benchmark's JSON came from: its command line (``python -m module`` with
+    ``argv``, or this process's arguments when None), CPU, threads, versions, git revision (and
+    whether the tree was dirty), load average before and after."""
+    command = shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
     return {"command": command, "cpu": _cpu_model(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpu_half_flash_attention": _cpu_flash(),

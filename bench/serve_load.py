@@ -189,17 +189,15 @@ def main(argv=None) -> int:
               f"{row['ok_per_s']:6.1f} ok/s  {row['counts']}  failed {row['failed']}  "
               f"{'up' if row['alive'] else 'DOWN'}")
     if a.json:
-        import shlex
-
         from fastdpo.bench.run import provenance
+
         def redact(text):   # never a secret in a file (the key may sit in --serve-args too)
             return text.replace(a.api_key, "<redacted>") if a.api_key and isinstance(text, str) else text
 
+        meta = provenance("fastdpo.bench.serve_load", argv)
+        meta["command"] = redact(meta["command"])
         settings = {k: redact(v) for k, v in vars(a).items()}
-        given = sys.argv[1:] if argv is None else argv
-        command = redact(shlex.join(["python", "-m", "fastdpo.bench.serve_load", *given]))
-        write_json(a.json, {"meta": provenance(command), "loadavg": load, "settings": settings,
-                            "servers": rows})
+        write_json(a.json, {"meta": meta, "loadavg": load, "settings": settings, "servers": rows})
     return 1 if any(r["failed"] or not r["alive"] for r in rows) else 0
 
 

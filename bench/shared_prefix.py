@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import subprocess
-import sys
 import time
 import types
 from pathlib import Path
@@ -184,8 +182,7 @@ def main(argv=None) -> None:
                                    seed=a.seed)
     print(format_table(rows))
     out = a.out or Path("runs/bench") / f"shared-prefix-{a.preset}-{a.dtype}.json"
-    given = sys.argv[1:] if argv is None else argv
-    meta = provenance(shlex.join(["python", "-m", "fastdpo.bench.shared_prefix", *given]), load_before)
+    meta = provenance("fastdpo.bench.shared_prefix", argv, load_before)
     write_json(out, {"results": rows, "meta": meta}, indent=1)
     print(f"wrote {out}")
 

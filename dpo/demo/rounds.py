@@ -157,11 +157,11 @@ def format_rounds(s: dict) -> str:
                  f"{pct(o.get('content_t07')):>9}{pct(o.get('chatty_t07')):>8}{'':>13}"
                  f"{o['seconds']['mine']:>8.1f}{o['seconds']['train']:>9.1f}{o['seconds']['eval']:>8.1f}")
     gain = s["loop_gain_over_one_round_points"]
-    same = (f"with the same {s['pairs_budget']} pairs" if o["pairs"] == s["pairs_budget"] else
-            f"with {o['pairs']} pairs (the SFT model's answers over the pool gave fewer than the "
-            f"loop's {s['pairs_budget']})")
+    pairs = (f"with the same {s['pairs_budget']} pairs" if same else
+             f"with {o['pairs']} pairs (the SFT model's answers over the pool gave fewer than the "
+             f"loop's {s['pairs_budget']})")
     lines.append(f"loop ends at {pct(s['accuracy_t07_loop'])} vs {pct(o['accuracy_t07'])} for one round "
-                 f"{same}: " + ("n/a" if gain is None else f"{gain:+.1f} points"))
+                 f"{pairs}: " + ("n/a" if gain is None else f"{gain:+.1f} points"))
     return "\n".join(lines)
 
 

@@ -64,8 +64,8 @@ class DecodeBatch:
     appends one token per row and returns the next logits. Logits stay in the forward's dtype
     (bf16 under bf16 autocast, whose values they already are): converting all (B, V) of them to
     float32 every step cost more than the top-k that reads them; ``choose_tokens`` converts the
-    candidates it keeps. ``max_steps``: at most this
-    many steps follow (lets the row part be allocated once, see ``DecodeCache.reserve``)."""
+    candidates it keeps. ``max_steps``: at most this many steps follow (lets the row part be
+    allocated up front, see ``DecodeCache.reserve``)."""
 
     def __init__(self, model: torch.nn.Module, prompts: list[list[int]], cascade: bool,
                  max_steps: int | None = None):
