@@ -146,12 +146,22 @@ def run_packing_bench(data: str = "demo", preset: str = "tiny", rounds: int = 3,
 
 
 def _padded_tokens(trainer, micro: list[list[int]]) -> int:
-    """Tokens the model runs on in a step: the padded rows' R x T, or the flat rows' real tokens."""
+    """Tokens the model runs on in a step: the padded rows' R x T, or the packed rows' slots (their
+    bins' rows x width; the real tokens where the flat row runs as one varlen call)."""
+    from fastdpo.models.segments import varlen_usable
+    from fastdpo.training.packing import flat_pairs
+
     task, total = trainer.task, 0
     for idx in micro:
         ps = [task.train[i] for i in idx]
         if task.packing:
-            total += sum(p.packed_length if task.shared_prompt else p.n_tokens for p in ps)
+            segments = flat_pairs(ps, 0, task.shared_prompt)[3].segments
+            dtype = torch.bfloat16 if trainer.precision == "bf16" else next(trainer.model.parameters()).dtype
+            if varlen_usable(trainer.device, dtype):
+                total += segments.n_tokens
+            else:
+                bins = segments.bins()
+                total += bins.n * bins.width
         elif task.shared_prompt:
             total += len(ps) * max(p.packed_length for p in ps)
         else:

@@ -74,19 +74,36 @@ def dense_mask(s: Segments) -> torch.Tensor:
 SEGMENTS = Segments([5, 3, 1, 4, 6, 2], [None, (0, 4), None, None, (3, 4), (4, 1)])
 
 
-@pytest.mark.parametrize("dtype,plain_max", [(torch.float32, 64), (torch.bfloat16, 64), (torch.bfloat16, 2)],
-                         ids=["fp32", "bf16-plain", "bf16-sdpa"])
+def attend_in_bins(q, k, v, segments: Segments):
+    """Flat (1, H, N, D) tensors through the bins: gathered into their slots, one masked SDPA call,
+    the real slots' outputs back in flat order."""
+    bins = segments.bins()
+    slot, mask = bins.on(q.device)
+
+    def into(t):   # (1, h, N, D) -> (n, h, W, D), empty slots zero
+        flat = t[0].transpose(0, 1)
+        out = flat.new_zeros(bins.n * bins.width, *flat.shape[1:]).index_copy(0, slot, flat)
+        return out.view(bins.n, bins.width, *flat.shape[1:]).transpose(1, 2)
+
+    y = F.scaled_dot_product_attention(into(q), into(k), into(v), attn_mask=mask,
+                                       enable_gqa=k.shape[1] != q.shape[1])
+    y = y.transpose(1, 2).reshape(bins.n * bins.width, q.shape[1], -1)
+    return y.index_select(0, slot).transpose(0, 1)[None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
-def test_segment_attention_equals_the_dense_document_mask(heads, dtype, plain_max, monkeypatch):
-    """Float32 tight; bf16 (the plain formula on short segments, SDPA on longer ones) against the
-    float32 formula on the same bf16 inputs, loose."""
-    monkeypatch.setattr(seg_mod, "PLAIN_MAX_LEN", plain_max)
+@pytest.mark.parametrize("path", ["bins", "one-bin"])
+def test_segment_attention_equals_the_dense_document_mask(heads, dtype, path):
+    """The bins' mask (and the dense fallback ``attend_segments`` takes off varlen) against SDPA
+    with the document mask built token by token: values and gradients, float32 tight; bf16 against
+    the float32 formula on the same bf16 inputs, loose."""
     H, Hkv = heads
     g = torch.Generator().manual_seed(0)
     N = SEGMENTS.n_tokens
     q, k, v = (torch.randn(1, h, N, 8, generator=g).to(dtype).requires_grad_() for h in (H, Hkv, Hkv))
     w = torch.randn(1, H, N, 8, generator=g)
-    out = attend_segments(q, k, v, SEGMENTS)
+    out = attend_in_bins(q, k, v, SEGMENTS) if path == "bins" else attend_segments(q, k, v, SEGMENTS)
     grads = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     want = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=dense_mask(SEGMENTS), enable_gqa=H != Hkv)
@@ -96,6 +113,36 @@ def test_segment_attention_equals_the_dense_document_mask(heads, dtype, plain_ma
     torch.testing.assert_close(out.float(), want, **tol)
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a.float(), b, **tol)
+
+
+@pytest.mark.parametrize("lengths,prefix", [
+    (SEGMENTS.lengths, SEGMENTS.prefix),
+    ([7, 3, 12, 2, 5, 5, 1, 9, 4, 4], [None, (0, 6), None, (2, 11), None, None, (5, 4), None, None, (8, 3)]),
+    ([30], [None]),
+], ids=["mixed", "dpo-like", "one"])
+def test_bins_hold_every_unit_whole_and_cost_no_more_than_the_narrowest(lengths, prefix):
+    """Every token gets its own slot; a unit (a segment and the segments behind it) shares one bin;
+    widths are between the longest unit and twice it, the layout costs no more than the narrowest
+    width's (at most one bin per unit: never more slots than padded rows); no mask row is empty (an empty
+    slot must see something, or its softmax is NaN and so is the gradient it sends to token 0)."""
+    s = Segments(lengths, prefix)
+    bins = s.bins()
+    slots = bins.slot.tolist()
+    assert len(set(slots)) == s.n_tokens and all(0 <= x < bins.n * bins.width for x in slots)
+    starts = s.starts()
+    for unit in s.units():
+        assert len({slots[starts[seg]] // bins.width for seg in unit}) == 1
+    longest = max(sum(lengths[seg] for seg in u) for u in s.units())
+    assert (bins.width - longest) % seg_mod.BIN_STEP == 0 and longest <= bins.width <= 2 * longest
+    narrowest = longest
+    cost = bins.n * bins.width * (1 + bins.width / seg_mod.ATTENTION_WIDTH)
+    order = sorted(range(len(s.units())), key=lambda u: -sum(lengths[x] for x in s.units()[u]))
+    n_narrow = len(seg_mod._first_fit(order, [sum(lengths[x] for x in u) for u in s.units()], narrowest))
+    assert cost <= n_narrow * narrowest * (1 + narrowest / seg_mod.ATTENTION_WIDTH)
+    _, mask = bins.on(CPU)
+    assert mask.shape == (bins.n, 1, bins.width, bins.width) and mask.any(-1).all()
+    empty = bins.seg == -1
+    assert not (mask[:, 0] & ~empty[:, :, None] & empty[:, None, :]).any()   # no real slot sees an empty one
 
 
 def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size, enable_gqa):
@@ -118,7 +165,7 @@ def test_the_varlen_call_is_set_up_as_the_segments_say(monkeypatch):
     """On CUDA in half precision the row is one ``varlen_attn`` call: its gathered keys and
     cumulative lengths, checked through a CPU stand-in with FlashAttention's conventions."""
     monkeypatch.setattr(seg_mod, "varlen_attn", fake_varlen)
-    monkeypatch.setattr(seg_mod, "use_varlen", lambda q, p: True)
+    monkeypatch.setattr(seg_mod, "varlen_usable", lambda device, dtype, p: True)
     g = torch.Generator().manual_seed(1)
     N = SEGMENTS.n_tokens
     q, k, v = (torch.randn(1, h, N, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
@@ -308,7 +355,7 @@ def test_the_bench_compares_equal_work():
     """``python -m fastdpo.bench.packing``: same pairs and tokens per variant, fewer model tokens packed."""
     from fastdpo.bench.packing import run_packing_bench
 
-    rows = run_packing_bench("wide", rounds=1, steps=1, precision="fp32", micro_batch_size=3,
+    rows = run_packing_bench("wide", rounds=1, steps=1, precision="fp32", micro_batch_size=8, length_bucket=1,
                              variants=("padded", "packed", "separate"), verbose=False)
     real, model = ([r[key] for r in rows] for key in ("real_tokens_per_step", "model_tokens_per_step"))
     padded, packed, separate = rows
@@ -335,17 +382,25 @@ def test_the_bench_json_says_where_its_rows_came_from(tmp_path):
     assert set(meta["git"]) == {"revision", "dirty"} and set(meta["load_average"]) == {"before", "after"}
 
 
-def test_the_wrapped_policy_runs_the_flat_row(monkeypatch):
-    """Under DDP/FSDP2 the policy is ``PolicyForward``: the flat row goes through its forward."""
+@pytest.mark.parametrize("path", ["bins", "varlen"])
+def test_the_wrapped_policy_runs_the_flat_row(monkeypatch, path):
+    """Under DDP/FSDP2 the policy is ``PolicyForward``: the packed rows go through its forward, in
+    bins on CPU, or as one varlen call per layer (the CPU stand-in of ``varlen_attn``) where that
+    kernel runs; both give the padded layout's log-probs."""
+    from fastdpo.training import packing as packing_mod
     from fastdpo.training.logprobs import PolicyForward, pair_forward, pair_rows
 
     calls = []
     real = seg_mod.attend_segments
     monkeypatch.setattr("fastdpo.models.kv_cache.attend_segments",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
+    if path == "varlen":
+        monkeypatch.setattr(seg_mod, "varlen_attn", fake_varlen)
+        monkeypatch.setattr(seg_mod, "varlen_usable", lambda device, dtype, p=0.0: True)
+        monkeypatch.setattr(packing_mod, "varlen_usable", lambda device, dtype, p=0.0: True)
     model, pairs = gpt(), make_pairs(3)
     want = pair_forward(model, pair_rows(pairs, 0, CPU, False))
     got = pair_forward(PolicyForward(model), pair_rows(pairs, 0, CPU, False, packing=True))
-    assert len(calls) == model.config.n_layer
+    assert len(calls) == (model.config.n_layer if path == "varlen" else 0)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

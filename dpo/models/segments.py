@@ -1,12 +1,10 @@
-"""Document-masked attention over one flat row of several sequences (padding-free packing).
+"""Document-masked attention for padding-free packing: which tokens of packed rows see which.
 
-Training packs a micro-batch's sequences end to end into ONE row of N tokens, with no padding:
-every token's position restarts with its sequence (the families take explicit positions), and
-attention must not cross from one sequence into another. A dense (N, N) boolean mask would say
-that, but it costs O(N^2) memory and compute and shuts FlashAttention out. Instead the row is cut
-into *segments* (consecutive runs of tokens, in order, covering the row) and each segment attends
-causally over its own tokens, optionally behind a *prefix*: the first ``n`` tokens of an earlier
-segment. That covers both layouts training uses:
+Training packs a micro-batch's sequences without padding: every token's position restarts with its
+sequence (the families take explicit positions), and attention must not cross from one sequence
+into another. The structure is described by *segments* (consecutive runs of tokens of the flat
+row, in order, covering it): each segment attends causally over its own tokens, optionally behind
+a *prefix*, the first ``n`` tokens of an earlier segment. That covers both layouts training uses:
 
 - one segment per sequence (SFT, and DPO's separate prompt + answer rows);
 - DPO's shared-prompt rows (``prompt[:-1] | prompt[-1] chosen | prompt[-1] rejected``): segment A
@@ -14,18 +12,21 @@ segment. That covers both layouts training uses:
   prefix ``prompt[:-1]`` (the first ``P - 1`` tokens of A). Neither answer sees the other.
 
 A segment with a prefix is causal "bottom-right aligned": query i of a segment of q tokens behind
-a prefix of p tokens sees the prefix and its own tokens 0..i, i.e. keys 0..p+i of the (p + q)
-keys. That is FlashAttention's convention for q shorter than k, so on CUDA (half precision) the
-whole row is ONE ``torch.nn.attention.varlen.varlen_attn`` call over the segments, with the keys
-of each prefix gathered in front of its segment's. Elsewhere the segments go in a few batches of
-similar key length (``Segments.groups``): each segment's keys (prefix, then itself) are gathered
-into a right-padded slot row whose last slots are its queries, so one plain causal call per batch
-is every segment's bottom-right causal attention and no real query reaches a padding slot.
+a prefix of p tokens sees the prefix and its own tokens 0..i. Two ways to run it:
 
-Measured on CPU (torch 2.13, 2 cores): FlexAttention has no backward on CPU; one SDPA call per
-segment pays ~0.7 ms per call in the CPU flash backward (bf16), which at 64 short segments per
-layer cost more than the padding saved; torch's CPU flash backward in bf16 is also several times
-slower than the plain formula on segments of a few dozen tokens, hence ``causal_attention``.
+- **varlen** (CUDA, half precision, no dropout): the whole flat row is ONE
+  ``torch.nn.attention.varlen.varlen_attn`` call (FlashAttention's kernel, whose convention for q
+  shorter than k is exactly that alignment), the keys of each prefix gathered in front of their
+  segment's. No mask, no padding.
+- **bins** (everywhere else): the *units* (a segment with the segments behind it, i.e. one DPO
+  row or one sequence) are laid first-fit-decreasing into B rows of W slots, W chosen per
+  micro-batch to minimise the slots' cost (``Segments.bins``). The model runs on (B, W) as on
+  padded rows, with one (B, 1, W, W) boolean mask built on the device from four per-slot numbers;
+  one SDPA call per layer then serves every unit. Measured on CPU (torch 2.13, 2 cores, bf16) this
+  beat every mask-free alternative tried: FlexAttention has no CPU backward, one SDPA call per
+  segment paid ~0.7 ms each in the flash backward, and gathering segments into batches of similar
+  length and attending causally paid more in gathers and their scatter-add backward than the
+  padding saved (0.71-0.91x the padded layout, against 1.06-1.07x for bins on the demo's pairs).
 """
 from __future__ import annotations
 
@@ -35,10 +36,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-# a batch of ``Segments.groups`` holds key lengths up to this multiple of its shortest
-GROUP_RATIO = 1.5
-# bf16 on CPU: segments up to this many tokens attend by the plain formula (see causal_attention)
-PLAIN_MAX_LEN = 64
+# The cost of a bin slot, in units of one token through the linear layers, is 1 + W / ATTENTION_WIDTH
+# in a bin of W slots: attention's work per token grows with W (about W / (6 * n_embd) of the linear
+# layers' flops), and on CPU its masked backward runs several times less efficiently than a matmul.
+# Measured on the demo's pairs: 256 and "attention is free" chose bins within 1% of each other.
+ATTENTION_WIDTH = 512
+# the bin widths tried: the longest unit's length, then that plus multiples of this, up to twice it
+BIN_STEP = 8
 
 try:   # FlashAttention's variable-length entry point (CUDA only)
     from torch.nn.attention.varlen import varlen_attn
@@ -51,12 +55,12 @@ class Segments:
     """The attention structure of a flat row: ``lengths[s]`` tokens per segment (in row order,
     summing to the row's length) and ``prefix[s]`` = (earlier segment j, n) when segment s also
     sees the first n tokens of segment j (None otherwise). Host lists: building the calls never
-    reads the device; the index tensors of both paths (``varlen_tensors``, ``padded_tensors``) are
-    built on first use per device and reused by every layer."""
+    reads the device; the tensors of either path (``varlen_tensors``, ``bins``) are built on first
+    use and reused by every layer."""
     lengths: list[int]
     prefix: list[tuple[int, int] | None]
     _varlen: dict = field(default_factory=dict, repr=False, compare=False)
-    _padded: dict = field(default_factory=dict, repr=False, compare=False)
+    _bins: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         if len(self.prefix) != len(self.lengths):
@@ -102,47 +106,45 @@ class Segments:
             self._varlen[key] = tuple(x.to(device, non_blocking=True) for x in t)
         return self._varlen[key]
 
-    def groups(self) -> list[list[int]]:
-        """The segments in batches of similar key length (each batch one attention call, padded to
-        its longest): sorted by key length, a new batch when a length exceeds the batch's first by
-        ``GROUP_RATIO``, so the padding stays a bounded fraction of each batch."""
-        kl = self.key_lengths()
-        out: list[list[int]] = []
-        for s in sorted(range(len(kl)), key=kl.__getitem__):
-            if out and kl[s] <= GROUP_RATIO * kl[out[-1][0]]:
-                out[-1].append(s)
+    def units(self) -> list[list[int]]:
+        """The segments grouped into units: a segment with a prefix belongs to that prefix's unit
+        (its keys must sit in the same bin), others start a unit. In row order."""
+        unit_of, units = [], []
+        for s, pre in enumerate(self.prefix):
+            if pre is None:
+                unit_of.append(len(units))
+                units.append([s])
             else:
-                out.append([s])
-        return out
+                unit_of.append(unit_of[pre[0]])
+                units[unit_of[pre[0]]].append(s)
+        return units
 
-    def padded_tensors(self, device: torch.device):
-        """(k_index (M,), shapes, out_index (N,)). Per batch of ``groups()`` (G segments, slot rows of
-        Lk, listed in ``shapes``), the row indices of each segment's keys, its prefix then itself,
-        right-padded with token 0; the batches' (G, Lk) index blocks are laid end to end in
-        ``k_index``, so one gather per tensor serves every batch. ``out_index``: where each token's
-        output sits in the batches' outputs laid end to end. A segment's queries are the last of its
-        key slots, so plain causal attention over the slots is the segment's bottom-right causal
-        attention, and no real query reaches a padding slot."""
-        key = str(device)
-        if key not in self._padded:
-            starts, key_lengths = self.starts(), self.key_lengths()
-            batches, shapes, where, at = [], [], [0] * self.n_tokens, 0
-            for group in self.groups():
-                Lk = max(key_lengths[s] for s in group)
-                k_index = torch.zeros(len(group), Lk, dtype=torch.long)
-                for g, s in enumerate(group):
-                    n, m = self.lengths[s], key_lengths[s]
-                    if self.prefix[s] is not None:
-                        j = starts[self.prefix[s][0]]
-                        k_index[g, :m - n] = torch.arange(j, j + m - n)
-                    k_index[g, m - n:m] = torch.arange(starts[s], starts[s] + n)
-                    a = at + g * Lk + m - n
-                    where[starts[s]:starts[s] + n] = range(a, a + n)
-                at += len(group) * Lk
-                batches.append(k_index.reshape(-1))
-                shapes.append((len(group), Lk))
-            self._padded[key] = (torch.cat(batches).to(device), shapes, torch.tensor(where).to(device))
-        return self._padded[key]
+    def bins(self) -> Bins:
+        """The units laid into bins of equal width (see the module docstring), cached. Widths from
+        the longest unit's length to twice it (steps of ``BIN_STEP``) are tried with first-fit
+        decreasing; the cheapest layout by ``ATTENTION_WIDTH``'s cost wins (ties: the narrower).
+        The first width gives at most one bin per unit: never more slots than the padded rows."""
+        if "packed" not in self._bins:
+            units = self.units()
+            size = [sum(self.lengths[s] for s in u) for u in units]
+            order = sorted(range(len(units)), key=lambda u: (-size[u], u))
+            lo = max(size)
+            best = None
+            for width in range(lo, 2 * lo + 1, BIN_STEP):
+                layout = _first_fit(order, size, width)
+                cost = len(layout) * width * (1 + width / ATTENTION_WIDTH)
+                if best is None or cost < best[0]:
+                    best = (cost, width, layout)
+            _, width, layout = best
+            members = [[s for u in b for s in units[u]] for b in layout]
+            self._bins["packed"] = Bins.lay_out(self, members, width)
+        return self._bins["packed"]
+
+    def one_bin(self) -> Bins:
+        """Every segment in one bin as wide as the row, in row order: the dense document mask."""
+        if "one" not in self._bins:
+            self._bins["one"] = Bins.lay_out(self, [list(range(len(self.lengths)))], self.n_tokens)
+        return self._bins["one"]
 
     @classmethod
     def of_sequences(cls, lengths: Sequence[int]) -> Segments:
@@ -150,10 +152,85 @@ class Segments:
         return cls(list(lengths), [None] * len(lengths))
 
 
-def use_varlen(q: torch.Tensor, dropout_p: float) -> bool:
-    """Whether ``attend_segments`` takes FlashAttention's varlen kernel: CUDA, half precision, no
-    dropout (the kernel has no dropout argument)."""
-    return (varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+def _first_fit(order: list[int], size: list[int], width: int) -> list[list[int]]:
+    """Units (taken in ``order``) into bins of ``width`` slots, each into the first with room."""
+    bins, room = [], []
+    for u in order:
+        for b, r in enumerate(room):
+            if r >= size[u]:
+                bins[b].append(u)
+                room[b] -= size[u]
+                break
+        else:
+            bins.append([u])
+            room.append(width - size[u])
+    return bins
+
+
+@dataclass
+class Bins:
+    """A flat row's segments in ``n`` rows of ``width`` slots. ``slot[t]``: where flat token t sits
+    in the (n * width) slots; per slot (n, width): ``seg`` its segment (-1: an empty slot),
+    ``prefix_seg``/``prefix_len`` the segment and length of its segment's prefix (-2 / 0: none),
+    ``offset`` its index within its segment. Host tensors; ``mask`` builds the device mask."""
+    n: int
+    width: int
+    slot: torch.Tensor
+    seg: torch.Tensor
+    prefix_seg: torch.Tensor
+    prefix_len: torch.Tensor
+    offset: torch.Tensor
+    _device: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def lay_out(cls, segments: Segments, bins: list[list[int]], width: int) -> Bins:
+        """``bins[b]``: the segments of bin b in slot order, each a whole unit (prefixes first)."""
+        starts, slot = segments.starts(), [0] * segments.n_tokens
+        seg = torch.full((len(bins), width), -1, dtype=torch.int32)
+        prefix_seg = torch.full((len(bins), width), -2, dtype=torch.int32)
+        prefix_len = torch.zeros(len(bins), width, dtype=torch.int32)
+        offset = torch.zeros(len(bins), width, dtype=torch.int32)
+        for b, members in enumerate(bins):
+            at = 0
+            for s in members:
+                n, pre = segments.lengths[s], segments.prefix[s]
+                if at + n > width:
+                    raise ValueError(f"bin {b} of width {width} cannot hold segment {s}")
+                slot[starts[s]:starts[s] + n] = range(b * width + at, b * width + at + n)
+                seg[b, at:at + n] = s
+                offset[b, at:at + n] = torch.arange(n, dtype=torch.int32)
+                if pre is not None:
+                    prefix_seg[b, at:at + n], prefix_len[b, at:at + n] = pre
+                at += n
+        return cls(len(bins), width, torch.tensor(slot), seg, prefix_seg, prefix_len, offset)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(slot (N,), mask (n, 1, width, width))`` on ``device``, built there once. Slot i sees
+        slot j of its bin when both hold the same segment and j <= i (causal), or j holds the
+        first ``prefix_len`` tokens of i's prefix segment. An empty slot sees the empty slots up to
+        itself (never a real one, and no row of the mask is empty); no real slot sees it."""
+        key = str(device)
+        if key not in self._device:
+            host = (self.slot, self.seg, self.prefix_seg, self.prefix_len, self.offset)
+            slot, seg, pseg, plen, off = (t.to(device, non_blocking=True) for t in host)
+            i = torch.arange(self.width, device=device)
+            causal = i[None, :] <= i[:, None]
+            mask = ((seg[:, :, None] == seg[:, None, :]) & causal) | \
+                   ((pseg[:, :, None] == seg[:, None, :]) & (off[:, None, :] < plen[:, :, None]))
+            self._device[key] = (slot, mask[:, None])
+        return self._device[key]
+
+    def gather(self, flat: torch.Tensor, fill: int = 0) -> torch.Tensor:
+        """A (1, N) row's values in the (n, width) bins (``fill`` in empty slots)."""
+        slot, _ = self.on(flat.device)
+        out = flat.new_full((self.n * self.width,), fill).index_copy_(0, slot, flat[0])
+        return out.view(self.n, self.width)
+
+
+def varlen_usable(device: torch.device, dtype: torch.dtype, dropout_p: float = 0.0) -> bool:
+    """Whether FlashAttention's varlen kernel can run the flat row: CUDA, half precision, no dropout
+    (the kernel has no dropout argument)."""
+    return (varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
             and dropout_p == 0.0)
 
 
@@ -165,9 +242,12 @@ def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments:
         raise ValueError(f"a flat row of {segments.n_tokens} tokens needs q of shape (1, H, "
                          f"{segments.n_tokens}, D), got {tuple(q.shape)}")
     gqa = k.shape[1] != q.shape[1]
-    if use_varlen(q, dropout_p):
+    if varlen_usable(q.device, q.dtype, dropout_p):
         return _varlen(q, k, v, segments, gqa)
-    return _batched(q, k, v, segments, dropout_p)
+    # Packed rows reach here only when varlen was expected but cannot run (CUDA half precision
+    # with dropout): the dense document mask, one bin as wide as the row.
+    _, mask = segments.one_bin().on(q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
 
 
 def _varlen(q, k, v, segments: Segments, gqa: bool) -> torch.Tensor:
@@ -180,37 +260,3 @@ def _varlen(q, k, v, segments: Segments, gqa: bool) -> torch.Tensor:
     return y.transpose(0, 1)[None]
 
 
-
-def _batched(q, k, v, segments: Segments, dropout_p: float) -> torch.Tensor:
-    """Each batch of similar segments gathered into (G, heads, Lk, D) and attended causally in one
-    call (see ``Segments.padded_tensors``). One gather per tensor for all batches, split (not
-    sliced) into them: the backward of a gather zero-fills its whole source and that of a slice its
-    whole input, so per-batch gathers or slices would pay a full-size fill per batch and layer."""
-    k_index, shapes, out_index = segments.padded_tensors(q.device)
-    H, D = q.shape[1], q.shape[3]
-    sizes = [G * Lk for G, Lk in shapes]
-    parts = [t[0].transpose(0, 1).index_select(0, k_index).split(sizes) for t in (q, k, v)]
-    out = []
-    for (G, Lk), qb, kb, vb in zip(shapes, *parts):
-        qb, kb, vb = (t.view(G, Lk, t.shape[1], D).transpose(1, 2) for t in (qb, kb, vb))  # (G, heads, Lk, D)
-        out.append(causal_attention(qb, kb, vb, dropout_p).transpose(1, 2).reshape(-1, H, D))
-    return torch.cat(out).index_select(0, out_index).transpose(0, 1)[None]
-
-
-def causal_attention(q, k, v, dropout_p: float) -> torch.Tensor:
-    """Causal attention (B, H, L, D). On CPU in half precision and up to ``PLAIN_MAX_LEN`` tokens
-    the plain formula (float32 softmax): torch's CPU flash-attention backward in bf16 measured
-    several times slower than it on such short segments (and slower than SDPA on long ones);
-    elsewhere SDPA."""
-    if q.device.type != "cpu" or q.dtype == torch.float32 or q.shape[2] > PLAIN_MAX_LEN:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
-                                              enable_gqa=k.shape[1] != q.shape[1])
-    if k.shape[1] != q.shape[1]:                              # grouped-query attention
-        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    L = q.shape[2]
-    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-    if dropout_p:
-        probs = F.dropout(probs, dropout_p)
-    return probs.to(v.dtype) @ v

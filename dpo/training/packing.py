@@ -7,11 +7,13 @@ restart with each row's own positions, and attention stays inside each row's seq
 (``fastdpo.models.segments``: one segment per sequence; a shared-prompt row is two segments, the
 rejected branch behind the prompt's first ``P - 1`` tokens, so neither answer sees the other).
 
-The model runs on the flat row; ``FlatRows.unflatten`` then puts its final hidden states back
-into the padded layout's (R, T, C) shape, so the log-prob kernels (which send only answer tokens
-through the lm_head) get exactly the padded layout's inputs, values included: every token has the
-context and position it has there. The padding slots point at the row's first token; no mask
-selects them, so they add nothing and get no gradient.
+The model runs on the flat row as one FlashAttention varlen call per layer where that kernel runs
+(CUDA, half precision), elsewhere on the rows laid into a few equal bins with a document mask
+(``Segments.bins``). ``FlatRows.hidden_states`` then puts the final hidden states back into the
+padded layout's (R, T, C) shape, so the log-prob kernels (which send only answer tokens through
+the lm_head) get exactly the padded layout's inputs, values included: every token has the context
+and position it has there. The padding slots point at the row's first token; no mask selects
+them, so they add nothing and get no gradient.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdpo.models.segments import Segments
+from fastdpo.models.segments import Segments, varlen_usable
 from fastdpo.runtime import to_device
 from fastdpo.training.batches import TokenizedPair, TokenizedSFT, collate_pairs, collate_sft
 
@@ -36,13 +38,22 @@ class FlatRows:
         return FlatRows(*(to_device(t, device) for t in (self.ids, self.pos, self.index)), self.segments)
 
     def hidden_states(self, model) -> torch.Tensor:
-        """The model's final hidden states in the padded layout's shape (R, T, C)."""
-        h = model.hidden_states(self.ids, pos=self.pos, attn_mask=self.segments)
-        return self.unflatten(h)
-
-    def unflatten(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's final hidden states in the padded layout's shape (R, T, C): the flat row in
+        one varlen call per layer if the forward will run in half precision on CUDA, else in bins."""
         R, T = self.index.shape
-        return h[0].index_select(0, self.index.reshape(-1)).view(R, T, h.shape[-1])
+        device = self.ids.device
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else model.lm_head_weight.dtype)
+        dropout = getattr(getattr(model, "config", None), "dropout", 0.0) if model.training else 0.0
+        if varlen_usable(device, dtype, dropout):
+            h = model.hidden_states(self.ids, pos=self.pos, attn_mask=self.segments)[0]
+            index = self.index
+        else:
+            bins = self.segments.bins()
+            slot, mask = bins.on(device)
+            h = model.hidden_states(bins.gather(self.ids), pos=bins.gather(self.pos), attn_mask=mask)
+            h, index = h.reshape(bins.n * bins.width, h.shape[-1]), slot[self.index]
+        return h.index_select(0, index.reshape(-1)).view(R, T, h.shape[-1])
 
 
 def flatten(seqs: Sequence[list[int]], positions: Sequence[list[int]],
