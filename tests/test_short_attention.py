@@ -6,7 +6,7 @@ gradients against float32 SDPA (causal, a boolean mask, grouped-query heads), th
 """
 import pytest
 import torch
-import torch.nn.functional as F
+from attention_oracle import assert_matches_float32_sdpa
 
 from fastdpo.models import kv_cache
 from fastdpo.models.kv_cache import SHORT_ATTENTION_MAX, attend, short_attention, short_attention_pays
@@ -32,18 +32,7 @@ def test_short_attention_equals_sdpa(dtype, heads, masked):
     q, k, v = inputs(dtype, heads)
     mask = random_mask(q.shape[2]) if masked else None
     out = short_attention(q, k, v, mask)
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
-    grads = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
-    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    want = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask, is_causal=mask is None,
-                                          enable_gqa=heads[0] != heads[1])
-    want_grads = torch.autograd.grad((want * w).sum(), (q32, k32, v32))
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
-    assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), want, **tol)
-    for a, b in zip(grads, want_grads):
-        torch.testing.assert_close(a.float(), b, **tol)
-
+    assert_matches_float32_sdpa(out, q, k, v, mask, is_causal=mask is None)
 
 def test_attend_takes_it_for_short_half_precision_rows_only(monkeypatch):
     calls = []
