@@ -200,7 +200,7 @@ def test_ddp_lora_with_gradient_checkpointing_matches_one_process(work):
 
 
 def test_ddp_two_ranks_packed_match_one_process_padded(work, single):
-    """``train.packing`` under DDP: each rank's separate rows packed end to end (flat row through
+    """``train.packing`` under DDP: each rank's separate rows packed (on CPU into bins, through
     PolicyForward) train as the padded one-process run does."""
     s = spec(work, "ddp-packed", packing=True)
     s["dpo"]["reference_cache_dir"] = str(work / "cache-packed")   # its own entry, apart from the others

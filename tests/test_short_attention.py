@@ -6,6 +6,7 @@ gradients against float32 SDPA (causal, a boolean mask, grouped-query heads), th
 """
 import pytest
 import torch
+import torch.nn.functional as F
 from attention_oracle import assert_matches_float32_sdpa
 
 from fastdpo.models import kv_cache
@@ -34,17 +35,29 @@ def test_short_attention_equals_sdpa(dtype, heads, masked):
     out = short_attention(q, k, v, mask)
     assert_matches_float32_sdpa(out, q, k, v, mask, is_causal=mask is None)
 
+def test_scores_are_not_rounded_to_half_precision():
+    """Logits of a few units (q and k scaled up, 64 dims): a bf16 product would round the scores
+    before the softmax (there 1.9x bf16 SDPA's error); the error must stay at bf16 SDPA's."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(4, 4, 100, 64, generator=g) * s for s in (2.0, 2.0, 1.0))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    half = [t.bfloat16() for t in (q, k, v)]
+    sdpa_err = (F.scaled_dot_product_attention(*half, is_causal=True).float() - want).abs().max()
+    err = (short_attention(*half, None).float() - want).abs().max()
+    assert err <= 1.25 * sdpa_err + 1e-3, (float(err), float(sdpa_err))
+
+
 def test_attend_takes_it_for_short_half_precision_rows_only(monkeypatch):
     calls = []
     real = kv_cache.short_attention
     monkeypatch.setattr(kv_cache, "short_attention",
-                        lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+                        lambda *a, **k: calls.append((a[0].shape, torch.is_grad_enabled())) or real(*a, **k))
     for dtype, T in ((torch.bfloat16, 12), (torch.bfloat16, SHORT_ATTENTION_MAX + 1), (torch.float32, 12)):
-        q, k, v = (t.detach() for t in inputs(dtype, T=T))
+        q, k, v = inputs(dtype, T=T)                  # a training forward: gradients on
         attend(q, k, v, torch.arange(T))
         with torch.no_grad():   # the cached reference's forward takes the same path as the policy's
             attend(q, k, v, torch.arange(T))
-    assert calls == [(3, 4, 12, 8)] * 2
+    assert calls == [((3, 4, 12, 8), True), ((3, 4, 12, 8), False)]
     assert not short_attention_pays(torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16, device="meta"))
 
 

@@ -15,9 +15,9 @@ from fastdpo.models.segments import Segments, attend_segments
 # Cache-less forwards (training, reference and evaluation log-probs) on CPU in half precision:
 # rows up to this many tokens attend by the plain formula (``short_attention``). Torch's CPU flash
 # attention (SDPA) spends most of a short row's time outside the arithmetic: bf16 forward +
-# backward, 2 threads, measured 10.8 vs 2.3 ms at (32 rows, 4 heads, 40 tokens, 40 dims), 19.2 vs
-# 10.7 ms at (12, 8, 128, 64), even at (8, 8, 160, 64), and SDPA ahead from 192 tokens on
-# (13.5 vs 18.1 ms; 42.8 vs 156 ms at 512).
+# backward with a mask, 2 threads, measured 11.4 vs 2.3 ms at (32 rows, 4 heads, 40 tokens, 40
+# dims), 20.8 vs 13.4 ms at (12, 8, 128, 64), 16.6 vs 11.0 at (8, 8, 160, 64), and SDPA ahead from
+# 192 tokens on (12.1 vs 17.5 ms at (8, 8, 192, 64)).
 SHORT_ATTENTION_MAX = 128
 
 
@@ -80,25 +80,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
 
 
 def short_attention_pays(q: torch.Tensor) -> bool:
-    """A cache-less forward on CPU in half precision over at most ``SHORT_ATTENTION_MAX`` keys:
-    there ``short_attention`` beats SDPA's CPU kernel. Not a question of gradients: the cached
-    reference's forward (no gradients) must round exactly as the policy's, or step 0's DPO loss
-    is not ln 2."""
+    """A cache-less forward on CPU in half precision (bf16 or fp16) whose rows are at most
+    ``SHORT_ATTENTION_MAX`` wide (the batch's padded or bin width): there ``short_attention`` beats
+    SDPA's CPU kernel. Not a question of gradients: the cached reference's forward (no gradients)
+    takes the same kernel as the policy's at the same width (with the kernel differing by gradient
+    mode, a bf16 step-0 loss moved 8e-6 off ln 2; batches of other widths still round apart, ~1e-4)."""
     half = q.dtype in (torch.bfloat16, torch.float16)
     return q.device.type == "cpu" and half and q.shape[2] <= SHORT_ATTENTION_MAX
 
 
 def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                     dropout_p: float = 0.0) -> torch.Tensor:
-    """Attention of ``q`` (B, H, T, D) over ``k``, ``v`` (B, H_kv, T, D) by the formula: scores and
-    softmax in float32, causal unless ``attn_mask`` (B, 1, T, T) bool says which keys each query sees
-    (every query must see at least one)."""
+    """Attention of ``q`` (B, H, T, D) over ``k``, ``v`` (B, H_kv, T, D) by the formula: scores (from
+    float32 copies of q and k: a half-precision product would round the scores before the softmax,
+    up to 0.3 off at logits of a few units) and softmax in float32, the weighted sum in the inputs'
+    dtype. Causal unless ``attn_mask`` (B, 1, T, T) bool says which keys each query sees (every
+    query must see at least one)."""
     if k.shape[1] != q.shape[1]:                              # grouped-query attention
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     T = q.shape[2]
     if attn_mask is None:
         attn_mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
     probs = scores.masked_fill(~attn_mask, float("-inf")).softmax(-1)
     if dropout_p:
         probs = F.dropout(probs, dropout_p)

@@ -26,7 +26,10 @@ a prefix of p tokens sees the prefix and its own tokens 0..i. Two ways to run it
   beat every mask-free alternative tried: FlexAttention has no CPU backward, one SDPA call per
   segment paid ~0.7 ms each in the flash backward, and gathering segments into batches of similar
   length and attending causally paid more in gathers and their scatter-add backward than the
-  padding saved (0.71-0.91x the padded layout, against 1.06-1.07x for bins on the demo's pairs).
+  padding saved (0.71-0.91x the padded layout's tokens/s on the demo's pairs, against 0.95x (tiny
+  model, bound by op count) and 1.02x (mid shape) for bins, which run 14% fewer slots there).
+  The mask is dense: O(n * W^2) booleans per micro-batch, small at training lengths (16 rows of
+  64 slots: 64 KB) but quadratic in the width.
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from fastdpo.runtime import to_device
 
 # The cost of a bin slot, in units of one token through the linear layers, is 1 + W / ATTENTION_WIDTH
 # in a bin of W slots: attention's work per token grows with W (about W / (6 * n_embd) of the linear
@@ -103,7 +108,7 @@ class Segments:
                 cum_k.append(cum_k[-1] + n)
             t = (torch.tensor(index, dtype=torch.long), torch.tensor(cum, dtype=torch.int32),
                  torch.tensor(cum_k, dtype=torch.int32))
-            self._varlen[key] = tuple(x.to(device, non_blocking=True) for x in t)
+            self._varlen[key] = tuple(to_device(x, device) for x in t)
         return self._varlen[key]
 
     def units(self) -> list[list[int]]:
@@ -172,7 +177,7 @@ class Bins:
     """A flat row's segments in ``n`` rows of ``width`` slots. ``slot[t]``: where flat token t sits
     in the (n * width) slots; per slot (n, width): ``seg`` its segment (-1: an empty slot),
     ``prefix_seg``/``prefix_len`` the segment and length of its segment's prefix (-2 / 0: none),
-    ``offset`` its index within its segment. Host tensors; ``mask`` builds the device mask."""
+    ``offset`` its index within its segment. Host tensors; ``on`` builds the device mask."""
     n: int
     width: int
     slot: torch.Tensor
@@ -212,7 +217,7 @@ class Bins:
         key = str(device)
         if key not in self._device:
             host = (self.slot, self.seg, self.prefix_seg, self.prefix_len, self.offset)
-            slot, seg, pseg, plen, off = (t.to(device, non_blocking=True) for t in host)
+            slot, seg, pseg, plen, off = (to_device(t, device) for t in host)
             i = torch.arange(self.width, device=device)
             causal = i[None, :] <= i[:, None]
             mask = ((seg[:, :, None] == seg[:, None, :]) & causal) | \
@@ -244,8 +249,9 @@ def attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments:
     gqa = k.shape[1] != q.shape[1]
     if varlen_usable(q.device, q.dtype, dropout_p):
         return _varlen(q, k, v, segments, gqa)
-    # Packed rows reach here only when varlen was expected but cannot run (CUDA half precision
-    # with dropout): the dense document mask, one bin as wide as the row.
+    # ``FlatRows`` sends a flat row here only when it expects varlen to run; this is reached if its
+    # guess of the forward's dtype was wrong, or from a direct caller: correct, but the dense
+    # document mask over the whole row (N^2 booleans), one bin as wide as the row.
     _, mask = segments.one_bin().on(q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
 
